@@ -1,0 +1,55 @@
+"""The interface every forge client implements; handlers only ever see this."""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+from bot.models import Mergeability, PullRequest, Review
+
+StatusState = Literal["pending", "success", "failure", "error"]
+Permission = Literal["none", "read", "triage", "write", "maintain", "admin"]
+
+
+class VCSClient(Protocol):
+    """Calls to one repository on one forge, authenticated as the bot.
+
+    Methods are blocking (the forge SDKs are); callers run them off the event loop.
+    """
+
+    def get_pull_request(self, number: int) -> PullRequest:
+        """The pull request as the forge sees it now."""
+
+    def changed_files(self, number: int) -> list[str]:
+        """Paths (repo-relative) changed by the pull request, renames on both sides."""
+
+    def create_comment(self, number: int, body: str) -> int:
+        """Post a comment; return its id."""
+
+    def update_comment(self, comment_id: int, body: str) -> None:
+        """Replace the body of a comment the bot posted."""
+
+    def set_status(
+        self, sha: str, context: str, state: StatusState, description: str, target_url: str = ""
+    ) -> None:
+        """Set a commit status that branch protection and CI can require."""
+
+    def reviews(self, number: int) -> list[Review]:
+        """Every review of the pull request, oldest first."""
+
+    def permission(self, user: str) -> Permission:
+        """The user's permission on the repository."""
+
+    def is_team_member(self, user: str, team: str) -> bool:
+        """Whether the user is an active member of `org/team-slug`."""
+
+    def mergeability(self, pull: PullRequest, ignore_contexts: frozenset[str]) -> Mergeability:
+        """Whether the forge would merge the PR, not counting the given status contexts."""
+
+    def is_behind_base(self, pull: PullRequest) -> bool:
+        """Whether the base branch has commits the PR head does not contain."""
+
+    def read_file(self, ref: str, path: str) -> str | None:
+        """A file's text at a ref, or None if it does not exist."""
+
+    def git_auth_header(self) -> str:
+        """An HTTP `Authorization` header value that lets git fetch the repository."""
