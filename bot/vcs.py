@@ -53,3 +53,11 @@ class VCSClient(Protocol):
 
     def git_auth_header(self) -> str:
         """An HTTP `Authorization` header value that lets git fetch the repository."""
+
+
+class ForgeError(Exception):
+    """A forge API call failed; the message never contains a token or a key."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # HTTP status when the forge answered, None if it could not be reached

@@ -1,0 +1,52 @@
+"""The `deploybot` command: `serve` runs the bot, `sandbox` walks a local trial end to end."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from bot.config import ConfigError, load_config
+from policies.policy import PolicyError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deploybot", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP server and its workers")
+    serve.add_argument("--config", help="YAML config file (default: $DEPLOYBOT_CONFIG)")
+    serve.add_argument("--log-level", default="info")
+
+    sandbox = commands.add_parser(
+        "sandbox", help="a self-contained local trial: plan, approve and apply on a local forge")
+    sandbox.add_argument("--dir", help="where to keep the trial's files (default: a temp dir)")
+    sandbox.add_argument("--keep", action="store_true", help="keep the files afterwards")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args.config, args.log_level)
+        from bot.sandbox import run_sandbox
+
+        return run_sandbox(args.dir, keep=args.keep)
+    except (ConfigError, PolicyError) as exc:
+        print(f"deploybot: {exc}", file=sys.stderr)
+        return 2
+
+
+def _serve(config_path: str | None, log_level: str) -> int:
+    import uvicorn
+
+    from bot.app import create_app
+
+    config = load_config(config_path)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = create_app(config)
+    uvicorn.run(app, host=config.server.host, port=config.server.port, log_level=log_level,
+                lifespan="on")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Hands persisted deliveries to the handlers, one at a time, after they were acknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from bot import github_webhook
+from bot.models import Event
+from bot.store import Delivery, Store
+from bot.vcs import ForgeError
+from handlers.context import HandlerContext
+from handlers.router import Router
+
+log = logging.getLogger("deploybot.dispatcher")
+
+# Each forge's pure parser: (event name, payload) -> domain event or None.
+PARSERS: dict[str, Callable[[str, dict], Event | None]] = {
+    github_webhook.FORGE: github_webhook.parse_event,
+}
+
+
+def parse_delivery(delivery: Delivery) -> Event | None:
+    """The domain event a stored delivery stands for."""
+    payload = github_webhook.load_body(delivery.body)
+    return PARSERS[delivery.forge](delivery.event, payload)
+
+
+class Dispatcher:
+    """Runs handlers for stored deliveries in order; what a crash cut off runs again on start."""
+
+    def __init__(
+        self,
+        store: Store,
+        router: Router,
+        context_for: Callable[[Delivery, Event], HandlerContext],
+    ) -> None:
+        self.store = store
+        self.router = router
+        self.context_for = context_for
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="dispatcher")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task:
+            await self._task
+
+    def wake(self) -> None:
+        """Tell the dispatcher a delivery was stored."""
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            for delivery in self.store.pending_deliveries():
+                if self._stopping:
+                    return
+                await self._handle(delivery)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _handle(self, delivery: Delivery) -> None:
+        error = ""
+        try:
+            event = parse_delivery(delivery)
+            if event is not None:
+                ctx = self.context_for(delivery, event)
+                await asyncio.to_thread(self.router.dispatch, event, ctx)
+        except ForgeError as exc:
+            error = f"forge API error: {exc}"
+        except Exception as exc:  # one bad delivery must not stop the others
+            log.exception("delivery %s (%s) failed", delivery.id, delivery.event)
+            error = f"{type(exc).__name__}: {exc}"
+        if error:
+            log.error("delivery %s (%s): %s", delivery.id, delivery.event, error)
+        self.store.finish_delivery(delivery.id, error)

@@ -1,0 +1,429 @@
+"""Git checkouts at an exact commit, from one bare mirror per repository.
+
+The forge's token reaches git only through environment-borne config
+(`http.extraHeader`), never an URL, argv, a log line or an exception message.
+Git runs with a scrubbed environment and no system or global config, so nothing
+from the bot user's setup (credential helpers, hooks, traces) takes part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import posixpath
+import re
+import signal
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+_SHA_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # SHA-1 or SHA-256 object names
+_KEY_PART_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+# Directories a reused checkout keeps between commits: terraform's data dir holds
+# downloaded modules and provider links; everything else is reset to the commit.
+KEEP_ON_RESET: tuple[str, ...] = (".terraform",)
+
+# Network settings git may need to reach a forge from inside a VPC; the only
+# variables taken from the bot's own environment.
+_PASSTHROUGH_ENV = (
+    "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+    "GIT_SSL_CAINFO", "SSL_CERT_FILE", "SSL_CERT_DIR",
+)  # fmt: skip
+
+# Given to every git command, first on its command line.
+_GIT_OPTIONS = (
+    "-c", "core.hooksPath=/dev/null",
+    "-c", "core.fsmonitor=false",
+    "-c", "protocol.ext.allow=never",
+    "-c", "submodule.recurse=false",
+    "-c", "fetch.recurseSubmodules=false",
+    "-c", "credential.helper=",
+    "-c", "advice.detachedHead=false",
+)  # fmt: skip
+
+FETCH_TIMEOUT_S = 600.0
+LOCAL_TIMEOUT_S = 300.0  # commands that only touch the disk
+
+
+class GitError(RuntimeError):
+    """A git command failed; the message never contains the auth header."""
+
+
+def repo_key(forge: str, full_name: str) -> str:
+    """The key RepoCache files a repository under: `github/acme/infra`."""
+    return f"{forge}/{full_name}"
+
+
+def escapes(root: Path, path: Path) -> bool:
+    """Whether `path` (relative to `root` unless absolute), symlinks followed, lies outside `root`."""
+    root = Path(root).resolve()
+    target = (root / path).resolve()
+    return not target.is_relative_to(root)
+
+
+# --------------------------------------------------------------------------- local modules
+
+_MODULE_OPEN_RE = re.compile(r'\bmodule\s+"[^"\n]*"\s*\{')
+_SOURCE_RE = re.compile(r'^\s*source\s*=\s*"((?:\\.|[^"\\\n])*)"', re.MULTILINE)
+
+
+def _strip_comments(text: str) -> str:
+    """HCL text without `#`, `//` and `/* */` comments (strings kept as they are)."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':
+            j = i + 1
+            while j < n and text[j] != '"' and text[j] != "\n":
+                j += 2 if text[j] == "\\" else 1
+            out.append(text[i : j + 1])
+            i = j + 1
+        elif c == "#" or text.startswith("//", i):
+            j = text.find("\n", i)
+            i = n if j < 0 else j
+        elif text.startswith("/*", i):
+            j = text.find("*/", i + 2)
+            i = n if j < 0 else j + 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _block_body(text: str, start: int) -> str:
+    """The top level of a `{ ... }` block opened just before `start` in comment-free text.
+
+    Nested blocks and objects are left out, so a `source` inside them is never
+    read as the module's; braces inside strings do not count.
+    """
+    depth = 1
+    out: list[str] = []
+    i, n = start, len(text)
+    while i < n and depth:
+        c = text[i]
+        if c == '"':
+            j = i + 1
+            while j < n and text[j] != '"' and text[j] != "\n":
+                j += 2 if text[j] == "\\" else 1
+            if depth == 1:
+                out.append(text[i : j + 1])
+            i = j + 1
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+        elif depth == 1:
+            out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _module_sources(name: str, text: str) -> list[str]:
+    """`source` values of the module blocks in one `.tf` or `.tf.json` file."""
+    if name.endswith(".tf.json"):
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            return []
+        modules = doc.get("module", {}) if isinstance(doc, dict) else {}
+        blocks = modules if isinstance(modules, list) else [modules]
+        sources = []
+        for block in blocks:
+            if isinstance(block, dict):
+                for body in block.values():
+                    for b in body if isinstance(body, list) else [body]:
+                        if isinstance(b, dict) and isinstance(b.get("source"), str):
+                            sources.append(b["source"])
+        return sources
+    text = _strip_comments(text)
+    sources = []
+    for match in _MODULE_OPEN_RE.finditer(text):
+        body = _block_body(text, match.end())
+        found = _SOURCE_RE.search(body)
+        if found:
+            sources.append(found.group(1))
+    return sources
+
+
+def local_module_dirs(project_dir: str, files: Mapping[str, str]) -> set[str]:
+    """Repo-relative directories of the local modules (`./x`, `../x`) a project calls.
+
+    `files` maps repo-relative paths to text (what `RepoCache.read_files` returns);
+    only `.tf` / `.tf.json` files directly in `project_dir` count, as for terraform.
+    Sources that would leave the repository are dropped. Not transitive.
+    """
+    project = posixpath.normpath(project_dir.strip("/") or ".")
+    found: set[str] = set()
+    for path, text in files.items():
+        if not (path.endswith(".tf") or path.endswith(".tf.json")):
+            continue
+        if posixpath.normpath(posixpath.dirname(path) or ".") != project:
+            continue
+        for source in _module_sources(path, text):
+            if not (source.startswith("./") or source.startswith("../")):
+                continue  # registry, git, http... sources are not in this repo
+            resolved = posixpath.normpath(posixpath.join(project, source))
+            if resolved == ".." or resolved.startswith("../") or posixpath.isabs(resolved):
+                continue
+            found.add(resolved)
+    return found
+
+
+# --------------------------------------------------------------------------- running git
+
+
+def _redact(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every secret (longest first) replaced by `***`."""
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _header_secrets(auth_header: str | None) -> list[str]:
+    """The auth header value and every form of its credential that could show up in output."""
+    if not auth_header:
+        return []
+    secrets = [auth_header]
+    scheme, _, credential = auth_header.partition(" ")
+    if credential:
+        secrets.append(credential.strip())
+        if scheme.lower() == "basic":
+            try:
+                decoded = base64.b64decode(credential.strip(), validate=True).decode()
+            except ValueError:
+                decoded = ""
+            secrets.append(decoded)
+            secrets.append(decoded.partition(":")[2])
+    return [s for s in secrets if len(s) >= 4]  # never redact trivia like "x"
+
+
+def _check_sha(sha: str) -> str:
+    if not isinstance(sha, str) or not _SHA_RE.fullmatch(sha):
+        raise GitError(f"not a full commit SHA: {sha!r}")
+    return sha
+
+
+class RepoCache:
+    """Bare mirrors under `root/mirrors/<forge>/<full_name>.git`, and checkouts made from them."""
+
+    def __init__(self, root: Path, *, fetch_timeout_s: float = FETCH_TIMEOUT_S) -> None:
+        if fetch_timeout_s <= 0:
+            raise ValueError("fetch_timeout_s must be positive")
+        self.root = Path(root).resolve()
+        self.fetch_timeout_s = fetch_timeout_s
+        self._home = self.root / "home"  # an empty HOME: no ~/.gitconfig, ~/.netrc or ssh config
+        self._home.mkdir(parents=True, exist_ok=True)
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def mirror_path(self, key: str) -> Path:
+        """Where the bare mirror for `key` (e.g. `github/acme/infra`) lives."""
+        parts = key.split("/")
+        if len(parts) < 3 or not all(_KEY_PART_RE.fullmatch(p) for p in parts):
+            raise GitError(f"bad repository key: {key!r}")
+        return self.root.joinpath("mirrors", *parts[:-1], parts[-1] + ".git")
+
+    async def fetch(self, key: str, clone_url: str, sha: str, auth_header: str | None = None) -> Path:
+        """Make sure commit `sha` is in the mirror, fetching it from `clone_url` if needed.
+
+        `auth_header` is an HTTP Authorization header value (`Basic ...`, `Bearer ...`).
+        The fetched commit is pinned by a ref so garbage collection never drops it
+        from under the checkouts that borrow the mirror's objects.
+        """
+        _check_sha(sha)
+        if clone_url.startswith("-") or "\n" in clone_url:
+            raise GitError("bad clone URL")
+        mirror = self.mirror_path(key)
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            if not (mirror / "HEAD").exists():
+                mirror.parent.mkdir(parents=True, exist_ok=True)
+                await self._git(["init", "--quiet", "--bare", str(mirror)])
+            if await self._has_commit(mirror, sha):
+                return mirror
+            env: dict[str, str] = {}
+            if auth_header:
+                env = {
+                    "GIT_CONFIG_COUNT": "1",
+                    "GIT_CONFIG_KEY_0": "http.extraHeader",
+                    "GIT_CONFIG_VALUE_0": f"Authorization: {auth_header}",
+                }
+            await self._git(
+                ["--git-dir", str(mirror), "fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
+                 "--", clone_url, f"+{sha}:refs/deploybot/{sha}"],
+                extra_env=env,
+                timeout_s=self.fetch_timeout_s,
+                secrets=_header_secrets(auth_header),
+            )  # fmt: skip
+            if not await self._has_commit(mirror, sha):
+                raise GitError(f"commit {sha} is not in {key} after fetching it")
+        return mirror
+
+    async def checkout(self, key: str, sha: str, dest: Path) -> Path:
+        """Make `dest` a checkout of exactly `sha` (fetched before), reusing it if it is one.
+
+        A reused checkout keeps only `.terraform/` directories; tracked files are
+        reset to the commit and every other file is removed. Submodules stay empty.
+        """
+        _check_sha(sha)
+        mirror = self.mirror_path(key)
+        if not await self._has_commit(mirror, sha):
+            raise GitError(f"commit {sha} has not been fetched into {key}")
+        dest = Path(dest).resolve()
+        if not self._is_checkout_of(dest, mirror):
+            if dest.exists() and any(dest.iterdir()):
+                raise GitError(f"{dest} exists and is not a checkout of {key}")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            # --shared borrows the mirror's objects (no copy); the pinning refs keep them alive.
+            await self._git(["clone", "--quiet", "--shared", "--no-checkout", str(mirror), str(dest)])
+        await self._git(["-C", str(dest), "checkout", "--quiet", "--force", "--detach", sha])
+        excludes = [arg for name in KEEP_ON_RESET for arg in ("-e", name)]
+        await self._git(["-C", str(dest), "clean", "--quiet", "-ffdx", *excludes])
+        return dest
+
+    async def read_files(
+        self,
+        key: str,
+        sha: str,
+        paths_prefix: str = "",
+        *,
+        suffixes: Sequence[str] = (),
+        max_bytes: int = 1 << 20,
+    ) -> dict[str, str]:
+        """Text of the files under a directory at `sha`, read from the mirror (no checkout).
+
+        Keys are repo-relative paths. Symlinks, submodules, files bigger than
+        `max_bytes`, files not ending in one of `suffixes` (if given) and files
+        that are not UTF-8 are left out.
+        """
+        _check_sha(sha)
+        mirror = self.mirror_path(key)
+        prefix = posixpath.normpath(paths_prefix.strip("/") or ".")
+        if prefix == ".." or prefix.startswith("../"):
+            raise GitError(f"path outside the repository: {paths_prefix!r}")
+        args = ["--git-dir", str(mirror), "ls-tree", "-r", "-l", "-z", "--full-tree", sha]
+        if prefix != ".":
+            args += ["--", prefix]
+        listing = await self._git(args)
+
+        wanted: list[tuple[str, str]] = []  # (path, object id)
+        for entry in listing.split(b"\0"):
+            if not entry:
+                continue
+            meta, _, raw_path = entry.partition(b"\t")
+            mode, kind, oid, size = meta.split()
+            path = raw_path.decode("utf-8", "surrogateescape")
+            if kind != b"blob" or mode == b"120000" or int(size) > max_bytes:
+                continue
+            if prefix != "." and not (path == prefix or path.startswith(prefix + "/")):
+                continue
+            if suffixes and not path.endswith(tuple(suffixes)):
+                continue
+            wanted.append((path, oid.decode()))
+        if not wanted:
+            return {}
+
+        batch = await self._git(
+            ["--git-dir", str(mirror), "cat-file", "--batch"],
+            stdin="".join(f"{oid}\n" for _, oid in wanted).encode(),
+        )
+        files: dict[str, str] = {}
+        pos = 0
+        for path, _ in wanted:
+            header_end = batch.index(b"\n", pos)
+            size = int(batch[pos:header_end].split()[2])
+            body = batch[header_end + 1 : header_end + 1 + size]
+            pos = header_end + 1 + size + 1  # content is followed by a newline
+            try:
+                files[path] = body.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+        return files
+
+    # ------------------------------------------------------------------ internals
+
+    @staticmethod
+    def _is_checkout_of(dest: Path, mirror: Path) -> bool:
+        """Whether `dest` is a checkout this cache made from `mirror`."""
+        alternates = dest / ".git" / "objects" / "info" / "alternates"
+        try:
+            lines = alternates.read_text().split()
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return str(mirror / "objects") in lines
+
+    async def _has_commit(self, mirror: Path, sha: str) -> bool:
+        if not (mirror / "HEAD").exists():
+            return False
+        try:
+            await self._git(["--git-dir", str(mirror), "cat-file", "-e", f"{sha}^{{commit}}"])
+        except GitError:
+            return False
+        return True
+
+    def _env(self, extra: Mapping[str, str]) -> dict[str, str]:
+        env = {k: os.environ[k] for k in _PASSTHROUGH_ENV if k in os.environ}
+        env.update(
+            {
+                "PATH": "/usr/local/bin:/usr/bin:/bin",
+                "HOME": str(self._home),
+                "LC_ALL": "C",  # stable, English error messages
+                "GIT_CONFIG_NOSYSTEM": "1",
+                "GIT_CONFIG_GLOBAL": "/dev/null",
+                "GIT_TERMINAL_PROMPT": "0",  # fail instead of waiting for a password
+                "GIT_ASKPASS": "/bin/false",
+                "GIT_LFS_SKIP_SMUDGE": "1",
+            }
+        )
+        env.update(extra)
+        return env
+
+    async def _git(
+        self,
+        args: Sequence[str],
+        *,
+        extra_env: Mapping[str, str] | None = None,
+        timeout_s: float = LOCAL_TIMEOUT_S,
+        secrets: Sequence[str] = (),
+        stdin: bytes | None = None,
+    ) -> bytes:
+        """Run git; return stdout, or raise GitError with redacted stderr."""
+        argv = ["git", *_GIT_OPTIONS, *args]
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            env=self._env(extra_env or {}),
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # so a kill reaches git-remote-https too
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(stdin), timeout_s)
+        except BaseException as exc:  # timeout or cancellation: take the whole group down
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            await asyncio.shield(proc.wait())
+            if isinstance(exc, TimeoutError):
+                raise GitError(f"git {_subcommand(args)} timed out after {timeout_s:g} s") from None
+            raise
+        if proc.returncode != 0:
+            detail = _redact(err.decode("utf-8", "replace").strip(), secrets)
+            raise GitError(f"git {_subcommand(args)} failed ({proc.returncode}): {detail}")
+        return out
+
+
+def _subcommand(args: Sequence[str]) -> str:
+    """The git subcommand of an argument list, for error messages (no URLs, no paths)."""
+    skip_next = False
+    for arg in args:
+        if skip_next:
+            skip_next = False
+        elif arg in ("-C", "--git-dir", "-c"):
+            skip_next = True
+        elif not arg.startswith("-"):
+            return arg
+    return "command"

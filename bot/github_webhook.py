@@ -1,0 +1,144 @@
+"""GitHub webhooks without I/O: check the signature, turn a payload into a domain event.
+
+Everything here is a pure function over bytes and dicts, so the HTTP layer stays
+thin and every rule is tested without a network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from typing import Any, Callable
+
+from bot.models import CommentEvent, Event, PullRequest, PullRequestEvent, Repo, ReviewEvent
+
+FORGE = "github"
+
+
+class InvalidSignature(Exception):
+    """The X-Hub-Signature-256 header is missing or does not match the body."""
+
+
+class MalformedPayload(Exception):
+    """The body is not a JSON object of the shape the event promises."""
+
+
+def verify_signature(body: bytes, signature_header: str | None, secret: bytes) -> None:
+    """Raise InvalidSignature unless the header is the HMAC-SHA256 of the raw body."""
+    if not signature_header or not signature_header.startswith("sha256="):
+        raise InvalidSignature("missing X-Hub-Signature-256")
+    expected = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected.encode(), signature_header.encode()):
+        raise InvalidSignature("X-Hub-Signature-256 does not match the body")
+
+
+def sign(body: bytes, secret: bytes) -> str:
+    """The X-Hub-Signature-256 header value GitHub would send for this body."""
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def load_body(body: bytes) -> dict[str, Any]:
+    """Decode a webhook body; raise MalformedPayload unless it is a JSON object."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MalformedPayload(f"body is not JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise MalformedPayload("body is not a JSON object")
+    return payload
+
+
+def parse_event(event_name: str, payload: dict[str, Any]) -> Event | None:
+    """The domain event a webhook stands for, or None if the bot ignores it."""
+    parser = _PARSERS.get(event_name)
+    if parser is None:
+        return None
+    try:
+        return parser(payload)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise MalformedPayload(f"{event_name} payload lacks {exc}") from None
+
+
+def _repo(payload: dict[str, Any]) -> Repo:
+    repo = payload["repository"]
+    installation = payload.get("installation") or {}
+    return Repo(
+        forge=FORGE,
+        full_name=_text(repo["full_name"]),
+        clone_url=_text(repo["clone_url"]),
+        default_branch=_text(repo["default_branch"]),
+        installation_id=int(installation["id"]) if "id" in installation else None,
+    )
+
+
+def _pull(payload: dict[str, Any], pr: dict[str, Any]) -> PullRequest:
+    repo = _repo(payload)
+    head_repo = pr["head"].get("repo") or {}
+    return PullRequest(
+        repo=repo,
+        number=int(pr["number"]),
+        head_sha=_text(pr["head"]["sha"]),
+        head_ref=_text(pr["head"]["ref"]),
+        base_ref=_text(pr["base"]["ref"]),
+        author=_text(pr["user"]["login"]),
+        # A deleted fork has no head repo: treat it as a fork, never as ours.
+        is_fork=head_repo.get("full_name") != repo.full_name,
+        state="closed" if pr["state"] == "closed" else "open",
+        merged=bool(pr.get("merged")),
+        url=_text(pr.get("html_url") or ""),
+    )
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"a string, got {type(value).__name__}")
+    return value
+
+
+_PULL_ACTIONS = {"opened": "opened", "synchronize": "updated", "reopened": "reopened",
+                 "closed": "closed"}
+
+
+def _pull_request(payload: dict[str, Any]) -> PullRequestEvent | None:
+    action = _PULL_ACTIONS.get(payload.get("action", ""))
+    if action is None:
+        return None
+    return PullRequestEvent(
+        action=action,  # type: ignore[arg-type]
+        pull=_pull(payload, payload["pull_request"]),
+        sender=_text(payload["sender"]["login"]),
+    )
+
+
+def _issue_comment(payload: dict[str, Any]) -> CommentEvent | None:
+    # Edited and deleted comments never run anything; comments on issues are not ours.
+    if payload.get("action") != "created" or not payload["issue"].get("pull_request"):
+        return None
+    return CommentEvent(
+        repo=_repo(payload),
+        pull_number=int(payload["issue"]["number"]),
+        comment_id=int(payload["comment"]["id"]),
+        author=_text(payload["comment"]["user"]["login"]),
+        body=_text(payload["comment"].get("body") or ""),
+    )
+
+
+def _pull_request_review(payload: dict[str, Any]) -> ReviewEvent | None:
+    action = payload.get("action")
+    if action not in ("submitted", "dismissed"):
+        return None
+    review = payload["review"]
+    return ReviewEvent(
+        action=action,
+        pull=_pull(payload, payload["pull_request"]),
+        reviewer=_text(review["user"]["login"]),
+        state=_text(review["state"]).lower(),
+    )
+
+
+_PARSERS: dict[str, Callable[[dict[str, Any]], Event | None]] = {
+    "pull_request": _pull_request,
+    "issue_comment": _issue_comment,
+    "pull_request_review": _pull_request_review,
+}

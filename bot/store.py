@@ -1,0 +1,472 @@
+"""The durable store: deliveries, runs and their jobs, saved plans, locks, approvals.
+
+SQLite (the embedded default) behind one connection guarded by a lock: every call
+is a short transaction, made from the event loop or from handler threads alike.
+Everything the bot must not lose or do twice goes through here.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bot.models import Project, Repo
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS deliveries (
+    id TEXT PRIMARY KEY,          -- the forge's delivery id: a redelivery is a no-op
+    forge TEXT NOT NULL,
+    event TEXT NOT NULL,
+    body BLOB NOT NULL,
+    status TEXT NOT NULL,         -- received | done | failed
+    error TEXT NOT NULL DEFAULT '',
+    received_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL UNIQUE,     -- what caused it (delivery id + command): re-dispatch adds nothing
+    repo TEXT NOT NULL,           -- Repo as JSON
+    repo_key TEXT NOT NULL,
+    pull_number INTEGER NOT NULL,
+    head_sha TEXT NOT NULL,
+    command TEXT NOT NULL,        -- plan | apply
+    trigger TEXT NOT NULL,        -- comment | autoplan | approval | merge
+    requested_by TEXT NOT NULL,
+    reported INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    project TEXT NOT NULL,        -- Project as JSON
+    project_key TEXT NOT NULL,    -- forge:repo:dir:workspace; two jobs on one key never run at once
+    status TEXT NOT NULL,         -- queued | running | succeeded | failed | cancelled | interrupted
+    result TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, id);
+CREATE TABLE IF NOT EXISTS plans (
+    project_key TEXT NOT NULL,
+    pull_number INTEGER NOT NULL,
+    head_sha TEXT NOT NULL,
+    planfile TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    has_changes INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (project_key, pull_number)
+);
+CREATE TABLE IF NOT EXISTS locks (
+    project_key TEXT PRIMARY KEY,
+    repo TEXT NOT NULL,
+    pull_number INTEGER NOT NULL,
+    holder TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS approvals (
+    repo TEXT NOT NULL,
+    pull_number INTEGER NOT NULL,
+    user TEXT NOT NULL,
+    sha TEXT NOT NULL,
+    project_label TEXT,           -- NULL: every project of the PR
+    created_at REAL NOT NULL
+);
+"""
+
+FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
+
+
+def project_key(repo: Repo, project: Project) -> str:
+    """The lock and queue key of a project: forge, repo, dir and workspace."""
+    return f"{repo.forge}:{repo.full_name.lower()}:{project.dir}:{project.workspace}"
+
+
+def repo_key(repo: Repo) -> str:
+    """The key of a repository in the store."""
+    return f"{repo.forge}:{repo.full_name.lower()}"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: str
+    forge: str
+    event: str
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Run:
+    id: int
+    repo: Repo
+    pull_number: int
+    head_sha: str
+    command: str
+    trigger: str
+    requested_by: str
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    run: Run
+    project: Project
+    project_key: str
+    status: str
+    result: dict
+
+
+@dataclass(frozen=True)
+class SavedPlan:
+    project_key: str
+    pull_number: int
+    head_sha: str
+    planfile: str
+    sha256: str
+    has_changes: bool
+
+
+@dataclass(frozen=True)
+class Lock:
+    project_key: str
+    repo: str
+    pull_number: int
+    holder: str
+
+
+@dataclass(frozen=True)
+class LockAttempt:
+    """The outcome of trying to lock a project: acquired, or who holds it."""
+
+    acquired: bool
+    holder: Lock | None = None
+
+
+def _repo_from_json(text: str) -> Repo:
+    return Repo(**json.loads(text))
+
+
+def _project_from_json(text: str) -> Project:
+    data = json.loads(text)
+    data["autoplan"] = tuple(data.get("autoplan", ()))
+    return Project(**data)
+
+
+class Store:
+    """All durable state, in one SQLite database."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _tx(self) -> "_Transaction":
+        return _Transaction(self)
+
+    def ping(self) -> None:
+        """Raise if the database cannot be read."""
+        with self._lock:
+            self._db.execute("SELECT 1").fetchone()
+
+    # Deliveries -------------------------------------------------------------
+
+    def add_delivery(self, delivery: Delivery) -> bool:
+        """Persist a delivery; False if this delivery id was seen before."""
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO deliveries (id, forge, event, body, status, received_at)"
+                " VALUES (?, ?, ?, ?, 'received', ?)",
+                (delivery.id, delivery.forge, delivery.event, delivery.body, time.time()),
+            )
+            return cursor.rowcount == 1
+
+    def pending_deliveries(self) -> list[Delivery]:
+        """Deliveries persisted but not yet handled, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, forge, event, body FROM deliveries WHERE status = 'received'"
+                " ORDER BY received_at"
+            ).fetchall()
+        return [Delivery(r["id"], r["forge"], r["event"], bytes(r["body"])) for r in rows]
+
+    def finish_delivery(self, delivery_id: str, error: str = "") -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE deliveries SET status = ?, error = ? WHERE id = ?",
+                ("failed" if error else "done", error, delivery_id),
+            )
+
+    def delivery_status(self, delivery_id: str) -> str | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT status FROM deliveries WHERE id = ?", (delivery_id,)
+            ).fetchone()
+        return row["status"] if row else None
+
+    # Runs and jobs ------------------------------------------------------------
+
+    def add_run(
+        self,
+        key: str,
+        repo: Repo,
+        pull_number: int,
+        head_sha: str,
+        command: str,
+        trigger: str,
+        requested_by: str,
+        projects: list[Project],
+    ) -> Run | None:
+        """Queue one job per project as one run; None if a run with this key exists."""
+        now = time.time()
+        with self._tx() as db:
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO runs (key, repo, repo_key, pull_number, head_sha, command,"
+                " trigger, requested_by, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, json.dumps(asdict(repo)), repo_key(repo), pull_number, head_sha, command, trigger,
+                 requested_by, now),
+            )
+            if cursor.rowcount == 0:
+                return None
+            run_id = cursor.lastrowid
+            for project in projects:
+                db.execute(
+                    "INSERT INTO jobs (run_id, project, project_key, status, created_at)"
+                    " VALUES (?, ?, ?, 'queued', ?)",
+                    (run_id, json.dumps(asdict(project)), project_key(repo, project), now),
+                )
+        return Run(run_id, repo, pull_number, head_sha, command, trigger, requested_by)
+
+    def _jobs(self, where: str, args: tuple) -> list[Job]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT jobs.id, jobs.project, jobs.project_key, jobs.status, jobs.result,"
+                " runs.id AS run_id, runs.repo, runs.pull_number, runs.head_sha, runs.command,"
+                " runs.trigger, runs.requested_by FROM jobs JOIN runs ON runs.id = jobs.run_id"
+                f" WHERE {where} ORDER BY jobs.id",
+                args,
+            ).fetchall()
+        return [
+            Job(
+                id=r["id"],
+                run=Run(r["run_id"], _repo_from_json(r["repo"]), r["pull_number"], r["head_sha"],
+                        r["command"], r["trigger"], r["requested_by"]),
+                project=_project_from_json(r["project"]),
+                project_key=r["project_key"],
+                status=r["status"],
+                result=json.loads(r["result"]),
+            )
+            for r in rows
+        ]
+
+    def claim_next_job(self) -> Job | None:
+        """Mark the oldest runnable queued job running and return it.
+
+        A job is runnable when no job of the same project is running, so two jobs
+        on one project never overlap and a second command waits its turn.
+        """
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT id FROM jobs AS j WHERE status = 'queued' AND NOT EXISTS ("
+                " SELECT 1 FROM jobs AS r WHERE r.project_key = j.project_key"
+                " AND r.status = 'running') ORDER BY id LIMIT 1"
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET status = 'running', started_at = ? WHERE id = ?",
+                (time.time(), row["id"]),
+            )
+        return self._jobs("jobs.id = ?", (row["id"],))[0]
+
+    def finish_job(self, job_id: int, status: str, result: dict) -> None:
+        assert status in FINISHED
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET status = ?, result = ?, finished_at = ? WHERE id = ?",
+                (status, json.dumps(result), time.time(), job_id),
+            )
+
+    def run_jobs(self, run_id: int) -> list[Job]:
+        return self._jobs("jobs.run_id = ?", (run_id,))
+
+    def claim_run_report(self, run_id: int) -> bool:
+        """True once, for the caller that should post the run's comment."""
+        with self._tx() as db:
+            pending = db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE run_id = ? AND status NOT IN"
+                " ('succeeded', 'failed', 'cancelled', 'interrupted')",
+                (run_id,),
+            ).fetchone()[0]
+            if pending:
+                return False
+            cursor = db.execute(
+                "UPDATE runs SET reported = 1 WHERE id = ? AND reported = 0", (run_id,)
+            )
+            return cursor.rowcount == 1
+
+    def unfinished_jobs(self, repo: Repo, pull_number: int) -> list[Job]:
+        return self._jobs(
+            "runs.repo_key = ? AND runs.pull_number = ? AND jobs.status IN ('queued', 'running')",
+            (repo_key(repo), pull_number),
+        )
+
+    def jobs_with_status(self, status: str) -> list[Job]:
+        return self._jobs("jobs.status = ?", (status,))
+
+    def cancel_queued(self, job_ids: list[int]) -> list[int]:
+        """Cancel those of the jobs still queued; return which were cancelled."""
+        cancelled = []
+        with self._tx() as db:
+            for job_id in job_ids:
+                cursor = db.execute(
+                    "UPDATE jobs SET status = 'cancelled', finished_at = ?,"
+                    " result = '{\"error\": \"cancelled\"}' WHERE id = ? AND status = 'queued'",
+                    (time.time(), job_id),
+                )
+                if cursor.rowcount:
+                    cancelled.append(job_id)
+        return cancelled
+
+    def requeue_job(self, job_id: int) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET status = 'queued', started_at = NULL WHERE id = ?", (job_id,)
+            )
+
+    def latest_plan_jobs(self, repo: Repo, pull_number: int, head_sha: str) -> list[Job]:
+        """The newest finished plan job per project for this PR head."""
+        jobs = self._jobs(
+            "runs.repo_key = ? AND runs.pull_number = ? AND runs.head_sha = ?"
+            " AND runs.command = 'plan' AND jobs.status IN ('succeeded', 'failed')",
+            (repo_key(repo), pull_number, head_sha),
+        )
+        latest: dict[str, Job] = {}
+        for job in jobs:
+            latest[job.project_key] = job
+        return list(latest.values())
+
+    def queue_depth(self) -> int:
+        with self._lock:
+            return self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status = 'queued'"
+            ).fetchone()[0]
+
+    # Plans ------------------------------------------------------------------
+
+    def save_plan(self, plan: SavedPlan) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO plans (project_key, pull_number, head_sha, planfile,"
+                " sha256, has_changes, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (plan.project_key, plan.pull_number, plan.head_sha, plan.planfile, plan.sha256,
+                 int(plan.has_changes), time.time()),
+            )
+
+    def get_plan(self, key: str, pull_number: int) -> SavedPlan | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM plans WHERE project_key = ? AND pull_number = ?", (key, pull_number)
+            ).fetchone()
+        if row is None:
+            return None
+        return SavedPlan(row["project_key"], row["pull_number"], row["head_sha"], row["planfile"],
+                         row["sha256"], bool(row["has_changes"]))
+
+    def plans_for_pull(self, repo: Repo, pull_number: int) -> list[SavedPlan]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM plans WHERE project_key LIKE ? AND pull_number = ?",
+                (repo_key(repo) + ":%", pull_number),
+            ).fetchall()
+        return [SavedPlan(r["project_key"], r["pull_number"], r["head_sha"], r["planfile"],
+                          r["sha256"], bool(r["has_changes"])) for r in rows]
+
+    def delete_plan(self, key: str, pull_number: int) -> None:
+        with self._lock:
+            self._db.execute(
+                "DELETE FROM plans WHERE project_key = ? AND pull_number = ?", (key, pull_number)
+            )
+
+    # Locks ------------------------------------------------------------------
+
+    def try_lock(self, key: str, repo: Repo, pull_number: int, holder: str) -> LockAttempt:
+        """Lock a project for a PR; a PR that already holds it keeps it."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM locks WHERE project_key = ?", (key,)).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO locks (project_key, repo, pull_number, holder, created_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (key, repo_key(repo), pull_number, holder, time.time()),
+                )
+                return LockAttempt(True)
+            lock = Lock(row["project_key"], row["repo"], row["pull_number"], row["holder"])
+            return LockAttempt(lock.pull_number == pull_number, lock)
+
+    def locks_for_pull(self, repo: Repo, pull_number: int) -> list[Lock]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM locks WHERE repo = ? AND pull_number = ?",
+                (repo_key(repo), pull_number),
+            ).fetchall()
+        return [Lock(r["project_key"], r["repo"], r["pull_number"], r["holder"]) for r in rows]
+
+    def unlock(self, key: str, pull_number: int) -> bool:
+        with self._lock:
+            cursor = self._db.execute(
+                "DELETE FROM locks WHERE project_key = ? AND pull_number = ?", (key, pull_number)
+            )
+            return cursor.rowcount == 1
+
+    # Approval comments --------------------------------------------------------
+
+    def add_approval(
+        self, repo: Repo, pull_number: int, user: str, sha: str, project_label: str | None
+    ) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO approvals (repo, pull_number, user, sha, project_label, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (repo_key(repo), pull_number, user, sha, project_label, time.time()),
+            )
+
+    def approvals(self, repo: Repo, pull_number: int) -> list[tuple[str, str, str | None]]:
+        """(user, sha, project label or None) of every approval comment on the PR."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT user, sha, project_label FROM approvals WHERE repo = ? AND pull_number = ?"
+                " ORDER BY created_at",
+                (repo_key(repo), pull_number),
+            ).fetchall()
+        return [(r["user"], r["sha"], r["project_label"]) for r in rows]
+
+
+class _Transaction:
+    """`with store._tx() as db:` — one IMMEDIATE transaction under the store's lock."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._store._lock.acquire()
+        self._store._db.execute("BEGIN IMMEDIATE")
+        return self._store._db
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._store._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self._store._lock.release()
+

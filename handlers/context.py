@@ -1,0 +1,25 @@
+"""What a handler gets besides the event: the store, the policy, the forge client, the queue."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from bot.store import Store
+from bot.vcs import VCSClient
+from policies.policy import Policy
+
+
+@dataclass
+class HandlerContext:
+    """Everything a handler may touch. Handlers run in a worker thread, so all of it blocks."""
+
+    delivery_id: str
+    store: Store
+    policy: Policy
+    client: VCSClient  # the client for the event's repository
+    bot_login: str
+    wake_workers: Callable[[], None]
+    cancel_jobs: Callable[[list[int]], None]
+    # (sha, dir) -> {path: text} of the files under dir at sha, fetched through git
+    read_tree: Callable[[str, str], dict[str, str]]

@@ -1,0 +1,139 @@
+"""What the handlers share: finding a PR's projects, locking them, queueing plans and applies."""
+
+from __future__ import annotations
+
+import logging
+
+from bot.apply_gate import apply_blockers, may
+from bot.git import local_module_dirs
+from bot.models import Project, PullRequest, Repo
+from bot.statuses import APPLY_CONTEXT, PLAN_CONTEXT, plan_context
+from bot.store import project_key
+from handlers.context import HandlerContext
+from policies.autoplan import narrow_projects, projects_to_autoplan
+from policies.policy import RepoPolicy
+
+log = logging.getLogger("deploybot.handlers")
+
+LOCKED_BY_OTHER = (
+    "🔒 `{label}` is locked by #{pull} (planned by @{holder}). It is freed when that pull request "
+    "is merged or closed, or when someone comments `deploybot unlock` there."
+)
+MODULE_DEPTH = 5  # how many levels of local modules count towards autoplan
+
+
+def repo_policy(ctx: HandlerContext, repo: Repo) -> RepoPolicy | None:
+    """The server policy for the repository, or None if it is not allow-listed."""
+    return ctx.policy.repo(repo.full_name)
+
+
+def reply(ctx: HandlerContext, number: int, text: str) -> None:
+    """Post a short answer on the pull request."""
+    ctx.client.create_comment(number, text)
+
+
+def pull_projects(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest) -> tuple[list[Project], set[str]]:
+    """The projects the repo-level file (from the base branch) leaves, and which of them autoplan."""
+    repo_file = None
+    if policy.repo_config_file:
+        repo_file = ctx.client.read_file(pull.base_ref, policy.repo_config_file)
+    narrowed, warnings = narrow_projects(list(policy.projects), repo_file)
+    for warning in warnings:
+        log.warning("%s %s: %s", pull.repo.full_name, policy.repo_config_file, warning)
+    projects = [n.project for n in narrowed]
+    autoplan = {project_key(pull.repo, n.project) for n in narrowed if n.autoplan}
+    return projects, autoplan
+
+
+def changed_projects(ctx: HandlerContext, pull: PullRequest, projects: list[Project]) -> list[Project]:
+    """The projects whose files (or local modules) the pull request changes."""
+    changed = ctx.client.changed_files(pull.number)
+    module_dirs = {p.dir: _module_dirs(ctx, pull.head_sha, p.dir) for p in projects if not p.autoplan}
+    return projects_to_autoplan(projects, changed, module_dirs)
+
+
+def _module_dirs(ctx: HandlerContext, sha: str, project_dir: str) -> set[str]:
+    found: set[str] = set()
+    frontier = {project_dir}
+    for _ in range(MODULE_DEPTH):
+        next_frontier: set[str] = set()
+        for directory in frontier:
+            next_frontier |= local_module_dirs(directory, ctx.read_tree(sha, directory))
+        frontier = next_frontier - found - {project_dir}
+        found |= frontier
+        if not frontier:
+            break
+    return found
+
+
+def start_plan(
+    ctx: HandlerContext, pull: PullRequest, projects: list[Project], trigger: str, requested_by: str
+) -> None:
+    """Lock the projects for this PR and queue one plan run for those it got."""
+    locked = _lock(ctx, pull, projects, requested_by)
+    if not locked:
+        return
+    run = ctx.store.add_run(f"{ctx.delivery_id}:plan", pull.repo, pull.number, pull.head_sha,
+                            "plan", trigger, requested_by, locked)
+    if run is None:
+        return  # this delivery was dispatched before a restart and already queued its run
+    for project in locked:
+        ctx.client.set_status(pull.head_sha, plan_context(project.label), "pending", "queued")
+    ctx.client.set_status(pull.head_sha, PLAN_CONTEXT, "pending", f"planning {len(locked)} project(s)")
+    ctx.wake_workers()
+
+
+def start_apply(
+    ctx: HandlerContext, pull: PullRequest, projects: list[Project], trigger: str, requested_by: str
+) -> None:
+    """Queue one apply run; the worker checks every requirement again when it starts."""
+    locked = _lock(ctx, pull, projects, requested_by)
+    if not locked:
+        return
+    run = ctx.store.add_run(f"{ctx.delivery_id}:apply", pull.repo, pull.number, pull.head_sha,
+                            "apply", trigger, requested_by, locked)
+    if run is None:
+        return
+    ctx.client.set_status(pull.head_sha, APPLY_CONTEXT, "pending", f"applying {len(locked)} project(s)")
+    ctx.wake_workers()
+
+
+def _lock(ctx: HandlerContext, pull: PullRequest, projects: list[Project], user: str) -> list[Project]:
+    locked = []
+    for project in projects:
+        attempt = ctx.store.try_lock(project_key(pull.repo, project), pull.repo, pull.number, user)
+        if attempt.acquired:
+            locked.append(project)
+        elif attempt.holder is not None:
+            reply(ctx, pull.number, LOCKED_BY_OTHER.format(
+                label=project.label, pull=attempt.holder.pull_number, holder=attempt.holder.holder))
+    return locked
+
+
+def planned_projects(ctx: HandlerContext, pull: PullRequest, projects: list[Project]) -> list[Project]:
+    """Those of the projects with a saved plan that has changes, for the current head."""
+    plans = {p.project_key: p for p in ctx.store.plans_for_pull(pull.repo, pull.number)}
+    waiting = []
+    for project in projects:
+        plan = plans.get(project_key(pull.repo, project))
+        if plan and plan.has_changes and plan.head_sha == pull.head_sha:
+            waiting.append(project)
+    return waiting
+
+
+def refresh_apply_status(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, requested_by: str) -> None:
+    """After an approval changed: apply if the repo auto-applies, else say what is missing."""
+    projects, _ = pull_projects(ctx, policy, pull)
+    waiting = planned_projects(ctx, pull, projects)
+    if not waiting or pull.state != "open":
+        return
+    blockers = {p.label: apply_blockers(ctx.client, ctx.store, policy, pull, p) for p in waiting}
+    missing = [f"{label}: {reasons[0]}" for label, reasons in blockers.items() if reasons]
+    if not missing and policy.auto_apply_on_approval:
+        # The approver asked for nothing, so the apply runs with their authority checked here.
+        if may(ctx.client, requested_by, policy.apply):
+            start_apply(ctx, pull, waiting, "approval", requested_by)
+            return
+        missing = [f"@{requested_by} approved, but may not apply: comment `deploybot apply` as an applier"]
+    description = "ready: comment `deploybot apply`" if not missing else missing[0]
+    ctx.client.set_status(pull.head_sha, APPLY_CONTEXT, "pending", description)

@@ -1,0 +1,89 @@
+"""Pull request opened, updated, reopened or closed: autoplan, or clean up (and apply on merge)."""
+
+from __future__ import annotations
+
+import logging
+
+from bot.apply_gate import may
+from bot.models import PullRequestEvent
+from bot.store import project_key
+from handlers.context import HandlerContext
+from handlers.project_commands import (
+    changed_projects,
+    planned_projects,
+    pull_projects,
+    reply,
+    repo_policy,
+    start_apply,
+    start_plan,
+)
+from handlers.router import Router
+
+log = logging.getLogger("deploybot.handlers")
+router = Router()
+
+FORK_REFUSED = (
+    "deploybot does not plan pull requests from forks in this repository: their code would run "
+    "with this account's credentials. Push the branch to the repository itself to get a plan."
+)
+AUTOPLAN_NOT_ALLOWED = (
+    "deploybot did not autoplan: @{user} may not plan in this repository. "
+    "Someone who may can comment `deploybot plan`."
+)
+MERGED_WITHOUT_PLAN = (
+    "This pull request was merged, but there is no saved plan with changes for its head {sha}, "
+    "so deploybot applied nothing."
+)
+
+
+@router.register("pull_request", "opened")
+@router.register("pull_request", "updated")
+@router.register("pull_request", "reopened")
+def autoplan(event: PullRequestEvent, ctx: HandlerContext) -> None:
+    """Plan every allow-listed project whose files the pull request changes."""
+    pull = event.pull
+    policy = repo_policy(ctx, pull.repo)
+    if policy is None:
+        log.info("%s is not allow-listed; not planning #%s", pull.repo.full_name, pull.number)
+        return
+    if event.action == "updated":
+        _cancel_pull_jobs(ctx, event, command="plan")
+    if pull.is_fork and not policy.allow_forks:
+        if event.action != "updated":
+            reply(ctx, pull.number, FORK_REFUSED)
+        return
+    projects, autoplanned = pull_projects(ctx, policy, pull)
+    projects = [p for p in projects if project_key(pull.repo, p) in autoplanned]
+    to_plan = changed_projects(ctx, pull, projects)
+    if not to_plan:
+        return
+    if not may(ctx.client, event.sender, policy.plan):
+        reply(ctx, pull.number, AUTOPLAN_NOT_ALLOWED.format(user=event.sender))
+        return
+    start_plan(ctx, pull, to_plan, "autoplan", event.sender)
+
+
+@router.register("pull_request", "closed")
+def closed(event: PullRequestEvent, ctx: HandlerContext) -> None:
+    """Stop the PR's plans; apply its reviewed plans if merged and the repo applies on merge."""
+    pull = event.pull
+    _cancel_pull_jobs(ctx, event, command="plan")
+    policy = repo_policy(ctx, pull.repo)
+    if pull.merged and policy is not None and policy.apply_on_merge:
+        projects, _ = pull_projects(ctx, policy, pull)
+        waiting = planned_projects(ctx, pull, projects)
+        if waiting:
+            start_apply(ctx, pull, waiting, "merge", event.sender)
+            return  # the worker frees the locks once the apply has run
+        reply(ctx, pull.number, MERGED_WITHOUT_PLAN.format(sha=pull.head_sha[:8]))
+    for plan in ctx.store.plans_for_pull(pull.repo, pull.number):
+        ctx.store.delete_plan(plan.project_key, pull.number)
+    for lock in ctx.store.locks_for_pull(pull.repo, pull.number):
+        ctx.store.unlock(lock.project_key, pull.number)
+
+
+def _cancel_pull_jobs(ctx: HandlerContext, event: PullRequestEvent, command: str) -> None:
+    jobs = [j for j in ctx.store.unfinished_jobs(event.pull.repo, event.pull.number)
+            if j.run.command == command]
+    ctx.store.cancel_queued([j.id for j in jobs])
+    ctx.cancel_jobs([j.id for j in jobs])

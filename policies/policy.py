@@ -1,0 +1,423 @@
+"""The server-side policy file: which repos and projects the bot serves, and who may do what.
+
+The policy lives with the server (``policy_file`` in the server config), never in a
+repository, and is the authority: a repo-level file can only narrow it
+(see ``policies.autoplan``). Everything is denied unless this file allows it: a
+repo that is not listed is ignored, and a project that is not listed never runs.
+
+Shape::
+
+    repos:
+      acme/infrastructure-live:          # full name; GitLab nested paths (group/sub/repo) work too
+        allow_forks: false               # PRs from forks are never planned unless true
+        repo_config_file: deploybot.yaml # optional repo-level narrowing file, read from the BASE branch
+        plan:      {users: [], teams: [], permission: write}   # who may plan
+        apply:     {users: [alice], teams: [acme/platform], permission: maintain}  # who may apply
+        approvers: {teams: [acme/platform]}  # whose approvals count
+        apply_requirements: [approved, mergeable, undiverged]  # any subset; default [approved]
+        approvals: 1                     # how many approvals `approved` needs (>= 1)
+        apply_on_merge: false            # apply automatically when the PR is merged
+        auto_apply_on_approval: false    # apply as soon as every requirement holds
+        projects:                        # at least one
+          - name: staging                # optional; unique per repo
+            dir: staging                 # repo-relative; "." for the root; no "..", not absolute
+            workspace: default           # default "default"
+            autoplan: ["*.tf*", "../modules/**/*.tf"]   # globs relative to dir
+
+Defaults and rules:
+
+- ``plan`` omitted: anyone with ``write`` permission may plan. ``apply`` omitted:
+  NOBODY may apply. ``approvers`` omitted: the same users, teams and permission as
+  ``apply``. Inside a block that is given, an omitted key means nobody
+  (``plan: {users: [bob]}`` lets only bob plan); ``{}`` means nobody at all.
+- A subject is allowed if listed in ``users`` (case-insensitive), a member of a
+  listed team (``org/team``; GitLab groups ``group/subgroup[/...]``), or has at
+  least ``permission`` on the repo: ``read < triage < write < maintain < admin``.
+  GitLab levels are accepted too: ``developer`` = write, ``maintainer`` =
+  maintain, ``owner`` = admin.
+- ``apply_requirements``: ``approved`` (``approvals`` approvals from
+  ``approvers`` on the current head), ``mergeable`` (the forge would merge it),
+  ``undiverged`` (the branch is not behind its base). An up-to-date plan of the
+  current head is always required on top of these.
+- ``auto_apply_on_approval: true`` needs ``approved`` among the requirements.
+- Without ``autoplan``, a project plans itself when a ``*.tf*`` file changes in its
+  dir or in a local module dir it references. Globs: ``*`` stays inside one path
+  segment, ``**`` spans segments, ``?`` is one character.
+- Names, dirs and workspaces may contain only letters, digits, ``.``, ``_``,
+  ``-`` (and ``/`` in names and dirs), so comments can name them.
+- Unknown keys, wrong types and duplicate keys are errors; error messages name
+  the path of the bad key, e.g. ``repos.acme/infra.projects[1].dir: must not
+  contain ".."`` (list positions count from 0).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import yaml
+
+from bot.models import Project
+from policies.autoplan import normalize_dir, resolve_glob
+
+
+class PolicyError(ValueError):
+    """The policy file is invalid; the message names the offending key."""
+
+
+class ApplyRequirement(StrEnum):
+    """Conditions a repo may require before an apply (besides an up-to-date plan)."""
+
+    APPROVED = "approved"
+    MERGEABLE = "mergeable"
+    UNDIVERGED = "undiverged"
+
+
+# Ordered weakest first; "none" exists for actors, never as a policy value
+# (a policy saying "none" would let every stranger through).
+PERMISSIONS: tuple[str, ...] = ("none", "read", "triage", "write", "maintain", "admin")
+GITLAB_PERMISSIONS = {"developer": "write", "maintainer": "maintain", "owner": "admin"}
+
+
+def normalize_permission(value: str) -> str | None:
+    """A permission name in GitHub terms ("developer" -> "write"), or None if unknown."""
+    value = GITLAB_PERMISSIONS.get(value, value)
+    return value if value in PERMISSIONS else None
+
+
+@dataclass(frozen=True)
+class Subjects:
+    """Who a rule allows: listed users, members of listed teams, or a minimum permission."""
+
+    users: frozenset[str] = frozenset()  # lower-cased logins
+    teams: tuple[str, ...] = ()  # "org/team" or GitLab "group/sub[/...]", as written
+    permission: str | None = None  # minimum permission (GitHub terms); None: not by permission
+
+    @property
+    def empty(self) -> bool:
+        """Whether nobody at all is allowed."""
+        return not self.users and not self.teams and self.permission is None
+
+
+NOBODY = Subjects()
+DEFAULT_PLAN = Subjects(permission="write")
+
+
+@dataclass(frozen=True)
+class RepoPolicy:
+    """Everything the policy says about one repository."""
+
+    name: str  # full name as written in the policy file
+    allow_forks: bool
+    repo_config_file: str | None
+    plan: Subjects
+    apply: Subjects
+    approvers: Subjects
+    apply_requirements: frozenset[str]
+    approvals: int
+    apply_on_merge: bool
+    auto_apply_on_approval: bool
+    projects: tuple[Project, ...]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The whole policy file; repos are keyed by lower-cased full name."""
+
+    repos: dict[str, RepoPolicy]
+
+    def repo(self, full_name: str) -> RepoPolicy | None:
+        """The policy for a repo, or None if it is not allow-listed (names are case-insensitive)."""
+        if not isinstance(full_name, str):
+            return None
+        return self.repos.get(full_name.lower())
+
+
+def select_projects(
+    repo: RepoPolicy,
+    name: str | None = None,
+    dir: str | None = None,
+    workspace: str | None = None,
+) -> list[Project]:
+    """The projects `deploybot <cmd> -p NAME -d DIR -w WS` refers to (all filters must match).
+
+    No filters: every project. A filter that matches nothing gives [] (the caller
+    refuses with a comment). The dir is compared normalised ("./a/" == "a").
+    """
+    if dir is not None:
+        try:
+            dir = normalize_dir(dir)
+        except ValueError:
+            return []
+    return [
+        p
+        for p in repo.projects
+        if (name is None or (p.name != "" and p.name == name))
+        and (dir is None or p.dir == dir)
+        and (workspace is None or p.workspace == workspace)
+    ]
+
+
+# --- loading -------------------------------------------------------------------
+
+_REPO_KEYS = (
+    "allow_forks",
+    "repo_config_file",
+    "plan",
+    "apply",
+    "approvers",
+    "apply_requirements",
+    "approvals",
+    "apply_on_merge",
+    "auto_apply_on_approval",
+    "projects",
+)
+_SUBJECT_KEYS = ("users", "teams", "permission")
+_PROJECT_KEYS = ("name", "dir", "workspace", "autoplan")
+
+_SEGMENT = r"[A-Za-z0-9_.-]+"
+_REPO_NAME = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})+")
+_TEAM = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})+")
+# GitHub logins, GitLab usernames, and GitHub App bots ("renovate[bot]").
+_USER = re.compile(r"[A-Za-z0-9_.-]+(?:\[bot\])?")
+_NAME = re.compile(r"[A-Za-z0-9._/-]+")  # what the comment parser accepts for -p
+_WORKSPACE = re.compile(r"[A-Za-z0-9._-]+")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate keys (PyYAML would silently keep the last)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # "<<: *anchor" merges may be overridden by design
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+        except TypeError:
+            continue  # unhashable key: construct_mapping reports it
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_policy_file(path: str | os.PathLike[str]) -> Policy:
+    """Read and validate the policy file at `path` (errors are prefixed with the path)."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            text = f.read()
+        except UnicodeDecodeError as e:
+            raise PolicyError(f"{os.fspath(path)}: not UTF-8 text ({e.reason})") from None
+    try:
+        return load_policy(text)
+    except PolicyError as e:
+        raise PolicyError(f"{os.fspath(path)}: {e}") from None
+
+
+def load_policy(text: str) -> Policy:
+    """Parse and validate policy YAML; raise PolicyError naming the bad key."""
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise PolicyError(f"invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise PolicyError("the policy must be a mapping with a `repos` key")
+    _no_unknown_keys(data, ("repos",), "")
+    if "repos" not in data:
+        raise PolicyError("repos: required")
+    repos_raw = _expect(data["repos"], dict, "repos", "a mapping of repo full names")
+    repos: dict[str, RepoPolicy] = {}
+    for name, raw in repos_raw.items():
+        if not isinstance(name, str) or not _REPO_NAME.fullmatch(name) or _has_dot_segment(name):
+            raise PolicyError(f"repos.{name}: not a repo full name like owner/repo or group/sub/repo")
+        key = name.lower()
+        if key in repos:
+            raise PolicyError(f"repos.{name}: listed twice (repo names are case-insensitive)")
+        repos[key] = _repo(name, raw, f"repos.{name}")
+    return Policy(repos)
+
+
+def _repo(name: str, raw: Any, path: str) -> RepoPolicy:
+    raw = _expect(raw, dict, path, "a mapping")
+    _no_unknown_keys(raw, _REPO_KEYS, path)
+
+    repo_config_file = raw.get("repo_config_file")
+    if repo_config_file is not None:
+        repo_config_file = _path(repo_config_file, f"{path}.repo_config_file")
+        if repo_config_file == ".":
+            raise PolicyError(f"{path}.repo_config_file: must name a file")
+
+    apply = _subjects(raw, "apply", path, NOBODY)
+    requirements = _requirements(raw, path)
+    auto_apply = _bool(raw, "auto_apply_on_approval", path)
+    if auto_apply and ApplyRequirement.APPROVED not in requirements:
+        # Otherwise every plan by anyone who may plan would be applied unreviewed.
+        raise PolicyError(f"{path}.auto_apply_on_approval: needs `approved` in apply_requirements")
+
+    approvals = raw.get("approvals", 1)
+    if type(approvals) is not int or approvals < 1:
+        raise PolicyError(f"{path}.approvals: must be an integer >= 1")
+
+    return RepoPolicy(
+        name=name,
+        allow_forks=_bool(raw, "allow_forks", path),
+        repo_config_file=repo_config_file,
+        plan=_subjects(raw, "plan", path, DEFAULT_PLAN),
+        apply=apply,
+        approvers=_subjects(raw, "approvers", path, apply),
+        apply_requirements=requirements,
+        approvals=approvals,
+        apply_on_merge=_bool(raw, "apply_on_merge", path),
+        auto_apply_on_approval=auto_apply,
+        projects=_projects(raw, path),
+    )
+
+
+def _subjects(raw: dict[str, Any], key: str, path: str, default: Subjects) -> Subjects:
+    if key not in raw:
+        return default
+    path = f"{path}.{key}"
+    block = _expect(raw[key], dict, path, "a mapping (use {} for nobody)")
+    _no_unknown_keys(block, _SUBJECT_KEYS, path)
+
+    users: set[str] = set()
+    for i, user in enumerate(_expect(block.get("users", []), list, f"{path}.users", "a list")):
+        if not isinstance(user, str) or not _USER.fullmatch(user):
+            raise PolicyError(f"{path}.users[{i}]: not a user login")
+        users.add(user.lower())
+
+    teams: list[str] = []
+    for i, team in enumerate(_expect(block.get("teams", []), list, f"{path}.teams", "a list")):
+        if not isinstance(team, str) or not _TEAM.fullmatch(team) or _has_dot_segment(team):
+            raise PolicyError(f"{path}.teams[{i}]: must look like org/team (or group/subgroup)")
+        if team.lower() not in (t.lower() for t in teams):
+            teams.append(team)
+
+    permission = block.get("permission")
+    if permission is not None:
+        if not isinstance(permission, str) or normalize_permission(permission) in (None, "none"):
+            raise PolicyError(
+                f"{path}.permission: must be one of read, triage, write, maintain, admin "
+                "(or GitLab developer, maintainer, owner)"
+            )
+        permission = normalize_permission(permission)
+    return Subjects(frozenset(users), tuple(teams), permission)
+
+
+def _requirements(raw: dict[str, Any], path: str) -> frozenset[str]:
+    if "apply_requirements" not in raw:
+        return frozenset({ApplyRequirement.APPROVED.value})
+    path = f"{path}.apply_requirements"
+    names = _expect(raw["apply_requirements"], list, path, "a list")
+    allowed = [r.value for r in ApplyRequirement]
+    result: set[str] = set()
+    for i, name in enumerate(names):
+        if name not in allowed:
+            raise PolicyError(f"{path}[{i}]: unknown requirement {name!r} (allowed: {', '.join(allowed)})")
+        if name in result:
+            raise PolicyError(f"{path}[{i}]: {name!r} listed twice")
+        result.add(name)
+    return frozenset(result)
+
+
+def _projects(raw: dict[str, Any], path: str) -> tuple[Project, ...]:
+    path = f"{path}.projects"
+    if "projects" not in raw:
+        raise PolicyError(f"{path}: required (a repo without projects runs nothing)")
+    items = _expect(raw["projects"], list, path, "a list")
+    if not items:
+        raise PolicyError(f"{path}: must list at least one project")
+    projects: list[Project] = []
+    names: set[str] = set()
+    places: set[tuple[str, str]] = set()
+    for i, item in enumerate(items):
+        ppath = f"{path}[{i}]"
+        item = _expect(item, dict, ppath, "a mapping")
+        _no_unknown_keys(item, _PROJECT_KEYS, ppath)
+        if "dir" not in item:
+            raise PolicyError(f"{ppath}.dir: required")
+        dir_ = _path(item["dir"], f"{ppath}.dir")
+
+        workspace = item.get("workspace", "default")
+        if not isinstance(workspace, str) or not _WORKSPACE.fullmatch(workspace) or workspace.startswith("-"):
+            raise PolicyError(f"{ppath}.workspace: may contain only letters, digits, '.', '_' and '-'")
+
+        name = item.get("name", "")
+        if "name" in item:
+            if not isinstance(name, str) or not _NAME.fullmatch(name) or name.startswith("-"):
+                raise PolicyError(f"{ppath}.name: may contain only letters, digits, '.', '_', '/' and '-'")
+            if name in names:
+                raise PolicyError(f"{ppath}.name: {name!r} is used by another project")
+            names.add(name)
+
+        if (dir_, workspace) in places:
+            raise PolicyError(f"{ppath}: another project already has dir {dir_!r} and workspace {workspace!r}")
+        places.add((dir_, workspace))
+
+        autoplan: tuple[str, ...] = ()
+        if "autoplan" in item:
+            globs = _expect(item["autoplan"], list, f"{ppath}.autoplan", "a list of globs")
+            if not globs:
+                raise PolicyError(f"{ppath}.autoplan: must list at least one glob (omit it for the default)")
+            for j, glob in enumerate(globs):
+                try:
+                    resolve_glob(dir_, glob)
+                except ValueError as e:
+                    raise PolicyError(f"{ppath}.autoplan[{j}]: {e}") from None
+            autoplan = tuple(globs)
+        projects.append(Project(dir=dir_, workspace=workspace, name=name, autoplan=autoplan))
+    return tuple(projects)
+
+
+# --- small checks ----------------------------------------------------------------
+
+
+def _expect(value: Any, kind: type, path: str, what: str) -> Any:
+    if not isinstance(value, kind):
+        raise PolicyError(f"{path}: must be {what}, not {_type_name(value)}")
+    return value
+
+
+def _bool(raw: dict[str, Any], key: str, path: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise PolicyError(f"{path}.{key}: must be true or false, not {_type_name(value)}")
+    return value
+
+
+def _path(value: Any, path: str) -> str:
+    if not isinstance(value, str):
+        raise PolicyError(f"{path}: must be a string, not {_type_name(value)}")
+    try:
+        return normalize_dir(value)
+    except ValueError as e:
+        raise PolicyError(f"{path}: {e}") from None
+
+
+def _no_unknown_keys(raw: dict[Any, Any], allowed: tuple[str, ...], path: str) -> None:
+    for key in raw:
+        if key not in allowed:
+            where = f"{path}.{key}" if path else str(key)
+            raise PolicyError(f"{where}: unknown key (allowed: {', '.join(allowed)})")
+
+
+def _has_dot_segment(name: str) -> bool:
+    return any(seg in (".", "..") for seg in name.split("/"))
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
