@@ -1,0 +1,314 @@
+"""`deploybot sandbox`: the whole pull-request flow on this machine, with only the forge local.
+
+It makes a local `infrastructure-live` repository with two Terraform projects, starts
+a local GitHub-compatible API and the real bot, and walks plan → approval → apply.
+Webhooks are signed and sent over HTTP, the bot calls the API through PyGithub, and
+terraform really runs: the same code paths as production. The tests build their
+worlds from the same parts.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import uvicorn
+import yaml
+
+from bot.app import create_app
+from bot.config import load_config
+from bot.github_fake import FakeGitHub
+from bot.terraform import find_terraform, make_null_provider_mirror
+
+REPO = "acme/infrastructure-live"
+INSTALLATION_ID = 4242
+APP_ID = 1001
+WEBHOOK_SECRET = "sandbox-webhook-secret"
+
+PROJECT_TF = """\
+terraform {{
+  required_providers {{
+    null = {{ source = "hashicorp/null", version = "2.1.2" }}
+  }}
+  backend "local" {{ path = "{state}" }}
+}}
+
+module "app" {{
+  source = "../modules/app"
+  name   = "{name}"
+}}
+
+resource "null_resource" "web" {{
+  triggers = {{ size = "{size}" }}
+}}
+"""
+
+MODULE_TF = """\
+variable "name" { type = string }
+
+resource "null_resource" "this" {
+  triggers = { name = var.name }
+}
+"""
+
+POLICY = {
+    "repos": {
+        REPO: {
+            "plan": {"permission": "write"},
+            "apply": {"teams": ["acme/platform"]},
+            "approvers": {"teams": ["acme/platform"]},
+            "apply_requirements": ["approved", "mergeable"],
+            "approvals": 1,
+            "projects": [
+                {"name": "staging", "dir": "staging"},
+                {"name": "production", "dir": "production"},
+            ],
+        }
+    }
+}
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class InfraRepo:
+    """A real git repository: a bare `origin` (what the forge serves) and a working clone."""
+
+    def __init__(self, root: Path) -> None:
+        self.bare = root / "infrastructure-live.git"
+        self.work = root / "infrastructure-live"
+        _git(root, "init", "--bare", "--initial-branch=main", str(self.bare))
+        _git(root, "clone", "--quiet", str(self.bare), str(self.work))
+        _git(self.work, "checkout", "--quiet", "-B", "main")
+
+    def write(self, files: dict[str, str]) -> None:
+        for path, text in files.items():
+            target = self.work / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+
+    def commit(self, branch: str, files: dict[str, str], message: str) -> str:
+        """Commit the files on the branch (created from main if new), push it, return the SHA."""
+        existing = _git(self.work, "branch", "--list", branch).strip()
+        if existing:
+            _git(self.work, "checkout", "--quiet", branch)
+        else:
+            _git(self.work, "checkout", "--quiet", "-b", branch, "main")
+        self.write(files)
+        _git(self.work, "add", "-A")
+        _git(self.work, "commit", "--quiet", "-m", message)
+        _git(self.work, "push", "--quiet", "origin", branch)
+        return _git(self.work, "rev-parse", "HEAD").strip()
+
+
+def _git(cwd: Path, *args: str) -> str:
+    result = subprocess.run(
+        ["git", "-c", "user.name=Sandbox", "-c", "user.email=sandbox@example.com",
+         "-c", "init.defaultBranch=main", *args],
+        cwd=cwd, capture_output=True, text=True,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def project_files(state_dir: Path, sizes: dict[str, str]) -> dict[str, str]:
+    """Terraform files for each project (name → size), plus the shared module."""
+    files = {"modules/app/main.tf": MODULE_TF}
+    for name, size in sizes.items():
+        state = (state_dir / f"{name}.tfstate").as_posix()
+        files[f"{name}/main.tf"] = PROJECT_TF.format(state=state, name=name, size=size)
+    return files
+
+
+def write_config(root: Path, api_url: str, private_key_pem: str, policy: dict, **terraform: object) -> Path:
+    """Write a policy file, the app's private key and a config file; return the config path."""
+    (root / "policy.yaml").write_text(yaml.safe_dump(policy, sort_keys=False))
+    key = root / "app-private-key.pem"
+    key.write_text(private_key_pem)
+    key.chmod(0o600)
+    cli_config = make_null_provider_mirror(root / "terraform-mirror")
+    port = free_port()
+    config = {
+        "server": {"host": "127.0.0.1", "port": port, "public_url": f"http://127.0.0.1:{port}",
+                   "data_dir": str(root / "data")},
+        "github": {"api_url": api_url, "app_id": APP_ID, "private_key_file": str(key),
+                   "webhook_secret": WEBHOOK_SECRET},
+        "terraform": {"binary": find_terraform(), "cli_config_file": str(cli_config),
+                      "plugin_cache_dir": str(root / "plugin-cache"), **terraform},
+        "policy_file": str(root / "policy.yaml"),
+    }
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+class BotServer:
+    """The real ASGI app under uvicorn on a background thread."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.config = load_config(config_path)
+        self.url = f"http://{self.config.server.host}:{self.config.server.port}"
+        self._server = uvicorn.Server(uvicorn.Config(
+            create_app(self.config), host=self.config.server.host, port=self.config.server.port,
+            log_level="warning", lifespan="on"))
+        self._thread = threading.Thread(target=self._server.run, name="deploybot", daemon=True)
+
+    def start(self) -> "BotServer":
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("deploybot did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=60)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 120, what: str = "condition") -> object:
+    """Poll until the predicate returns something truthy; return it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class Narrator:
+    """Prints each new comment and status on the pull request as it appears."""
+
+    def __init__(self, github: FakeGitHub, number: int) -> None:
+        self.github = github
+        self.number = number
+        self._seen_comments = 0
+        self._seen_statuses: set[tuple] = set()
+
+    def say(self, text: str) -> None:
+        print(f"\n\033[1m▶ {text}\033[0m", flush=True)
+
+    def catch_up(self) -> None:
+        comments = self.github.comments(REPO, self.number)
+        for comment in comments[self._seen_comments:]:
+            print(f"\n💬 @{comment['user']} commented:\n{_indent(comment['body'])}", flush=True)
+        self._seen_comments = len(comments)
+        sha = self.github.pull(REPO, self.number)["head_sha"]
+        for context, (state, description) in sorted(self.github.statuses(REPO, sha).items()):
+            key = (sha, context, state, description)
+            if key not in self._seen_statuses:
+                self._seen_statuses.add(key)
+                print(f"   status {context} = {state}: {description}", flush=True)
+
+    def wait_for_comment(self, contains: str, timeout: float = 300) -> dict:
+        def found() -> dict | None:
+            self.catch_up()
+            for comment in self.github.comments(REPO, self.number):
+                if contains in comment["body"] and comment["user"].endswith("[bot]"):
+                    return comment
+            return None
+
+        return wait_for(found, timeout, f"a comment containing {contains!r}")  # type: ignore[return-value]
+
+
+def _indent(text: str) -> str:
+    lines = text.splitlines()
+    if len(lines) > 40:
+        lines = lines[:40] + [f"… ({len(lines) - 40} more lines)"]
+    return "\n".join(f"    {line}" for line in lines)
+
+
+def bare_terraform_seconds(root: Path, project_dir: Path, cli_config: Path) -> float:
+    """Time a plain `terraform init && terraform plan` of a copy of the project, cold."""
+    import os
+
+    copy = root / "bare-run"
+    shutil.copytree(project_dir.parent, copy, ignore=shutil.ignore_patterns(".git", ".terraform*"))
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root),
+           "TF_CLI_CONFIG_FILE": str(cli_config), "TF_IN_AUTOMATION": "1", "TF_INPUT": "0"}
+    workdir = copy / project_dir.name
+    started = time.monotonic()
+    terraform = find_terraform()
+    for args in (["init", "-input=false"], ["plan", "-input=false", "-lock=false"]):
+        subprocess.run([terraform, *args], cwd=workdir, env=env, capture_output=True, check=False)
+    return time.monotonic() - started
+
+
+def run_sandbox(directory: str | None, keep: bool = False) -> int:
+    """Walk the whole flow on a local forge; return a process exit code."""
+    root = Path(directory or tempfile.mkdtemp(prefix="deploybot-sandbox-")).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"deploybot sandbox in {root}")
+    repo = InfraRepo(root)
+    state_dir = root / "state"
+    state_dir.mkdir(exist_ok=True)
+    repo.commit("main", project_files(state_dir, {"staging": "small", "production": "small"}),
+                "Two projects")
+
+    github = FakeGitHub(app_id=APP_ID)
+    github.start()
+    bot = None
+    try:
+        github.add_repo(REPO, repo.bare, default_branch="main")
+        github.add_installation(INSTALLATION_ID, [REPO])
+        github.set_permission(REPO, "alice", "write")
+        github.set_permission(REPO, "bob", "maintain")
+        github.add_team_member("acme/platform", "bob")
+        config_path = write_config(root, github.url, github.private_key_pem, POLICY)
+        bot = BotServer(config_path).start()
+        github.set_webhook(f"{bot.url}/webhooks/github", WEBHOOK_SECRET)
+        print(f"local GitHub API at {github.url}, deploybot at {bot.url}")
+
+        narrator = Narrator(github, 0)
+        narrator.say("alice pushes a branch that resizes staging and opens a pull request")
+        repo.commit("resize-staging", {"staging/main.tf": project_files(
+            state_dir, {"staging": "large"})["staging/main.tf"]}, "Resize staging")
+        sent = time.monotonic()
+        narrator.number = github.open_pull(REPO, "resize-staging", author="alice",
+                                           title="Resize staging")
+        narrator.wait_for_comment("deploybot plan")
+        webhook_to_comment = time.monotonic() - sent
+
+        narrator.say("alice comments `deploybot apply` before anyone approved")
+        github.comment(REPO, narrator.number, "alice", "deploybot apply")
+        narrator.wait_for_comment("may not")
+
+        narrator.say("bob (team acme/platform) approves the pull request in the GitHub UI")
+        github.review(REPO, narrator.number, "bob", "APPROVED")
+        time.sleep(1)
+        narrator.catch_up()
+
+        narrator.say("bob comments `deploybot apply`")
+        github.comment(REPO, narrator.number, "bob", "deploybot apply")
+        narrator.wait_for_comment("deploybot apply**")
+
+        narrator.say("the pull request is merged: deploybot frees the lock")
+        github.merge(REPO, narrator.number)
+        time.sleep(1)
+        narrator.catch_up()
+
+        bare = bare_terraform_seconds(root, repo.work / "staging",
+                                      root / "terraform-mirror" / "terraformrc")
+        print(f"\nwebhook → plan comment: {webhook_to_comment:.2f}s; "
+              f"bare `terraform init && terraform plan`: {bare:.2f}s")
+        print("\n✅ sandbox finished: plan → approval → apply worked end to end")
+        return 0
+    finally:
+        if bot is not None:
+            bot.stop()
+        github.stop()
+        if not keep and directory is None:
+            shutil.rmtree(root, ignore_errors=True)
