@@ -1,0 +1,59 @@
+"""The durable store: deliveries once, per-project job ordering, locks, plans."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bot.models import Project, Repo
+from bot.store import Delivery, SavedPlan, Store, project_key
+
+REPO = Repo("github", "acme/infra", "file:///x", "main", 1)
+STAGING = Project("staging", name="staging")
+PROD = Project("production", name="production")
+
+
+def test_delivery_is_persisted_once_and_survives_reopen(tmp_path: Path):
+    store = Store(tmp_path / "db.sqlite3")
+    assert store.add_delivery(Delivery("d1", "github", "pull_request", b"{}"))
+    assert not store.add_delivery(Delivery("d1", "github", "pull_request", b"{}"))
+    store.close()
+    store = Store(tmp_path / "db.sqlite3")
+    assert [d.id for d in store.pending_deliveries()] == ["d1"]
+    store.finish_delivery("d1")
+    assert store.pending_deliveries() == []
+    assert store.delivery_status("d1") == "done"
+
+
+def test_run_key_is_unique_and_jobs_of_one_project_never_overlap(tmp_path: Path):
+    store = Store(tmp_path / "db.sqlite3")
+    first = store.add_run("d1:plan", REPO, 1, "a" * 40, "plan", "comment", "alice", [STAGING, PROD])
+    assert first is not None
+    assert store.add_run("d1:plan", REPO, 1, "a" * 40, "plan", "comment", "alice", [STAGING]) is None
+    second = store.add_run("d2:plan", REPO, 1, "a" * 40, "plan", "comment", "alice", [STAGING])
+    staging = store.claim_next_job()
+    prod = store.claim_next_job()
+    assert (staging.project, prod.project) == (STAGING, PROD)
+    assert store.claim_next_job() is None  # the second staging job waits for the first
+    store.finish_job(staging.id, "succeeded", {})
+    third = store.claim_next_job()
+    assert third.run.id == second.id and third.project == STAGING
+    assert not store.claim_run_report(first.id)  # production still running
+    store.finish_job(prod.id, "failed", {"summary": "x"})
+    assert store.claim_run_report(first.id)
+    assert not store.claim_run_report(first.id)  # reported once
+
+
+def test_locks_name_their_holder_and_plans_are_replaced(tmp_path: Path):
+    store = Store(tmp_path / "db.sqlite3")
+    key = project_key(REPO, STAGING)
+    assert store.try_lock(key, REPO, 1, "alice").acquired
+    assert store.try_lock(key, REPO, 1, "alice").acquired  # the holder keeps it
+    other = store.try_lock(key, REPO, 2, "bob")
+    assert not other.acquired and other.holder.pull_number == 1 and other.holder.holder == "alice"
+    assert not store.unlock(key, 2)
+    assert store.unlock(key, 1)
+    assert store.try_lock(key, REPO, 2, "bob").acquired
+    store.save_plan(SavedPlan(key, 2, "a" * 40, "/p1", "h1", True))
+    store.save_plan(SavedPlan(key, 2, "b" * 40, "/p2", "h2", False))
+    assert store.get_plan(key, 2).head_sha == "b" * 40
+    assert [p.planfile for p in store.plans_for_pull(REPO, 2)] == ["/p2"]
