@@ -59,5 +59,7 @@ def apply_blockers(
         mergeable=client.mergeability(pull, frozenset({OWN_APPLY_CONTEXT}))
         if "mergeable" in requirements else None,
         behind_base=client.is_behind_base(pull) if "undiverged" in requirements else None,
+        base_ref=pull.base_ref,
+        author=pull.author,
     )
     return check_apply_requirements(policy, facts)

@@ -8,7 +8,7 @@ from typing import Callable
 from bot.apply_gate import may
 from bot.models import CommentEvent, Project, PullRequest
 from bot.store import project_key
-from handlers.comment_parser import HELP, Command, Reply, parse_comment
+from handlers.comment_parser import Command, Reply, parse_comment
 from handlers.context import HandlerContext
 from handlers.project_commands import (
     changed_projects,
@@ -71,7 +71,7 @@ def comment_created(event: CommentEvent, ctx: HandlerContext) -> None:
 
 def _selected(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Command) -> list[Project] | None:
     """The projects the command's flags name, or None (after replying) if they name none."""
-    projects, _ = pull_projects(ctx, policy, pull)
+    projects = [n.project for n in pull_projects(ctx, policy, pull)]
     if not (cmd.project or cmd.dir or cmd.workspace):
         return projects
     # Select among the projects the repo-level file left, never the whole server policy.
@@ -168,15 +168,10 @@ def cancel(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Comm
     reply(ctx, pull.number, CANCELLED.format(count=len(plans)))
 
 
-def help_(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Command, user: str) -> None:
-    reply(ctx, pull.number, HELP)
-
-
 COMMANDS: dict[str, Callable[[HandlerContext, RepoPolicy, PullRequest, Command, str], None]] = {
     "plan": plan,
     "apply": apply,
     "approve": approve,
     "unlock": unlock,
     "cancel": cancel,
-    "help": help_,
 }

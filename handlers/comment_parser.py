@@ -82,7 +82,7 @@ def parse_comment(body: str, bot_name: str = "deploybot") -> Command | Reply | N
         line = _first_line(body)
         if line is None:
             return None
-        first, _, rest = _split_first_word(line)
+        first, rest = _split_first_word(line)
         if first not in (bot_name, "@" + bot_name) or not bot_name:
             return None
         return _parse_args(line, rest)
@@ -100,12 +100,15 @@ def _first_line(body: object) -> str | None:
     return None
 
 
-def _split_first_word(line: str) -> tuple[str, str, str]:
+def _split_first_word(line: str) -> tuple[str, str]:
     # Words are separated by spaces and tabs only, like shlex below; other
     # Unicode spaces stay inside a word and make it unknown.
-    m = re.match(r"[^ \t]*", line)
-    assert m is not None
-    return m.group(0), "", line[m.end():]
+    end = len(line)
+    for sep in (" ", "\t"):
+        i = line.find(sep)
+        if i != -1:
+            end = min(end, i)
+    return line[:end], line[end:]
 
 
 def _parse_args(line: str, rest: str) -> Command | Reply:
@@ -121,7 +124,7 @@ def _parse_args(line: str, rest: str) -> Command | Reply:
     if name == "help":
         return Reply(HELP)
     if name not in COMMANDS:
-        return _error(f"Unknown command {_echo(name)}.")
+        return _error(f"Unknown command{_echo(name)}.")
 
     values: dict[str, str] = {}
     i = 0
@@ -133,24 +136,24 @@ def _parse_args(line: str, rest: str) -> Command | Reply:
         key = _FLAGS.get(flag)
         if key is None:
             if arg.startswith("-"):
-                return _error(f"Unknown flag {_echo(flag)}.")
-            return _error(f"Unexpected argument {_echo(arg)}.")
+                return _error(f"Unknown flag{_echo(flag)}.")
+            return _error(f"Unexpected argument{_echo(arg)}.")
         if key in values:
-            return _error(f"{_echo(flag)} may be given only once.")
+            return _error(f"The flag{_echo(flag)} may be given only once.")
         if eq:
             value = inline
             i += 1
         else:
             if i + 1 >= len(args) or args[i + 1].startswith("-"):
-                return _error(f"{_echo(flag)} needs a value.")
+                return _error(f"The flag{_echo(flag)} needs a value.")
             value = args[i + 1]
             i += 2
         if not value:
-            return _error(f"{_echo(flag)} needs a value.")
+            return _error(f"The flag{_echo(flag)} needs a value.")
         if not _VALUE.fullmatch(value):
-            return _error(f"The value of {_echo(flag)} may contain only letters, digits, `.`, `_`, `/` and `-`.")
+            return _error(f"The value of the flag{_echo(flag)} may contain only letters, digits, `.`, `_`, `/` and `-`.")
         if key == "dir":
-            if ".." in value.split("/"):
+            if ".." in value:
                 return _error('A directory must not contain "..".')
             if value.startswith("/"):
                 return _error("A directory must be relative to the repository root.")
@@ -159,8 +162,8 @@ def _parse_args(line: str, rest: str) -> Command | Reply:
 
 
 def _echo(word: str) -> str:
-    """A word from the comment, quoted only if it is harmless to post back."""
-    return f"`{word}`" if _ECHOABLE.fullmatch(word) else "an unsupported argument"
+    """ " `word`" if the word is harmless to post back (no mention, link or markup), else ""."""
+    return f" `{word}`" if _ECHOABLE.fullmatch(word) else ""
 
 
 def _error(message: str) -> Reply:

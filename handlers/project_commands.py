@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
 from bot.apply_gate import apply_blockers, may
 from bot.git import local_module_dirs
@@ -10,7 +11,7 @@ from bot.models import Project, PullRequest, Repo
 from bot.statuses import APPLY_CONTEXT, PLAN_CONTEXT, plan_context
 from bot.store import project_key
 from handlers.context import HandlerContext
-from policies.autoplan import narrow_projects, projects_to_autoplan
+from policies.autoplan import NarrowedProject, narrow_projects, projects_to_autoplan
 from policies.policy import RepoPolicy
 
 log = logging.getLogger("deploybot.handlers")
@@ -32,23 +33,24 @@ def reply(ctx: HandlerContext, number: int, text: str) -> None:
     ctx.client.create_comment(number, text)
 
 
-def pull_projects(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest) -> tuple[list[Project], set[str]]:
-    """The projects the repo-level file (from the base branch) leaves, and which of them autoplan."""
+def pull_projects(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest) -> list[NarrowedProject]:
+    """The projects the repo-level file (read from the base branch) leaves, with their autoplan."""
     repo_file = None
     if policy.repo_config_file:
         repo_file = ctx.client.read_file(pull.base_ref, policy.repo_config_file)
     narrowed, warnings = narrow_projects(list(policy.projects), repo_file)
     for warning in warnings:
         log.warning("%s %s: %s", pull.repo.full_name, policy.repo_config_file, warning)
-    projects = [n.project for n in narrowed]
-    autoplan = {project_key(pull.repo, n.project) for n in narrowed if n.autoplan}
-    return projects, autoplan
+    return narrowed
 
 
-def changed_projects(ctx: HandlerContext, pull: PullRequest, projects: list[Project]) -> list[Project]:
-    """The projects whose files (or local modules) the pull request changes."""
+def changed_projects(
+    ctx: HandlerContext, pull: PullRequest, projects: Sequence[Project | NarrowedProject]
+) -> list[Project]:
+    """The projects whose autoplan files (or local modules) the pull request changes."""
     changed = ctx.client.changed_files(pull.number)
-    module_dirs = {p.dir: _module_dirs(ctx, pull.head_sha, p.dir) for p in projects if not p.autoplan}
+    plain = [p.project if isinstance(p, NarrowedProject) else p for p in projects]
+    module_dirs = {p.dir: _module_dirs(ctx, pull.head_sha, p.dir) for p in plain if not p.autoplan}
     return projects_to_autoplan(projects, changed, module_dirs)
 
 
@@ -123,7 +125,7 @@ def planned_projects(ctx: HandlerContext, pull: PullRequest, projects: list[Proj
 
 def refresh_apply_status(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, requested_by: str) -> None:
     """After an approval changed: apply if the repo auto-applies, else say what is missing."""
-    projects, _ = pull_projects(ctx, policy, pull)
+    projects = [n.project for n in pull_projects(ctx, policy, pull)]
     waiting = planned_projects(ctx, pull, projects)
     if not waiting or pull.state != "open":
         return

@@ -6,7 +6,6 @@ import logging
 
 from bot.apply_gate import may
 from bot.models import PullRequestEvent
-from bot.store import project_key
 from handlers.context import HandlerContext
 from handlers.project_commands import (
     changed_projects,
@@ -52,9 +51,7 @@ def autoplan(event: PullRequestEvent, ctx: HandlerContext) -> None:
         if event.action != "updated":
             reply(ctx, pull.number, FORK_REFUSED)
         return
-    projects, autoplanned = pull_projects(ctx, policy, pull)
-    projects = [p for p in projects if project_key(pull.repo, p) in autoplanned]
-    to_plan = changed_projects(ctx, pull, projects)
+    to_plan = changed_projects(ctx, pull, pull_projects(ctx, policy, pull))
     if not to_plan:
         return
     if not may(ctx.client, event.sender, policy.plan):
@@ -70,7 +67,7 @@ def closed(event: PullRequestEvent, ctx: HandlerContext) -> None:
     _cancel_pull_jobs(ctx, event, command="plan")
     policy = repo_policy(ctx, pull.repo)
     if pull.merged and policy is not None and policy.apply_on_merge:
-        projects, _ = pull_projects(ctx, policy, pull)
+        projects = [n.project for n in pull_projects(ctx, policy, pull)]
         waiting = planned_projects(ctx, pull, projects)
         if waiting:
             start_apply(ctx, pull, waiting, "merge", event.sender)

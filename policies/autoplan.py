@@ -70,9 +70,10 @@ def normalize_dir(path: str) -> str:
         raise ValueError("must be relative to the repository root, not absolute")
     if not _DIR_CHARS.fullmatch(path):
         raise ValueError("may contain only letters, digits, '.', '_', '/' and '-'")
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    if ".." in parts:
+    if ".." in path:
+        # Also refuses names like "a..b": never needed, and one rule is easier to trust.
         raise ValueError('must not contain ".."')
+    parts = [p for p in path.split("/") if p not in ("", ".")]
     if parts and parts[0].startswith("-"):
         # A leading "-" would read as a flag in `deploybot plan -d DIR`.
         raise ValueError('must not start with "-"')
@@ -118,17 +119,21 @@ def resolve_glob(dir: str, glob: str) -> str:
 
 
 def _segment_regex(seg: str) -> str:
-    out: list[str] = []
-    for ch in seg:
-        if ch == "*":
-            if out and out[-1] == "[^/]*":
-                continue  # "**" inside a segment is "*"; collapsing also avoids extra backtracking
-            out.append("[^/]*")
-        elif ch == "?":
-            out.append("[^/]")
-        else:
-            out.append(re.escape(ch))
-    return "".join(out)
+    """Regex for one path segment made of literals, "?" and "*".
+
+    Pieces between stars are fixed-width, so matching each middle piece at its
+    leftmost place is always right; atomic groups commit to that place, which keeps
+    matching linear instead of letting "a*a*a*c" backtrack polynomially.
+    """
+
+    def piece(text: str) -> str:
+        return "".join("[^/]" if ch == "?" else re.escape(ch) for ch in text)
+
+    pieces = re.split(r"\*+", seg)  # a run of stars ("a**b") is one star
+    if len(pieces) == 1:
+        return piece(seg)
+    first, *middle, last = pieces
+    return piece(first) + "".join(f"(?>[^/]*?{piece(m)})" for m in middle) + "[^/]*" + piece(last)
 
 
 @lru_cache(maxsize=4096)
