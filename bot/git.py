@@ -14,9 +14,11 @@ import json
 import os
 import posixpath
 import re
+import shutil
 import signal
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 _SHA_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # SHA-1 or SHA-256 object names
 _KEY_PART_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
@@ -49,11 +51,6 @@ LOCAL_TIMEOUT_S = 300.0  # commands that only touch the disk
 
 class GitError(RuntimeError):
     """A git command failed; the message never contains the auth header."""
-
-
-def repo_key(forge: str, full_name: str) -> str:
-    """The key RepoCache files a repository under: `github/acme/infra`."""
-    return f"{forge}/{full_name}"
 
 
 def escapes(root: Path, path: Path) -> bool:
@@ -218,10 +215,19 @@ class RepoCache:
         self._home = self.root / "home"  # an empty HOME: no ~/.gitconfig, ~/.netrc or ssh config
         self._home.mkdir(parents=True, exist_ok=True)
         self._locks: dict[str, asyncio.Lock] = {}
+        # Found on the bot's PATH once; git itself then runs with a minimal PATH.
+        self._git_binary = shutil.which("git") or "git"
 
     def mirror_path(self, key: str) -> Path:
-        """Where the bare mirror for `key` (e.g. `github/acme/infra`) lives."""
-        parts = key.split("/")
+        """Where the bare mirror for a repository lives.
+
+        `key` is `forge:full_name` (what `bot.store.repo_key` gives, e.g.
+        `github:acme/infra`) or `forge/full_name`; GitLab names may be nested.
+        """
+        forge, sep, full_name = key.partition(":")
+        if not sep:
+            forge, _, full_name = key.partition("/")
+        parts = [forge, *full_name.split("/")]
         if len(parts) < 3 or not all(_KEY_PART_RE.fullmatch(p) for p in parts):
             raise GitError(f"bad repository key: {key!r}")
         return self.root.joinpath("mirrors", *parts[:-1], parts[-1] + ".git")
@@ -234,6 +240,10 @@ class RepoCache:
         from under the checkouts that borrow the mirror's objects.
         """
         _check_sha(sha)
+        try:
+            url_password = urlsplit(clone_url).password or ""
+        except ValueError:
+            raise GitError("bad clone URL") from None
         if clone_url.startswith("-") or "\n" in clone_url:
             raise GitError("bad clone URL")
         mirror = self.mirror_path(key)
@@ -255,7 +265,8 @@ class RepoCache:
                  "--", clone_url, f"+{sha}:refs/deploybot/{sha}"],
                 extra_env=env,
                 timeout_s=self.fetch_timeout_s,
-                secrets=_header_secrets(auth_header),
+                # A URL should carry no credentials; if one does, keep them out of errors too.
+                secrets=[*_header_secrets(auth_header), url_password],
             )  # fmt: skip
             if not await self._has_commit(mirror, sha):
                 raise GitError(f"commit {sha} is not in {key} after fetching it")
@@ -375,6 +386,7 @@ class RepoCache:
                 "GIT_TERMINAL_PROMPT": "0",  # fail instead of waiting for a password
                 "GIT_ASKPASS": "/bin/false",
                 "GIT_LFS_SKIP_SMUDGE": "1",
+                "GIT_LITERAL_PATHSPECS": "1",  # a directory name is never pathspec magic
             }
         )
         env.update(extra)
@@ -390,7 +402,7 @@ class RepoCache:
         stdin: bytes | None = None,
     ) -> bytes:
         """Run git; return stdout, or raise GitError with redacted stderr."""
-        argv = ["git", *_GIT_OPTIONS, *args]
+        argv = [self._git_binary, *_GIT_OPTIONS, *args]
         proc = await asyncio.create_subprocess_exec(
             *argv,
             env=self._env(extra_env or {}),

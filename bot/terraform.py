@@ -13,11 +13,13 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,10 @@ SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 NULL_PROVIDER_FILE = "terraform-provider-null_v2.1.2_x4"
 NULL_PROVIDER_ADDR = "registry.terraform.io/hashicorp/null"
 NULL_PROVIDER_VERSION = "2.1.2"
+
+# Workspace names the bot accepts (terraform's own rules are looser, but a name
+# must never look like an option or a path).
+_WORKSPACE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 # After the process exits, how long to wait for the rest of its output to drain
 # (a grandchild may still hold the pipe open).
@@ -125,6 +131,59 @@ def sha256_file(path: Path | str) -> str:
     return digest.hexdigest()
 
 
+# --------------------------------------------------------------------------- plan files
+
+
+def _protobuf_fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) pairs of one protobuf message; enough to read a plan's header."""
+    i = 0
+
+    def varint() -> int:
+        nonlocal i
+        value = shift = 0
+        while True:
+            byte = buf[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+
+    while i < len(buf):
+        key = varint()
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            yield number, varint()
+        elif wire_type == 2:
+            length = varint()
+            yield number, buf[i : i + length]
+            i += length
+        elif wire_type in (1, 5):
+            i += 8 if wire_type == 1 else 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire_type}")
+
+
+# Field numbers in terraform's planfile.proto: Plan.backend = 13, Backend.workspace = 3.
+_PLAN_BACKEND_FIELD = 13
+_BACKEND_WORKSPACE_FIELD = 3
+
+
+def plan_workspace(planfile: Path) -> str:
+    """The workspace a saved plan was made in (read from the plan file, no terraform needed)."""
+    try:
+        with zipfile.ZipFile(planfile) as archive:
+            message = archive.read("tfplan")
+        for number, value in _protobuf_fields(message):
+            if number == _PLAN_BACKEND_FIELD and isinstance(value, bytes):
+                for inner, inner_value in _protobuf_fields(value):
+                    if inner == _BACKEND_WORKSPACE_FIELD and isinstance(inner_value, bytes):
+                        return inner_value.decode("utf-8")
+    except (OSError, KeyError, ValueError, IndexError, zipfile.BadZipFile) as exc:
+        raise TerraformError(f"cannot read saved plan {planfile.name}: {exc}") from None
+    raise TerraformError(f"saved plan {planfile.name} names no workspace")
+
+
 # --------------------------------------------------------------------------- plan summary
 
 
@@ -181,10 +240,11 @@ class TerraformSettings:
     plugin_cache_dir: Path  # shared by all checkouts; TF_PLUGIN_CACHE_DIR
     home_dir: Path  # HOME for terraform: a directory under the data dir, never the bot user's
     cli_config_file: Path | None = None  # TF_CLI_CONFIG_FILE
-    init_timeout_s: float = 600
-    plan_timeout_s: float = 1800
-    apply_timeout_s: float = 3600
-    kill_grace_s: float = 10  # between SIGINT and SIGKILL
+    # Seconds each phase may run before terraform is stopped.
+    init_timeout: float = 600  # also used for workspace select/new
+    plan_timeout: float = 1800  # also used for show -json
+    apply_timeout: float = 3600
+    kill_grace: float = 10  # seconds between SIGINT and SIGKILL
     env: dict[str, str] = field(default_factory=dict)  # added to every phase's environment
 
 
@@ -220,13 +280,16 @@ class Terraform:
     """Runs terraform commands in a checkout, one child process per command."""
 
     def __init__(self, settings: TerraformSettings) -> None:
-        for name in ("init_timeout_s", "plan_timeout_s", "apply_timeout_s"):
+        for name in ("init_timeout", "plan_timeout", "apply_timeout"):
             if getattr(settings, name) <= 0:
                 raise ValueError(f"terraform {name} must be positive")
-        if settings.kill_grace_s < 0:
-            raise ValueError("terraform kill_grace_s must not be negative")
-        if not Path(settings.binary).is_file():
+        if settings.kill_grace < 0:
+            raise ValueError("terraform kill_grace must not be negative")
+        # A bare name is looked up on the bot's PATH now; terraform's own PATH is SAFE_PATH.
+        binary = settings.binary if os.sep in settings.binary else shutil.which(settings.binary)
+        if not binary or not Path(binary).is_file():
             raise TerraformError(f"terraform binary not found: {settings.binary}")
+        self.binary = binary
         if settings.cli_config_file is not None and not Path(settings.cli_config_file).is_file():
             raise TerraformError(f"terraform CLI config not found: {settings.cli_config_file}")
         self.settings = settings
@@ -258,7 +321,7 @@ class Terraform:
         """`terraform init`: backend, modules and providers."""
         async with self._init_lock:
             return await self._phase(
-                ["init", "-input=false", "-no-color"], workdir, env, self.settings.init_timeout_s
+                ["init", "-input=false", "-no-color"], workdir, env, self.settings.init_timeout
             )
 
     async def select_workspace(
@@ -269,9 +332,11 @@ class Terraform:
         Returns None when it already was current, else the result of the last
         command run (a failed result means the workspace could not be selected).
         """
+        if not _WORKSPACE_RE.fullmatch(workspace):
+            return PhaseResult(exit_code=1, output=f"invalid workspace name {workspace!r}\n", duration_s=0.0)
         if self._current_workspace(workdir, env) == workspace:
             return None
-        timeout = self.settings.init_timeout_s
+        timeout = self.settings.init_timeout
         result = await self._phase(["workspace", "select", "-no-color", workspace], workdir, env, timeout)
         if result.exit_code != 0 and not result.timed_out and workspace != "default":
             created = await self._phase(["workspace", "new", "-no-color", workspace], workdir, env, timeout)
@@ -304,7 +369,7 @@ class Terraform:
             ["plan", "-input=false", "-no-color", "-detailed-exitcode", f"-out={planfile}"],
             workdir,
             env,
-            self.settings.plan_timeout_s,
+            self.settings.plan_timeout,
         )
         if result.exit_code not in (0, 2) or result.timed_out:
             planfile.unlink(missing_ok=True)
@@ -319,7 +384,7 @@ class Terraform:
             ["show", "-json", "-no-color", str(planfile)],
             workdir,
             self.environment(env),
-            self.settings.plan_timeout_s,
+            self.settings.plan_timeout,
             merge_stderr=False,
         )
         if done.timed_out or done.returncode != 0:
@@ -336,18 +401,31 @@ class Terraform:
         workdir: Path,
         planfile: Path,
         env: Mapping[str, str] | None = None,
-        workspace: str = "default",
+        workspace: str | None = None,
     ) -> PhaseResult:
-        """`terraform apply planfile`: applies exactly the saved plan, nothing else."""
+        """`terraform apply planfile`: applies exactly the saved plan, nothing else.
+
+        Terraform applies a saved plan to whatever workspace is current, so the
+        workspace recorded in the plan is selected first. An unreadable plan, or
+        an explicit `workspace` other than the plan's, gives a failed result
+        (exit 1) without running anything.
+        """
         planfile = Path(workdir) / planfile
-        selected = await self.select_workspace(workdir, workspace, env)
+        try:
+            recorded = plan_workspace(planfile)
+        except TerraformError as exc:
+            return PhaseResult(exit_code=1, output=f"{exc}\n", duration_s=0.0)
+        if workspace is not None and workspace != recorded:
+            message = f"the saved plan is for workspace {recorded!r}, not {workspace!r}\n"
+            return PhaseResult(exit_code=1, output=message, duration_s=0.0)
+        selected = await self.select_workspace(workdir, recorded, env)
         if selected is not None and not selected.ok:
             return selected
         return await self._phase(
             ["apply", "-input=false", "-no-color", str(planfile)],
             workdir,
             env,
-            self.settings.apply_timeout_s,
+            self.settings.apply_timeout,
         )
 
     # ------------------------------------------------------------------ internals
@@ -387,7 +465,7 @@ class Terraform:
         started = time.monotonic()
         try:
             proc = await asyncio.create_subprocess_exec(
-                self.settings.binary,
+                self.binary,
                 *args,
                 cwd=str(workdir),
                 env=env,
@@ -434,7 +512,7 @@ class Terraform:
         if proc.returncode is None:
             _signal_group(proc.pid, signal.SIGINT)
             try:
-                await asyncio.wait_for(proc.wait(), self.settings.kill_grace_s)
+                await asyncio.wait_for(proc.wait(), self.settings.kill_grace)
             except TimeoutError:
                 pass
             finally:

@@ -21,7 +21,7 @@ from bot.git import GitError, RepoCache
 from bot.models import PullRequest, Repo
 from bot.statuses import plan_context, report_aggregate_statuses
 from bot.store import Job, Run, SavedPlan, Store, repo_key
-from bot.terraform import PhaseResult, Terraform, sha256_file, summarize_plan
+from bot.terraform import PhaseResult, Terraform, TerraformError, sha256_file, summarize_plan
 from bot.vcs import ForgeError, VCSClient
 from policies.policy import Policy
 
@@ -192,7 +192,10 @@ class Worker:
         plan = await self.terraform.plan(project_dir, planfile, env, job.project.workspace)
         if failed := _phase_failure("plan", plan, ok_codes=(0, 2)):
             return JobOutcome("failed", failed, plan.output)
-        summary = summarize_plan(await self.terraform.show_json(project_dir, planfile, env))
+        try:
+            summary = summarize_plan(await self.terraform.show_json(project_dir, planfile, env))
+        except TerraformError as exc:
+            return JobOutcome("failed", f"terraform show failed: {exc}", plan.output)
         self.store.save_plan(SavedPlan(job.project_key, job.run.pull_number, job.run.head_sha,
                                        str(planfile), sha256_file(planfile), summary.has_changes))
         return JobOutcome("succeeded", summary.text, plan.output, summary.has_changes)

@@ -1,0 +1,326 @@
+"""bot.git against real git repositories made by the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import bot.git
+from bot.git import GitError, RepoCache, _redact, escapes, local_module_dirs
+from tests.conftest import GitRepo, git
+
+KEY = "github:acme/infra"  # as bot.store.repo_key makes it
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> RepoCache:
+    return RepoCache(tmp_path / "cache")
+
+
+# --------------------------------------------------------------------------- fetch and checkout
+
+
+def test_fetch_exact_sha_that_is_not_a_branch_tip(git_repo: GitRepo, cache: RepoCache, tmp_path: Path) -> None:
+    first = git_repo.commit({"main.tf": "# first\n"})
+    tip = git_repo.commit({"main.tf": "# second\n"}, push="main")
+
+    async def scenario() -> Path:
+        mirror = await cache.fetch(KEY, git_repo.url, first, None)
+        assert mirror == tmp_path / "cache/mirrors/github/acme/infra.git"
+        return await cache.checkout(KEY, first, tmp_path / "job")
+
+    dest = run(scenario())
+    assert (dest / "main.tf").read_text() == "# first\n"
+    assert git("rev-parse", "HEAD", cwd=dest) == first
+    assert first != tip
+
+
+def test_fetch_of_a_missing_sha_raises(git_repo: GitRepo, cache: RepoCache) -> None:
+    git_repo.commit({"main.tf": ""}, push="main")
+    with pytest.raises(GitError, match="not our ref"):
+        run(cache.fetch(KEY, git_repo.url, "1" * 40, None))
+
+
+def test_fetch_skips_the_network_when_the_commit_is_there(git_repo: GitRepo, cache: RepoCache) -> None:
+    sha = git_repo.commit({"main.tf": ""}, push="main")
+
+    async def scenario() -> None:
+        await cache.fetch(KEY, git_repo.url, sha, None)
+        await cache.fetch(KEY, "http://127.0.0.1:1/unreachable.git", sha, None)
+
+    run(scenario())
+
+
+def test_concurrent_fetches_of_one_repo(git_repo: GitRepo, cache: RepoCache) -> None:
+    shas = [git_repo.commit({"f": str(i)}) for i in range(3)]
+    git_repo.push("main")
+
+    async def scenario() -> None:
+        await asyncio.gather(*(cache.fetch(KEY, git_repo.url, sha, None) for sha in shas))
+
+    run(scenario())
+
+
+def test_reused_checkout_keeps_terraform_dir_and_drops_everything_stale(
+    git_repo: GitRepo, cache: RepoCache, tmp_path: Path
+) -> None:
+    old = git_repo.commit({"main.tf": "# v1\n", "old.tf": "# old\n", "mod/m.tf": "# m\n"}, push="main")
+    new = git_repo.commit({"main.tf": "# v2\n", "old.tf": None}, push="main")
+    dest = tmp_path / "job"
+
+    run(cache.fetch(KEY, git_repo.url, old, None))
+    run(cache.checkout(KEY, old, dest))
+    (dest / ".terraform" / "providers").mkdir(parents=True)
+    (dest / ".terraform" / "providers" / "marker").write_text("cached")
+    (dest / "mod" / ".terraform").mkdir()
+    (dest / "junk.tfplan").write_text("untracked")
+    (dest / "main.tf").write_text("# edited locally\n")
+
+    run(cache.fetch(KEY, git_repo.url, new, None))
+    run(cache.checkout(KEY, new, dest))
+    assert git("rev-parse", "HEAD", cwd=dest) == new
+    assert (dest / "main.tf").read_text() == "# v2\n"
+    assert not (dest / "old.tf").exists()
+    assert not (dest / "junk.tfplan").exists()
+    assert (dest / ".terraform" / "providers" / "marker").read_text() == "cached"
+    assert (dest / "mod" / ".terraform").is_dir()
+
+
+def test_checkout_refuses_a_foreign_directory(git_repo: GitRepo, cache: RepoCache, tmp_path: Path) -> None:
+    sha = git_repo.commit({"main.tf": ""}, push="main")
+    dest = tmp_path / "job"
+    dest.mkdir()
+    (dest / "precious.txt").write_text("not ours")
+    run(cache.fetch(KEY, git_repo.url, sha, None))
+    with pytest.raises(GitError, match="not a checkout"):
+        run(cache.checkout(KEY, sha, dest))
+    assert (dest / "precious.txt").exists()
+
+
+def test_checkout_of_an_unfetched_sha_raises(git_repo: GitRepo, cache: RepoCache, tmp_path: Path) -> None:
+    sha = git_repo.commit({"main.tf": ""}, push="main")
+    with pytest.raises(GitError, match="has not been fetched"):
+        run(cache.checkout(KEY, sha, tmp_path / "job"))
+
+
+def test_submodules_are_never_fetched(git_repo: GitRepo, cache: RepoCache, tmp_path: Path) -> None:
+    other = git_repo.commit({"main.tf": ""})
+    # A gitlink (what `git submodule add` records), pointing at some commit.
+    git("update-index", "--add", "--cacheinfo", f"160000,{other},vendored", cwd=git_repo.work)
+    (git_repo.work / ".gitmodules").write_text(f'[submodule "vendored"]\n\tpath = vendored\n\turl = {git_repo.url}\n')
+    git("add", ".gitmodules", cwd=git_repo.work)
+    git("commit", "--quiet", "-m", "add submodule", cwd=git_repo.work)  # not commit(): `add --all` would drop the gitlink
+    git_repo.push("main")
+    sha = git_repo.sha()
+    assert "160000 commit" in git("ls-tree", sha, "vendored", cwd=git_repo.work)
+    dest = tmp_path / "job"
+    run(cache.fetch(KEY, git_repo.url, sha, None))
+    run(cache.checkout(KEY, sha, dest))
+    assert (dest / "vendored").is_dir() and not any((dest / "vendored").iterdir())
+
+
+def test_read_files_reads_one_directory_from_the_mirror(git_repo: GitRepo, cache: RepoCache) -> None:
+    sha = git_repo.commit(
+        {
+            "modules/vpc/main.tf": "# vpc\n",
+            "modules/vpc/sub/x.tf": "# x\n",
+            "modules/vpc/README.md": "readme\n",
+            "modules/vpc2/main.tf": "# not this one\n",
+            "main.tf": "# root\n",
+        },
+        push="main",
+    )
+    (git_repo.work / "modules/vpc/blob.bin").write_bytes(b"\xff\xfe\x00")
+    sha = git_repo.commit(push="main")
+
+    async def scenario() -> None:
+        await cache.fetch(KEY, git_repo.url, sha, None)
+        files = await cache.read_files(KEY, sha, "modules/vpc/")
+        assert files == {
+            "modules/vpc/main.tf": "# vpc\n",
+            "modules/vpc/sub/x.tf": "# x\n",
+            "modules/vpc/README.md": "readme\n",
+        }
+        only_tf = await cache.read_files(KEY, sha, "", suffixes=(".tf",))
+        assert set(only_tf) == {"main.tf", "modules/vpc/main.tf", "modules/vpc/sub/x.tf", "modules/vpc2/main.tf"}
+        assert await cache.read_files(KEY, sha, "nowhere") == {}
+        with pytest.raises(GitError):
+            await cache.read_files(KEY, sha, "../outside")
+
+    run(scenario())
+
+
+def test_bad_inputs_are_rejected_before_git_runs(cache: RepoCache) -> None:
+    with pytest.raises(GitError, match="SHA"):
+        run(cache.fetch(KEY, "https://example.com/r.git", "--upload-pack=touch /tmp/pwned", None))
+    with pytest.raises(GitError, match="SHA"):
+        run(cache.fetch(KEY, "https://example.com/r.git", "abc123", None))
+    with pytest.raises(GitError, match="clone URL"):
+        run(cache.fetch(KEY, "--upload-pack=touch /tmp/pwned", "a" * 40, None))
+    for key in ("github:../etc", "github:acme", "github:acme/.hidden", "/abs/x/y", "github:acme/x/../..", ":a/b"):
+        with pytest.raises(GitError, match="repository key"):
+            cache.mirror_path(key)
+    mirrors = cache.root / "mirrors"
+    assert cache.mirror_path("gitlab:group/sub/project") == mirrors / "gitlab/group/sub/project.git"
+    assert cache.mirror_path("github/acme/infra") == mirrors / "github/acme/infra.git"
+
+
+# --------------------------------------------------------------------------- the auth header
+
+
+class _RecordingHandler(http.server.BaseHTTPRequestHandler):
+    """Answers every request 401 and records the Authorization headers it saw."""
+
+    seen: list[str] = []
+
+    def do_GET(self) -> None:
+        self.seen.append(self.headers.get("Authorization", ""))
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", 'Basic realm="test"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_401() -> Iterator[tuple[str, list[str]]]:
+    """A local HTTP server refusing everything: (base URL, Authorization headers seen)."""
+    handler = type("Handler", (_RecordingHandler,), {"seen": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler.seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_auth_header_reaches_git_only_through_the_environment(
+    cache: RepoCache, http_401: tuple[str, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = "ghs_SuperSecretInstallationToken123"
+    header = "Basic " + base64.b64encode(f"x-access-token:{token}".encode()).decode()
+    base_url, seen = http_401
+
+    spawned: list[tuple[tuple[str, ...], dict[str, str]]] = []
+    real_spawn = asyncio.create_subprocess_exec
+
+    async def recording_spawn(*argv: str, **kwargs):
+        spawned.append((argv, kwargs.get("env") or {}))
+        return await real_spawn(*argv, **kwargs)
+
+    monkeypatch.setattr(bot.git.asyncio, "create_subprocess_exec", recording_spawn)
+
+    with pytest.raises(GitError) as raised:
+        run(cache.fetch(KEY, f"{base_url}/acme/infra.git", "a" * 40, header))
+
+    assert seen and all(h == header for h in seen)  # git did send it
+    message = str(raised.value)
+    assert token not in message and header not in message
+    assert "terminal prompts disabled" in message or "could not read" in message.lower()
+    for argv, env in spawned:
+        assert not any(token in arg or header in arg for arg in argv)
+    fetch_env = next(env for argv, env in spawned if "fetch" in argv)
+    assert fetch_env["GIT_CONFIG_KEY_0"] == "http.extraHeader"
+    assert fetch_env["GIT_CONFIG_VALUE_0"] == f"Authorization: {header}"
+    assert fetch_env["GIT_TERMINAL_PROMPT"] == "0"
+    # Only the fetch itself gets the header.
+    assert all("GIT_CONFIG_VALUE_0" not in env for argv, env in spawned if "fetch" not in argv)
+
+
+def test_unreachable_server_error_has_no_secret(cache: RepoCache) -> None:
+    header = "Bearer glpat-AnotherSecretValue"
+    with pytest.raises(GitError) as raised:
+        run(cache.fetch(KEY, "http://127.0.0.1:1/acme/infra.git", "b" * 40, header))
+    assert "AnotherSecretValue" not in str(raised.value)
+    with pytest.raises(GitError) as raised:
+        run(cache.fetch(KEY, "http://x:url-password-123@127.0.0.1:1/acme/infra.git", "b" * 40, None))
+    assert "url-password-123" not in str(raised.value)
+
+
+def test_redact_covers_every_form_of_the_credential() -> None:
+    token = "ghs_tok3n"
+    header = "Basic " + base64.b64encode(f"x-access-token:{token}".encode()).decode()
+    secrets = bot.git._header_secrets(header)
+    text = f"fatal: header {header}; raw {header.split()[1]}; user x-access-token:{token}; {token}"
+    redacted = _redact(text, secrets)
+    assert token not in redacted and header.split()[1] not in redacted
+    assert bot.git._header_secrets(None) == []
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def test_local_module_dirs() -> None:
+    files = {
+        "envs/prod/main.tf": """
+            module "vpc" {
+              source = "../../modules/vpc"
+              cidr   = "10.0.0.0/16"
+            }
+            module "app" { source = "./app/" }
+            module "registry" {
+              source  = "terraform-aws-modules/vpc/aws"
+              version = "~> 5.0"
+            }
+            module "nested_object" {
+              source = "../../modules/db"
+              tags = {
+                source = "../../not/a/module"
+              }
+            }
+            # module "commented" { source = "../../modules/old" }
+            /* module "block_comment" { source = "../../modules/older" } */
+            resource "null_resource" "x" {
+              provisioner "file" {
+                source      = "./files/conf"
+                destination = "/tmp/conf"
+              }
+            }
+            module "escapes" { source = "../../../outside" }
+            module "braces_in_strings" {
+              description = "a } b {"
+              source      = "../shared"
+            }
+        """,
+        "envs/prod/extra.tf.json": '{"module": {"json": {"source": "../../modules/json"}}}',
+        "envs/prod/sub/ignored.tf": 'module "sub" { source = "../../../modules/sub" }',
+        "envs/prod/notes.md": 'module "md" { source = "./md" }',
+    }
+    assert local_module_dirs("envs/prod", files) == {
+        "modules/vpc",
+        "envs/prod/app",
+        "modules/db",
+        "envs/shared",
+        "modules/json",
+    }
+    assert local_module_dirs(".", {"main.tf": 'module "m" {\n  source = "./modules/m"\n}\n'}) == {"modules/m"}
+    assert local_module_dirs("", {"main.tf": 'module "up" { source = "../x" }'}) == set()
+
+
+def test_escapes(tmp_path: Path) -> None:
+    root = tmp_path / "checkout"
+    (root / "dir").mkdir(parents=True)
+    (root / "inside").symlink_to(root / "dir")
+    (root / "outside").symlink_to("/etc")
+    (root / "dotdot").symlink_to("../..")
+    assert not escapes(root, Path("dir"))
+    assert not escapes(root, Path("inside"))
+    assert not escapes(root, root / "dir" / "file.tf")
+    assert escapes(root, Path("outside"))
+    assert escapes(root, Path("dotdot"))
+    assert escapes(root, Path("../elsewhere"))
+    assert escapes(root, Path("/etc/passwd"))
