@@ -60,6 +60,7 @@ class GitHubApp:
         private_key: str,
         *,
         timeout: float = 15.0,
+        write_interval: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not api_url.startswith(("http://", "https://")):
@@ -75,6 +76,7 @@ class GitHubApp:
             raise ValueError("github private key must be an RSA key (GitHub signs App JWTs with RS256)")
         self.api_url = api_url.rstrip("/")
         self.app_id = app_id
+        self.write_interval = write_interval
         self._private_key = key
         self._clock = clock
         self._lock = threading.Lock()
@@ -112,7 +114,9 @@ class GitHubApp:
         if repo.installation_id is None:
             raise ForgeError(f"repository {repo.full_name} has no GitHub App installation id")
         installation_id = repo.installation_id
-        return GitHubClient(self.api_url, repo, lambda: self.installation_token(installation_id))
+        return GitHubClient(
+            self.api_url, repo, lambda: self.installation_token(installation_id), write_interval=self.write_interval
+        )
 
     def close(self) -> None:
         """Close the HTTP connection pool."""
@@ -167,6 +171,7 @@ class GitHubClient:
         token: Callable[[], str],
         *,
         timeout: int = 15,
+        write_interval: float = 1.0,
         mergeable_retries: int = 4,
         mergeable_retry_delay: float = 1.0,
     ) -> None:
@@ -181,6 +186,10 @@ class GitHubClient:
             timeout=timeout,
             per_page=100,
             retry=GithubRetry(total=3),
+            # GitHub asks for a second between content-creating writes (secondary rate limits);
+            # reads need no spacing. Tests against the local fake pass write_interval=0.
+            seconds_between_requests=None,
+            seconds_between_writes=write_interval or None,
             lazy=True,  # build objects from URLs without fetching them first: one request per call
         )
         self._repo = self._gh.get_repo(repo.full_name)

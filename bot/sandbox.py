@@ -9,6 +9,7 @@ worlds from the same parts.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -81,45 +82,89 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class InfraRepo:
-    """A real git repository: a bare `origin` (what the forge serves) and a working clone."""
+# Git for the sandbox and the tests runs without the developer's or CI's global config.
+_GIT_ENV = {
+    "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+    "LC_ALL": "C",
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_CONFIG_GLOBAL": "/dev/null",
+    "GIT_TERMINAL_PROMPT": "0",
+}
+_GIT_IDENTITY = ("-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false")
+
+
+def git(*args: str, cwd: Path | None = None) -> str:
+    """Run git for the sandbox or a test (not the code under test); return stripped stdout."""
+    done = subprocess.run(
+        ["git", *_GIT_IDENTITY, *args],
+        cwd=cwd,
+        env=_GIT_ENV,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)} failed: {done.stderr}")
+    return done.stdout.strip()
+
+
+class GitRepo:
+    """An upstream bare repo (`bare`, reachable at `url`) and a working clone (`work`).
+
+    Typical use::
+
+        a = repo.commit({"main.tf": "..."}, push="main")
+        b = repo.commit({"old.tf": None}, message="remove old.tf")  # None deletes
+        repo.push("feature")
+    """
 
     def __init__(self, root: Path) -> None:
-        self.bare = root / "infrastructure-live.git"
-        self.work = root / "infrastructure-live"
-        _git(root, "init", "--bare", "--initial-branch=main", str(self.bare))
-        _git(root, "clone", "--quiet", str(self.bare), str(self.work))
-        _git(self.work, "checkout", "--quiet", "-B", "main")
+        self.bare = root / "upstream.git"
+        self.work = root / "work"
+        git("init", "--quiet", "--bare", "-b", "main", str(self.bare))
+        git("init", "--quiet", "-b", "main", str(self.work))
+        git("remote", "add", "origin", str(self.bare), cwd=self.work)
 
-    def write(self, files: dict[str, str]) -> None:
-        for path, text in files.items():
-            target = self.work / path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text)
+    @property
+    def url(self) -> str:
+        """The clone URL the bot would get from a payload (`file://`)."""
+        return self.bare.as_uri()
 
-    def commit(self, branch: str, files: dict[str, str], message: str) -> str:
-        """Commit the files on the branch (created from main if new), push it, return the SHA."""
-        existing = _git(self.work, "branch", "--list", branch).strip()
-        if existing:
-            _git(self.work, "checkout", "--quiet", branch)
-        else:
-            _git(self.work, "checkout", "--quiet", "-b", branch, "main")
-        self.write(files)
-        _git(self.work, "add", "-A")
-        _git(self.work, "commit", "--quiet", "-m", message)
-        _git(self.work, "push", "--quiet", "origin", branch)
-        return _git(self.work, "rev-parse", "HEAD").strip()
+    def write(self, files: Mapping[str, str | None]) -> None:
+        """Write (or, for None, delete) files in the working clone; paths are repo-relative."""
+        for rel, text in files.items():
+            path = self.work / rel
+            if text is None:
+                path.unlink()
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
 
+    def commit(
+        self,
+        files: Mapping[str, str | None] | None = None,
+        message: str = "change",
+        push: str | None = None,
+    ) -> str:
+        """Write `files`, commit everything, optionally push to branch `push`; return the SHA."""
+        if files:
+            self.write(files)
+        git("add", "--all", cwd=self.work)
+        git("commit", "--quiet", "--allow-empty", "-m", message, cwd=self.work)
+        if push:
+            self.push(push)
+        return self.sha()
 
-def _git(cwd: Path, *args: str) -> str:
-    result = subprocess.run(
-        ["git", "-c", "user.name=Sandbox", "-c", "user.email=sandbox@example.com",
-         "-c", "init.defaultBranch=main", *args],
-        cwd=cwd, capture_output=True, text=True,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"git {' '.join(args)} failed: {result.stderr.strip()}")
-    return result.stdout
+    def push(self, branch: str = "main") -> None:
+        """Push the working clone's HEAD to `branch` upstream (forced)."""
+        git("push", "--quiet", "--force", "origin", f"HEAD:refs/heads/{branch}", cwd=self.work)
+
+    def branch(self, name: str, start: str = "HEAD") -> None:
+        """Switch the working clone to a new branch `name` at `start`."""
+        git("switch", "--quiet", "-c", name, start, cwd=self.work)
+
+    def sha(self, ref: str = "HEAD") -> str:
+        """The full SHA of `ref` in the working clone."""
+        return git("rev-parse", f"{ref}^{{commit}}", cwd=self.work)
 
 
 def project_files(state_dir: Path, sizes: dict[str, str]) -> dict[str, str]:
@@ -206,7 +251,7 @@ class Narrator:
         for comment in comments[self._seen_comments:]:
             print(f"\n💬 @{comment['user']} commented:\n{_indent(comment['body'])}", flush=True)
         self._seen_comments = len(comments)
-        sha = self.github.pull(REPO, self.number)["head_sha"]
+        sha = self.github.pull(REPO, self.number)["head"]["sha"]
         for context, (state, description) in sorted(self.github.statuses(REPO, sha).items()):
             key = (sha, context, state, description)
             if key not in self._seen_statuses:
@@ -233,8 +278,6 @@ def _indent(text: str) -> str:
 
 def bare_terraform_seconds(root: Path, project_dir: Path, cli_config: Path) -> float:
     """Time a plain `terraform init && terraform plan` of a copy of the project, cold."""
-    import os
-
     copy = root / "bare-run"
     shutil.copytree(project_dir.parent, copy, ignore=shutil.ignore_patterns(".git", ".terraform*"))
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root),
@@ -252,11 +295,11 @@ def run_sandbox(directory: str | None, keep: bool = False) -> int:
     root = Path(directory or tempfile.mkdtemp(prefix="deploybot-sandbox-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     print(f"deploybot sandbox in {root}")
-    repo = InfraRepo(root)
+    repo = GitRepo(root)
     state_dir = root / "state"
     state_dir.mkdir(exist_ok=True)
-    repo.commit("main", project_files(state_dir, {"staging": "small", "production": "small"}),
-                "Two projects")
+    repo.commit(project_files(state_dir, {"staging": "small", "production": "small"}),
+                "Two projects", push="main")
 
     github = FakeGitHub(app_id=APP_ID)
     github.start()
@@ -274,8 +317,9 @@ def run_sandbox(directory: str | None, keep: bool = False) -> int:
 
         narrator = Narrator(github, 0)
         narrator.say("alice pushes a branch that resizes staging and opens a pull request")
-        repo.commit("resize-staging", {"staging/main.tf": project_files(
-            state_dir, {"staging": "large"})["staging/main.tf"]}, "Resize staging")
+        repo.branch("resize-staging", "main")
+        repo.commit({"staging/main.tf": project_files(state_dir, {"staging": "large"})["staging/main.tf"]},
+                    "Resize staging", push="resize-staging")
         sent = time.monotonic()
         narrator.number = github.open_pull(REPO, "resize-staging", author="alice",
                                            title="Resize staging")

@@ -13,7 +13,7 @@ import pytest
 
 import bot.git
 from bot.git import GitError, RepoCache, _redact, escapes, local_module_dirs
-from tests.conftest import GitRepo, git
+from bot.sandbox import GitRepo, git
 
 KEY = "github:acme/infra"  # as bot.store.repo_key makes it
 

@@ -1,0 +1,1285 @@
+"""A local stand-in for GitHub: the REST endpoints deploybot calls, plus webhooks.
+
+`FakeGitHub` serves, over real HTTP on 127.0.0.1, the subset of the GitHub REST
+API that `bot.github_client` uses, with GitHub's paths, status codes, JSON shapes
+and authentication (App JWT checked against the app's public key; installation
+tokens on every other call). Tests and `deploybot sandbox` drive it the way a
+person drives GitHub (open a pull request, comment, review, merge) and it sends
+the matching signed webhooks, built from GitHub's published example payloads.
+
+Repositories are real bare git repositories on disk: SHAs, changed files,
+comparisons and file contents come from git itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import hmac
+import json
+import secrets
+import socket
+import string
+import subprocess
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from types import TracebackType
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
+
+import httpx
+import jwt
+import uvicorn
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+DOCS_URL = "https://docs.github.com/rest"
+PERMISSION_LEVELS = ("none", "read", "triage", "write", "maintain", "admin")
+LEGACY_PERMISSION = {"maintain": "write", "triage": "read"}  # what the old `permission` field reports
+STATUS_STATES = ("error", "failure", "pending", "success")
+REVIEW_STATES = ("APPROVED", "CHANGES_REQUESTED", "COMMENTED")
+JWT_MAX_LIFETIME = 600
+COMMENT_MAX_LENGTH = 65536
+STATUS_DESCRIPTION_MAX_LENGTH = 140
+PAYLOAD_TEMPLATE_REPO = "Codertocat/Hello-World"
+PAYLOAD_TEMPLATE_HEAD_SHA = "ec26c3e57ca3a959ca5aad62de7213c562f8c821"
+
+
+class RequestRecord(NamedTuple):
+    """One API request the fake answered."""
+
+    method: str
+    path: str
+    status: int
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One webhook delivery; `status` is 0 when the receiver could not be reached."""
+
+    event: str
+    action: str
+    delivery_id: str
+    status: int
+    body: bytes = field(repr=False)
+    redelivery: bool = False
+
+
+@dataclass
+class _File:
+    filename: str
+    status: str  # GitHub's words: added, removed, modified, renamed, copied, changed
+    sha: str
+    additions: int = 0
+    deletions: int = 0
+    previous_filename: str | None = None
+
+
+@dataclass
+class _Pull:
+    number: int
+    id: int
+    title: str
+    body: str
+    author: str
+    head_ref: str
+    base_ref: str
+    head_sha: str
+    base_sha: str
+    fork: bool
+    draft: bool
+    files: list[_File]
+    commits: int
+    created_at: str
+    updated_at: str
+    state: str = "open"
+    merged: bool = False
+    merged_at: str | None = None
+    merged_by: str | None = None
+    merge_commit_sha: str | None = None
+    closed_at: str | None = None
+    mergeable_override: tuple[bool | None, str] | None = None
+
+
+@dataclass
+class _Repo:
+    full_name: str
+    git_dir: Path
+    default_branch: str
+    id: int
+    permissions: dict[str, str] = field(default_factory=dict)
+    required_contexts: dict[str, list[str]] = field(default_factory=dict)
+    pulls: dict[int, _Pull] = field(default_factory=dict)
+    statuses: list[dict[str, Any]] = field(default_factory=list)  # oldest first
+    check_runs: list[dict[str, Any]] = field(default_factory=list)
+    next_number: int = 1
+
+
+@dataclass
+class _Comment:
+    id: int
+    repo: str
+    number: int
+    user: str
+    body: str
+    created_at: str
+    updated_at: str
+
+
+@dataclass
+class _Review:
+    id: int
+    repo: str
+    number: int
+    user: str
+    state: str  # upper case, as the REST API reports it
+    commit_id: str
+    body: str
+    submitted_at: str
+
+
+class _ApiError(Exception):
+    """An error answer in GitHub's shape."""
+
+    def __init__(self, status: int, message: str, errors: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.errors = errors
+
+
+class FakeGitHub:
+    """In-memory GitHub with a real HTTP API; see the module docstring."""
+
+    def __init__(
+        self,
+        app_id: int = 1,
+        private_key_pem: str | None = None,
+        *,
+        app_slug: str = "deploybot",
+        token_lifetime: float = 3600.0,
+    ) -> None:
+        if private_key_pem is None:
+            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            private_key_pem = key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ).decode()
+        else:
+            key = serialization.load_pem_private_key(private_key_pem.encode(), password=None)
+        self.app_id = app_id
+        self.app_slug = app_slug
+        self.bot_login = f"{app_slug}[bot]"
+        self.private_key_pem = private_key_pem
+        self.public_key_pem = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
+        self.token_lifetime = token_lifetime  # seconds; tests shorten it to exercise refresh
+        self.url: str | None = None
+
+        self._lock = threading.RLock()
+        self._repos: dict[str, _Repo] = {}
+        self._installations: dict[int, set[str]] = {}
+        self._tokens: dict[str, tuple[int, float]] = {}  # token -> (installation id, expiry)
+        self._teams: dict[str, dict[str, tuple[str, str]]] = {}  # "org/slug" -> user -> (role, state)
+        self._comments: dict[int, _Comment] = {}
+        self._reviews: dict[int, _Review] = {}
+        self._ids = iter(range(1000, 10**9))
+        self._requests: list[RequestRecord] = []
+        self._deliveries: list[Delivery] = []
+        self._webhook: tuple[str, bytes] | None = None
+        self._templates = {
+            name: json.loads(resources.files("bot").joinpath("payloads", f"{name}.json").read_text())
+            for name in ("pull_request", "issue_comment", "pull_request_review")
+        }
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+        self._http = httpx.Client(timeout=10.0)  # GitHub gives a receiver ten seconds too
+
+        self.app = Starlette(
+            routes=self._routes(),
+            middleware=[Middleware(_RequestLog, record=self._record_request)],
+            exception_handlers={_ApiError: _api_error, HTTPException: _http_error},
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> str:
+        """Serve on a free port of 127.0.0.1 in a background thread; return the base URL."""
+        if self._server is not None:
+            raise RuntimeError("FakeGitHub is already running")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # lets asyncio set TCP_NODELAY
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        config = uvicorn.Config(self.app, log_config=None, log_level="warning", access_log=False, lifespan="off")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="fake-github", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                sock.close()
+                raise RuntimeError("FakeGitHub's HTTP server did not start")
+            time.sleep(0.01)
+        self._server, self._thread, self._socket = server, thread, sock
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        return self.url
+
+    def stop(self) -> None:
+        """Stop the HTTP server and close connections."""
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=10)
+        if self._socket is not None:
+            self._socket.close()
+        self._server = self._thread = self._socket = None
+        self._http.close()
+
+    def __enter__(self) -> FakeGitHub:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"FakeGitHub(app_id={self.app_id}, url={self.url!r})"
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def add_installation(self, installation_id: int, repos: list[str]) -> None:
+        """Install the app on some repositories (add them with `add_repo` too)."""
+        with self._lock:
+            self._installations.setdefault(installation_id, set()).update(repos)
+
+    def add_repo(self, full_name: str, git_dir: str | Path, default_branch: str = "main") -> None:
+        """Register a repository backed by a real bare git repository."""
+        git_dir = Path(git_dir).resolve()
+        _git(git_dir, "rev-parse", "--git-dir")  # fails early on a path that is not a repository
+        with self._lock:
+            self._repos[full_name] = _Repo(full_name, git_dir, default_branch, id=_stable_id(full_name))
+
+    def set_permission(self, repo: str, user: str, level: str) -> None:
+        """Give a user a role on a repository (none/read/triage/write/maintain/admin)."""
+        if level not in PERMISSION_LEVELS:
+            raise ValueError(f"unknown permission {level!r}")
+        with self._lock:
+            self._repo(repo).permissions[user] = level
+
+    def add_team_member(self, team: str, user: str, role: str = "member", state: str = "active") -> None:
+        """Put a user in `org/team-slug`; state "pending" models an unaccepted invitation."""
+        with self._lock:
+            self._teams.setdefault(team, {})[user] = (role, state)
+
+    def set_required_contexts(self, repo: str, branch: str, contexts: list[str]) -> None:
+        """Protect a branch with required status checks (an empty list removes them)."""
+        with self._lock:
+            if contexts:
+                self._repo(repo).required_contexts[branch] = list(contexts)
+            else:
+                self._repo(repo).required_contexts.pop(branch, None)
+
+    def set_mergeable_state(self, repo: str, number: int, state: str | None, mergeable: bool | None = True) -> None:
+        """Override what GitHub reports as mergeable/mergeable_state; state None computes it again."""
+        with self._lock:
+            self._pull(repo, number).mergeable_override = None if state is None else (mergeable, state)
+
+    def set_status(self, repo: str, sha: str, context: str, state: str, description: str = "") -> None:
+        """Report a commit status as some other integration (a CI server) would."""
+        with self._lock:
+            self._add_status(self._repo(repo), sha, context, state, description, "", creator="ci-bot")
+
+    def set_check_run(self, repo: str, sha: str, name: str, conclusion: str | None, status: str = "completed") -> None:
+        """Report a check run as GitHub Actions would (conclusion None while it runs)."""
+        with self._lock:
+            self._repo(repo).check_runs.append(
+                {"id": next(self._ids), "sha": sha, "name": name, "status": status, "conclusion": conclusion}
+            )
+
+    # -- forge behaviour: what people do on GitHub, each sending its webhook -------------------
+
+    def open_pull(
+        self,
+        repo: str,
+        head_ref: str,
+        base_ref: str = "main",
+        author: str = "alice",
+        fork: bool = False,
+        title: str = "Update infrastructure",
+        body: str = "",
+        draft: bool = False,
+    ) -> int:
+        """Open a pull request from a branch of the bare repository; return its number."""
+        with self._lock:
+            git_dir = self._repo(repo).git_dir
+        head_sha = _rev_parse(git_dir, f"refs/heads/{head_ref}")
+        base_sha = _rev_parse(git_dir, f"refs/heads/{base_ref}")
+        if head_sha is None or base_sha is None:
+            raise ValueError(f"{repo} has no branch {head_ref if head_sha is None else base_ref!r}")
+        files, commits = _diff(git_dir, base_sha, head_sha), _count_commits(git_dir, base_sha, head_sha)
+        with self._lock:
+            state = self._repo(repo)
+            number = state.next_number
+            state.next_number += 1
+            now = _now()
+            pull = _Pull(number, next(self._ids), title, body, author, head_ref, base_ref, head_sha, base_sha,
+                         fork, draft, files, commits, created_at=now, updated_at=now)
+            state.pulls[number] = pull
+            _git(git_dir, "update-ref", f"refs/pull/{number}/head", head_sha)
+            payload = self._pull_request_event("opened", state, pull, sender=author)
+        self._deliver("pull_request", payload)
+        return number
+
+    def synchronize(self, repo: str, number: int) -> int | None:
+        """Pick up commits pushed to the head branch (GitHub's "synchronize")."""
+        with self._lock:
+            state, pull = self._repo(repo), self._pull(repo, number)
+            git_dir, head_ref, base_ref = state.git_dir, pull.head_ref, pull.base_ref
+        head_sha = _rev_parse(git_dir, f"refs/heads/{head_ref}")
+        base_sha = _rev_parse(git_dir, f"refs/heads/{base_ref}")
+        if head_sha is None or base_sha is None:
+            raise ValueError(f"{repo} lost a branch of pull request #{number}")
+        files, commits = _diff(git_dir, base_sha, head_sha), _count_commits(git_dir, base_sha, head_sha)
+        with self._lock:
+            before = pull.head_sha
+            pull.head_sha, pull.base_sha, pull.files, pull.commits = head_sha, base_sha, files, commits
+            pull.updated_at = _now()
+            _git(git_dir, "update-ref", f"refs/pull/{number}/head", head_sha)
+            payload = self._pull_request_event("synchronize", state, pull, sender=pull.author)
+            payload["before"], payload["after"] = before, head_sha
+        return self._deliver("pull_request", payload)
+
+    def comment(self, repo: str, number: int, user: str, body: str) -> int:
+        """Comment on a pull request's conversation; return the comment id."""
+        with self._lock:
+            comment = self._add_comment(self._repo(repo), self._pull(repo, number), user, body)
+            payload = self._issue_comment_event("created", repo, comment, sender=user)
+        self._deliver("issue_comment", payload)
+        return comment.id
+
+    def edit_comment(self, repo: str, comment_id: int, body: str, user: str | None = None) -> int | None:
+        """Edit a comment (by its author unless `user` says otherwise)."""
+        with self._lock:
+            comment = self._comment(repo, comment_id)
+            old_body, comment.body, comment.updated_at = comment.body, body, _now()
+            payload = self._issue_comment_event("edited", repo, comment, sender=user or comment.user)
+            payload["changes"] = {"body": {"from": old_body}}
+        return self._deliver("issue_comment", payload)
+
+    def delete_comment(self, repo: str, comment_id: int, user: str | None = None) -> int | None:
+        """Delete a comment."""
+        with self._lock:
+            comment = self._comment(repo, comment_id)
+            del self._comments[comment_id]
+            payload = self._issue_comment_event("deleted", repo, comment, sender=user or comment.user)
+        return self._deliver("issue_comment", payload)
+
+    def review(self, repo: str, number: int, user: str, state: str, commit_id: str | None = None, body: str = "") -> int:
+        """Submit a review (APPROVED, CHANGES_REQUESTED or COMMENTED); return its id."""
+        if state not in REVIEW_STATES:
+            raise ValueError(f"review state must be one of {REVIEW_STATES}")
+        with self._lock:
+            pull = self._pull(repo, number)
+            review = _Review(next(self._ids), repo, number, user, state, commit_id or pull.head_sha, body, _now())
+            self._reviews[review.id] = review
+            payload = self._review_event("submitted", self._repo(repo), pull, review, sender=user)
+        self._deliver("pull_request_review", payload)
+        return review.id
+
+    def dismiss_review(self, repo: str, number: int, review_id: int, user: str = "admin") -> int | None:
+        """Dismiss a review, as a maintainer would."""
+        with self._lock:
+            review = self._reviews.get(review_id)
+            if review is None or (review.repo, review.number) != (repo, number):
+                raise KeyError(f"no review {review_id} on {repo}#{number}")
+            review.state = "DISMISSED"
+            payload = self._review_event("dismissed", self._repo(repo), self._pull(repo, number), review, sender=user)
+        return self._deliver("pull_request_review", payload)
+
+    def close(self, repo: str, number: int, user: str | None = None) -> int | None:
+        """Close a pull request without merging."""
+        with self._lock:
+            pull = self._pull(repo, number)
+            pull.state, pull.closed_at = "closed", _now()
+            payload = self._pull_request_event("closed", self._repo(repo), pull, sender=user or pull.author)
+        return self._deliver("pull_request", payload)
+
+    def reopen(self, repo: str, number: int, user: str | None = None) -> int | None:
+        """Reopen a closed (unmerged) pull request."""
+        with self._lock:
+            pull = self._pull(repo, number)
+            if pull.merged:
+                raise ValueError("a merged pull request cannot be reopened")
+            pull.state, pull.closed_at = "open", None
+            payload = self._pull_request_event("reopened", self._repo(repo), pull, sender=user or pull.author)
+        return self._deliver("pull_request", payload)
+
+    def merge(self, repo: str, number: int, user: str = "admin") -> int | None:
+        """Merge: a real merge commit on the base branch when git can make one, then "closed" with merged=true."""
+        with self._lock:
+            state, pull = self._repo(repo), self._pull(repo, number)
+            git_dir, base_ref, head_sha, author = state.git_dir, pull.base_ref, pull.head_sha, pull.author
+        merge_sha = _merge_commit(git_dir, base_ref, head_sha, f"Merge pull request #{number} from {author}/{pull.head_ref}")
+        with self._lock:
+            now = _now()
+            pull.state, pull.merged, pull.merged_at, pull.closed_at = "closed", True, now, now
+            pull.merged_by, pull.merge_commit_sha = user, merge_sha
+            payload = self._pull_request_event("closed", state, pull, sender=user)
+        return self._deliver("pull_request", payload)
+
+    # -- webhooks ----------------------------------------------------------------------------
+
+    def set_webhook(self, url: str, secret: str) -> None:
+        """Send every event from now on to `url`, signed with `secret`."""
+        with self._lock:
+            self._webhook = (url, secret.encode())
+
+    @property
+    def deliveries(self) -> list[Delivery]:
+        """Every webhook sent so far, oldest first."""
+        with self._lock:
+            return list(self._deliveries)
+
+    def redeliver(self, delivery_id: str) -> int:
+        """Send a past delivery again, same body and delivery id (as GitHub's "Redeliver" does)."""
+        with self._lock:
+            original = next((d for d in self._deliveries if d.delivery_id == delivery_id), None)
+        if original is None:
+            raise KeyError(f"no delivery {delivery_id}")
+        return self._send(original.event, original.action, original.body, delivery_id, redelivery=True)
+
+    def _deliver(self, event: str, payload: dict[str, Any]) -> int | None:
+        # Called without the lock held: the receiver may call back into this fake before answering.
+        if self._webhook is None:
+            return None
+        body = json.dumps(payload).encode()
+        return self._send(event, str(payload.get("action", "")), body, str(uuid.uuid4()))
+
+    def _send(self, event: str, action: str, body: bytes, delivery_id: str, redelivery: bool = False) -> int:
+        with self._lock:
+            if self._webhook is None:
+                raise RuntimeError("no webhook is set")
+            url, secret = self._webhook
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "GitHub-Hookshot/fake",
+            "X-GitHub-Event": event,
+            "X-GitHub-Delivery": delivery_id,
+            "X-GitHub-Hook-ID": "1",
+            "X-GitHub-Hook-Installation-Target-Type": "integration",
+            "X-GitHub-Hook-Installation-Target-ID": str(self.app_id),
+            "X-Hub-Signature": "sha1=" + hmac.new(secret, body, hashlib.sha1).hexdigest(),
+            "X-Hub-Signature-256": "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest(),
+        }
+        try:
+            status = self._http.post(url, content=body, headers=headers).status_code
+        except httpx.HTTPError:
+            status = 0  # GitHub records "couldn't deliver" the same way: no response code
+        with self._lock:
+            self._deliveries.append(Delivery(event, action, delivery_id, status, body, redelivery))
+        return status
+
+    # -- records for assertions ---------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[RequestRecord]:
+        """Every API request answered so far: (method, path, status)."""
+        with self._lock:
+            return list(self._requests)
+
+    def comments(self, repo: str, number: int) -> list[dict[str, Any]]:
+        """The live comments on a pull request, oldest first: id, user, body."""
+        with self._lock:
+            return [
+                {"id": c.id, "user": c.user, "body": c.body}
+                for c in sorted(self._comments.values(), key=lambda c: c.id)
+                if c.repo == repo and c.number == number
+            ]
+
+    def statuses(self, repo: str, sha: str) -> dict[str, tuple[str, str]]:
+        """The latest status per context on a commit: context -> (state, description)."""
+        with self._lock:
+            return {s["context"]: (s["state"], s["description"]) for s in self._repo(repo).statuses if s["sha"] == sha}
+
+    def status_history(self, repo: str, sha: str | None = None) -> list[dict[str, Any]]:
+        """Every status ever set on the repository (or one commit), oldest first."""
+        with self._lock:
+            return [dict(s) for s in self._repo(repo).statuses if sha is None or s["sha"] == sha]
+
+    def pull(self, repo: str, number: int) -> dict[str, Any]:
+        """The pull request as GET /repos/{owner}/{repo}/pulls/{number} would return it."""
+        with self._lock:
+            return self._pull_json(self._repo(repo), self._pull(repo, number))
+
+    # -- state helpers (call with the lock held) ------------------------------------------------
+
+    def _repo(self, full_name: str) -> _Repo:
+        try:
+            return self._repos[full_name]
+        except KeyError:
+            raise KeyError(f"unknown repository {full_name!r}; call add_repo first") from None
+
+    def _pull(self, repo: str, number: int) -> _Pull:
+        try:
+            return self._repo(repo).pulls[number]
+        except KeyError:
+            raise KeyError(f"no pull request #{number} in {repo}") from None
+
+    def _comment(self, repo: str, comment_id: int) -> _Comment:
+        comment = self._comments.get(comment_id)
+        if comment is None or comment.repo != repo:
+            raise KeyError(f"no comment {comment_id} in {repo}")
+        return comment
+
+    def _add_comment(self, repo: _Repo, pull: _Pull, user: str, body: str) -> _Comment:
+        now = _now()
+        comment = _Comment(next(self._ids), repo.full_name, pull.number, user, body, now, now)
+        self._comments[comment.id] = comment
+        return comment
+
+    def _add_status(
+        self, repo: _Repo, sha: str, context: str, state: str, description: str, target_url: str, creator: str
+    ) -> dict[str, Any]:
+        now = _now()
+        status = {"id": next(self._ids), "sha": sha, "context": context, "state": state,
+                  "description": description, "target_url": target_url, "creator": creator,
+                  "created_at": now, "updated_at": now}
+        repo.statuses.append(status)
+        return status
+
+    def _installation_of(self, full_name: str) -> int | None:
+        return next((i for i, repos in sorted(self._installations.items()) if full_name in repos), None)
+
+    def _latest_statuses(self, repo: _Repo, sha: str) -> dict[str, dict[str, Any]]:
+        return {s["context"]: s for s in repo.statuses if s["sha"] == sha}
+
+    def _mergeable(self, repo: _Repo, pull: _Pull) -> tuple[bool | None, str]:
+        """What GitHub would compute for `mergeable` and `mergeable_state`, unless overridden."""
+        if pull.mergeable_override is not None:
+            return pull.mergeable_override
+        if pull.merged:
+            return None, "unknown"
+        if _conflicts(repo.git_dir, pull.base_ref, pull.head_sha):
+            return False, "dirty"
+        if pull.draft:
+            return True, "draft"
+        results = {ctx: s["state"] for ctx, s in self._latest_statuses(repo, pull.head_sha).items()}
+        for run in repo.check_runs:
+            if run["sha"] == pull.head_sha:
+                ok = run["status"] == "completed" and run["conclusion"] in ("success", "neutral", "skipped")
+                results[run["name"]] = "success" if ok else "failure"
+        if any(results.get(ctx) != "success" for ctx in repo.required_contexts.get(pull.base_ref, [])):
+            return True, "blocked"
+        if any(state in ("failure", "error") for state in results.values()):
+            return True, "unstable"
+        return True, "clean"
+
+    # -- JSON shapes ---------------------------------------------------------------------------
+
+    @property
+    def _api_url(self) -> str:
+        return self.url or "http://fake-github.invalid"
+
+    def _rewrite(self, obj: Any, full_name: str, extra: tuple[tuple[str, str], ...] = ()) -> Any:
+        """A template object with GitHub's example URLs and names pointed at this fake's."""
+        host = urlsplit(self._api_url).netloc
+        pairs = (
+            ("https://api.github.com", self._api_url),
+            ("https://github.com", self._api_url),
+            ("git://github.com/", f"git://{host}/"),
+            ("git@github.com:", f"git@{host}:"),
+            (PAYLOAD_TEMPLATE_REPO, full_name),
+            *extra,
+        )
+
+        def walk(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {k: walk(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [walk(v) for v in value]
+            if isinstance(value, str):
+                for old, new in pairs:
+                    value = value.replace(old, new)
+            return value
+
+        return walk(copy.deepcopy(obj))
+
+    def _user_json(self, login: str, kind: str | None = None) -> dict[str, Any]:
+        user = self._rewrite(self._templates["pull_request"]["sender"], "", (("Codertocat", login),))
+        user.update(login=login, id=_stable_id(login), node_id=_node_id("U", login),
+                    type=kind or ("Bot" if login.endswith("[bot]") else "User"))
+        return user
+
+    def _org_json(self, login: str) -> dict[str, Any]:
+        org = self._rewrite(self._templates["pull_request"]["organization"], "", (("Octocoders", login),))
+        org.update(login=login, id=_stable_id(login), node_id=_node_id("O", login))
+        return org
+
+    def _repo_json(self, repo: _Repo, full_name: str | None = None) -> dict[str, Any]:
+        """The repository object; `full_name` names a fork of it instead."""
+        full_name = full_name or repo.full_name
+        owner, _, name = full_name.partition("/")
+        data = self._rewrite(self._templates["pull_request"]["repository"], full_name)
+        fork = full_name != repo.full_name
+        data.update(
+            id=_stable_id(full_name), node_id=_node_id("R", full_name), name=name, full_name=full_name,
+            owner=self._user_json(owner, "User" if fork else "Organization"), fork=fork, private=True,
+            visibility="private", default_branch=repo.default_branch,
+            # A fork's clone URL leads nowhere here: its commits are reachable only as refs/pull/N/head.
+            clone_url=f"{self._api_url}/{full_name}.git" if fork else f"file://{repo.git_dir}",
+        )
+        return data
+
+    def _pull_json(self, repo: _Repo, pull: _Pull) -> dict[str, Any]:
+        """The full pull request object (REST and the pull_request webhook share it)."""
+        template = self._templates["pull_request"]["pull_request"]
+        n = str(pull.number)
+        data = self._rewrite(template, repo.full_name, (
+            ("/pulls/2", f"/pulls/{n}"), ("/issues/2", f"/issues/{n}"), ("/pull/2", f"/pull/{n}"),
+            (PAYLOAD_TEMPLATE_HEAD_SHA, pull.head_sha),
+        ))
+        owner = repo.full_name.split("/")[0]
+        head_full_name = f"{pull.author}/{repo.full_name.split('/')[1]}" if pull.fork else repo.full_name
+        mergeable, mergeable_state = self._mergeable(repo, pull)
+        data.update(
+            id=pull.id, node_id=_node_id("PR", f"{repo.full_name}#{n}"), number=pull.number, state=pull.state,
+            title=pull.title, body=pull.body, user=self._user_json(pull.author),
+            created_at=pull.created_at, updated_at=pull.updated_at, closed_at=pull.closed_at,
+            merged_at=pull.merged_at, merge_commit_sha=pull.merge_commit_sha,
+            assignee=None, assignees=[], requested_reviewers=[], requested_teams=[], labels=[], milestone=None,
+            head={"label": f"{head_full_name.split('/')[0]}:{pull.head_ref}", "ref": pull.head_ref,
+                  "sha": pull.head_sha, "user": self._user_json(head_full_name.split("/")[0]),
+                  "repo": self._repo_json(repo, head_full_name)},
+            base={"label": f"{owner}:{pull.base_ref}", "ref": pull.base_ref, "sha": pull.base_sha,
+                  "user": self._user_json(owner, "Organization"), "repo": self._repo_json(repo)},
+            author_association="CONTRIBUTOR" if pull.fork else "MEMBER",
+            draft=pull.draft, merged=pull.merged, mergeable=mergeable, rebaseable=mergeable,
+            mergeable_state=mergeable_state,
+            merged_by=self._user_json(pull.merged_by) if pull.merged_by else None,
+            comments=sum(1 for c in self._comments.values() if (c.repo, c.number) == (repo.full_name, pull.number)),
+            review_comments=0, maintainer_can_modify=False, commits=pull.commits,
+            additions=sum(f.additions for f in pull.files), deletions=sum(f.deletions for f in pull.files),
+            changed_files=len(pull.files),
+        )
+        return data
+
+    def _issue_json(self, repo: _Repo, pull: _Pull) -> dict[str, Any]:
+        """A pull request seen as an issue, with the `pull_request` key GitHub adds for PRs."""
+        template = self._templates["issue_comment"]["issue"]
+        n = str(pull.number)
+        data = self._rewrite(template, repo.full_name, (("/issues/1", f"/issues/{n}"),))
+        pr_api = f"{self._api_url}/repos/{repo.full_name}/pulls/{n}"
+        pr_html = f"{self._api_url}/{repo.full_name}/pull/{n}"
+        data.update(
+            html_url=pr_html, id=_stable_id(f"issue:{repo.full_name}#{n}"), node_id=_node_id("I", f"{repo.full_name}#{n}"), number=pull.number,
+            title=pull.title, user=self._user_json(pull.author), labels=[], state=pull.state, assignee=None,
+            assignees=[], milestone=None, created_at=pull.created_at, updated_at=pull.updated_at,
+            closed_at=pull.closed_at, author_association="MEMBER", body=pull.body, draft=pull.draft,
+            comments=sum(1 for c in self._comments.values() if (c.repo, c.number) == (repo.full_name, pull.number)),
+            pull_request={"url": pr_api, "html_url": pr_html, "diff_url": f"{pr_html}.diff",
+                          "patch_url": f"{pr_html}.patch", "merged_at": pull.merged_at},
+        )
+        return data
+
+    def _comment_json(self, comment: _Comment) -> dict[str, Any]:
+        data = self._rewrite(self._templates["issue_comment"]["comment"], comment.repo)
+        api = f"{self._api_url}/repos/{comment.repo}"
+        data.update(
+            url=f"{api}/issues/comments/{comment.id}",
+            html_url=f"{self._api_url}/{comment.repo}/pull/{comment.number}#issuecomment-{comment.id}",
+            issue_url=f"{api}/issues/{comment.number}", id=comment.id, node_id=_node_id("IC", str(comment.id)),
+            user=self._user_json(comment.user), created_at=comment.created_at, updated_at=comment.updated_at,
+            author_association="NONE" if comment.user == self.bot_login else "MEMBER", body=comment.body,
+        )
+        data["reactions"]["url"] = f"{api}/issues/comments/{comment.id}/reactions"
+        return data
+
+    def _review_json(self, review: _Review, webhook: bool) -> dict[str, Any]:
+        data = self._rewrite(self._templates["pull_request_review"]["review"], review.repo)
+        html = f"{self._api_url}/{review.repo}/pull/{review.number}#pullrequestreview-{review.id}"
+        pr_api = f"{self._api_url}/repos/{review.repo}/pulls/{review.number}"
+        data.update(
+            id=review.id, node_id=_node_id("PRR", str(review.id)), user=self._user_json(review.user),
+            body=review.body or None, commit_id=review.commit_id, submitted_at=review.submitted_at,
+            state=review.state.lower() if webhook else review.state,  # webhooks say "approved"
+            html_url=html, pull_request_url=pr_api, author_association="MEMBER",
+            _links={"html": {"href": html}, "pull_request": {"href": pr_api}},
+        )
+        return data
+
+    def _status_json(self, repo: _Repo, status: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "url": f"{self._api_url}/repos/{repo.full_name}/statuses/{status['sha']}",
+            "avatar_url": None, "id": status["id"], "node_id": _node_id("SC", str(status["id"])),
+            "state": status["state"], "description": status["description"] or None,
+            "target_url": status["target_url"] or None, "context": status["context"],
+            "created_at": status["created_at"], "updated_at": status["updated_at"],
+            "creator": self._user_json(status["creator"]),
+        }
+
+    def _event(self, name: str, repo: _Repo, action: str, sender: str, **fields: Any) -> dict[str, Any]:
+        """A webhook payload: the template's top-level keys, in its order, filled from our state."""
+        values = {
+            "action": action,
+            "repository": self._repo_json(repo),
+            "organization": self._org_json(repo.full_name.split("/")[0]),
+            "sender": self._user_json(sender),
+            **fields,
+        }
+        installation = self._installation_of(repo.full_name)
+        if installation is not None:
+            values["installation"] = {"id": installation, "node_id": _node_id("IN", str(installation))}
+        return {key: values[key] for key in self._templates[name] if key in values}
+
+    def _pull_request_event(self, action: str, repo: _Repo, pull: _Pull, sender: str) -> dict[str, Any]:
+        return self._event("pull_request", repo, action, sender, number=pull.number,
+                           pull_request=self._pull_json(repo, pull))
+
+    def _issue_comment_event(self, action: str, repo_name: str, comment: _Comment, sender: str) -> dict[str, Any]:
+        repo = self._repo(repo_name)
+        return self._event("issue_comment", repo, action, sender,
+                           issue=self._issue_json(repo, repo.pulls[comment.number]), comment=self._comment_json(comment))
+
+    def _review_event(self, action: str, repo: _Repo, pull: _Pull, review: _Review, sender: str) -> dict[str, Any]:
+        # The review webhook carries the shorter pull request object: keep the template's keys only.
+        full = self._pull_json(repo, pull)
+        short = {k: full[k] for k in self._templates["pull_request_review"]["pull_request"] if k in full}
+        return self._event("pull_request_review", repo, action, sender, review=self._review_json(review, webhook=True),
+                           pull_request=short)
+
+    # -- HTTP API ------------------------------------------------------------------------------
+
+    def _routes(self) -> list[Route]:
+        repo = "/repos/{owner}/{name}"
+        return [
+            Route("/app/installations/{installation_id:int}/access_tokens", self._create_token, methods=["POST"]),
+            Route(f"{repo}/pulls/{{number:int}}", self._get_pull, methods=["GET"]),
+            Route(f"{repo}/pulls/{{number:int}}/files", self._list_files, methods=["GET"]),
+            Route(f"{repo}/pulls/{{number:int}}/reviews", self._list_reviews, methods=["GET"]),
+            Route(f"{repo}/issues/{{number:int}}/comments", _with_json(self._create_comment), methods=["POST"]),
+            Route(f"{repo}/issues/comments/{{comment_id:int}}", _with_json(self._update_comment), methods=["PATCH"]),
+            Route(f"{repo}/statuses/{{sha}}", _with_json(self._create_status), methods=["POST"]),
+            Route(f"{repo}/commits/{{ref:path}}/status", self._combined_status, methods=["GET"]),
+            Route(f"{repo}/commits/{{ref:path}}/check-runs", self._list_check_runs, methods=["GET"]),
+            Route(f"{repo}/collaborators/{{user}}/permission", self._get_permission, methods=["GET"]),
+            Route(f"{repo}/branches/{{branch:path}}/protection/required_status_checks",
+                  self._required_status_checks, methods=["GET"]),
+            Route(f"{repo}/compare/{{basehead:path}}", self._compare, methods=["GET"]),
+            Route(f"{repo}/contents/{{path:path}}", self._get_contents, methods=["GET"]),
+            Route("/orgs/{org}/teams/{slug}/memberships/{user}", self._team_membership, methods=["GET"]),
+        ]
+
+    def _record_request(self, method: str, path: str, status: int) -> None:
+        with self._lock:
+            self._requests.append(RequestRecord(method, path, status))
+
+    def _check_jwt(self, request: Request) -> None:
+        """Accept only an RS256 App JWT signed by this app's key, as GitHub does."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise _ApiError(401, "A JSON web token could not be decoded")
+        try:
+            claims = jwt.decode(token, self.public_key_pem, algorithms=["RS256"],
+                                options={"require": ["iat", "exp", "iss"]})
+        except jwt.ExpiredSignatureError:
+            raise _ApiError(401, "'Expiration time' claim ('exp') must be a numeric value representing the "
+                                 "future time at which the assertion expires") from None
+        except jwt.PyJWTError:
+            raise _ApiError(401, "A JSON web token could not be decoded") from None
+        if str(claims["iss"]) != str(self.app_id):
+            raise _ApiError(401, "'Issuer' claim ('iss') must be the App ID")
+        if claims["exp"] - claims["iat"] > JWT_MAX_LIFETIME:
+            raise _ApiError(401, "'Expiration time' claim ('exp') is too far in the future")
+
+    def _installation(self, request: Request) -> int:
+        """The installation whose live token authorises this request."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() not in ("token", "bearer") or not token:
+            raise _ApiError(401, "Requires authentication")
+        with self._lock:
+            entry = self._tokens.get(token)
+        if entry is None or entry[1] <= time.time():
+            raise _ApiError(401, "Bad credentials")
+        return entry[0]
+
+    def _authorized_repo(self, request: Request) -> _Repo:
+        """The repository in the path, if the token's installation can see it (else 404, like GitHub)."""
+        installation = self._installation(request)
+        full_name = f"{request.path_params['owner']}/{request.path_params['name']}"
+        with self._lock:
+            if full_name not in self._installations.get(installation, set()) or full_name not in self._repos:
+                raise _ApiError(404, "Not Found")
+            return self._repos[full_name]
+
+    def _create_token(self, request: Request) -> Response:
+        self._check_jwt(request)
+        installation_id = request.path_params["installation_id"]
+        with self._lock:
+            if installation_id not in self._installations:
+                raise _ApiError(404, "Not Found")
+            token = "ghs_" + "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(36))
+            expires = time.time() + self.token_lifetime
+            self._tokens[token] = (installation_id, expires)
+        return JSONResponse(
+            {
+                "token": token,
+                "expires_at": datetime.fromtimestamp(expires, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "permissions": {"checks": "read", "contents": "read", "issues": "write", "members": "read",
+                                "metadata": "read", "pull_requests": "write", "statuses": "write",
+                                "administration": "read"},
+                "repository_selection": "selected",
+            },
+            status_code=201,
+        )
+
+    def _request_pull(self, request: Request) -> tuple[_Repo, _Pull]:
+        repo = self._authorized_repo(request)
+        with self._lock:
+            pull = repo.pulls.get(request.path_params["number"])
+        if pull is None:
+            raise _ApiError(404, "Not Found")
+        return repo, pull
+
+    def _get_pull(self, request: Request) -> Response:
+        repo, pull = self._request_pull(request)
+        with self._lock:
+            return JSONResponse(self._pull_json(repo, pull))
+
+    def _list_files(self, request: Request) -> Response:
+        repo, pull = self._request_pull(request)
+        base = f"{self._api_url}/repos/{repo.full_name}"
+        items = []
+        with self._lock:
+            for f in pull.files[:3000]:  # GitHub lists at most 3000 files of a pull request
+                item = {
+                    "sha": f.sha, "filename": f.filename, "status": f.status, "additions": f.additions,
+                    "deletions": f.deletions, "changes": f.additions + f.deletions,
+                    "blob_url": f"{self._api_url}/{repo.full_name}/blob/{pull.head_sha}/{f.filename}",
+                    "raw_url": f"{self._api_url}/{repo.full_name}/raw/{pull.head_sha}/{f.filename}",
+                    "contents_url": f"{base}/contents/{f.filename}?ref={pull.head_sha}",
+                }
+                if f.previous_filename:
+                    item["previous_filename"] = f.previous_filename
+                items.append(item)
+        return _paginated(request, items)
+
+    def _list_reviews(self, request: Request) -> Response:
+        repo, pull = self._request_pull(request)
+        with self._lock:
+            reviews = [self._review_json(r, webhook=False) for r in sorted(self._reviews.values(), key=lambda r: r.id)
+                       if (r.repo, r.number) == (repo.full_name, pull.number)]
+        return _paginated(request, reviews)
+
+    def _create_comment(self, request: Request, data: dict[str, Any]) -> Response:
+        repo, pull = self._request_pull(request)
+        body = data.get("body")
+        if not isinstance(body, str) or not body:
+            raise _ApiError(422, "Validation Failed", [{"resource": "IssueComment", "code": "missing_field", "field": "body"}])
+        if len(body) > COMMENT_MAX_LENGTH:
+            raise _ApiError(422, "Validation Failed", [{"resource": "IssueComment", "code": "custom", "field": "body",
+                                                        "message": "body is too long (maximum is 65536 characters)"}])
+        with self._lock:
+            comment = self._add_comment(repo, pull, self.bot_login, body)
+            return JSONResponse(self._comment_json(comment), status_code=201,
+                                headers={"Location": f"{self._api_url}/repos/{repo.full_name}/issues/comments/{comment.id}"})
+
+    def _update_comment(self, request: Request, data: dict[str, Any]) -> Response:
+        repo = self._authorized_repo(request)
+        body = data.get("body")
+        if not isinstance(body, str) or not body:
+            raise _ApiError(422, "Validation Failed", [{"resource": "IssueComment", "code": "missing_field", "field": "body"}])
+        with self._lock:
+            comment = self._comments.get(request.path_params["comment_id"])
+            if comment is None or comment.repo != repo.full_name:
+                raise _ApiError(404, "Not Found")
+            comment.body, comment.updated_at = body, _now()
+            return JSONResponse(self._comment_json(comment))
+
+    def _create_status(self, request: Request, data: dict[str, Any]) -> Response:
+        repo = self._authorized_repo(request)
+        sha, state = request.path_params["sha"], data.get("state")
+        description, context = data.get("description") or "", data.get("context") or "default"
+        if state not in STATUS_STATES:
+            raise _ApiError(422, "Validation Failed", [{"resource": "Status", "code": "custom", "field": "state",
+                                                        "message": "state is not included in the list"}])
+        if len(description) > STATUS_DESCRIPTION_MAX_LENGTH:
+            raise _ApiError(422, "Validation Failed", [{"resource": "Status", "code": "custom", "field": "description",
+                                                        "message": "description is too long (maximum is 140 characters)"}])
+        full_sha = _rev_parse(repo.git_dir, sha)
+        if full_sha is None or full_sha != sha.lower():
+            raise _ApiError(422, f"No commit found for SHA: {sha}")
+        with self._lock:
+            status = self._add_status(repo, full_sha, context, state, description,
+                                      data.get("target_url") or "", creator=self.bot_login)
+            return JSONResponse(self._status_json(repo, status), status_code=201)
+
+    def _resolve(self, repo: _Repo, ref: str) -> str:
+        sha = _rev_parse(repo.git_dir, ref)
+        if sha is None:
+            raise _ApiError(422, f"No commit found for SHA: {ref}")
+        return sha
+
+    def _combined_status(self, request: Request) -> Response:
+        repo = self._authorized_repo(request)
+        sha = self._resolve(repo, request.path_params["ref"])
+        with self._lock:
+            latest = [self._status_json(repo, s) for s in self._latest_statuses(repo, sha).values()]
+            repository = self._repo_json(repo)
+        states = {s["state"] for s in latest}
+        if states & {"failure", "error"}:
+            combined = "failure"
+        elif not latest or "pending" in states:
+            combined = "pending"
+        else:
+            combined = "success"
+        api = f"{self._api_url}/repos/{repo.full_name}"
+        return JSONResponse({
+            "state": combined, "statuses": latest, "sha": sha, "total_count": len(latest),
+            "repository": repository, "commit_url": f"{api}/commits/{sha}", "url": f"{api}/commits/{sha}/status",
+        })
+
+    def _list_check_runs(self, request: Request) -> Response:
+        repo = self._authorized_repo(request)
+        sha = self._resolve(repo, request.path_params["ref"])
+        api = f"{self._api_url}/repos/{repo.full_name}"
+        with self._lock:
+            latest = {run["name"]: run for run in repo.check_runs if run["sha"] == sha}
+        runs = [
+            {"id": run["id"], "head_sha": sha, "node_id": _node_id("CR", str(run["id"])), "external_id": "",
+             "url": f"{api}/check-runs/{run['id']}", "html_url": f"{self._api_url}/{repo.full_name}/runs/{run['id']}",
+             "details_url": None, "status": run["status"], "conclusion": run["conclusion"],
+             "started_at": _now(), "completed_at": _now() if run["status"] == "completed" else None,
+             "output": {"title": None, "summary": None, "text": None, "annotations_count": 0,
+                        "annotations_url": f"{api}/check-runs/{run['id']}/annotations"},
+             "name": run["name"], "check_suite": {"id": run["id"]}, "pull_requests": []}
+            for run in latest.values()
+        ]
+        page, headers = _page(request, runs)
+        # The list sits under "check_runs" in an object, unlike most list endpoints.
+        return JSONResponse({"total_count": len(runs), "check_runs": page}, headers=headers)
+
+    def _get_permission(self, request: Request) -> Response:
+        repo = self._authorized_repo(request)
+        user = request.path_params["user"]
+        with self._lock:
+            level = repo.permissions.get(user)
+        if level is None:
+            raise _ApiError(404, "Not Found")  # GitHub's answer for users it cannot find
+        with self._lock:
+            return JSONResponse({"permission": LEGACY_PERMISSION.get(level, level), "role_name": level,
+                                 "user": self._user_json(user)})
+
+    def _required_status_checks(self, request: Request) -> Response:
+        repo = self._authorized_repo(request)
+        branch = request.path_params["branch"]
+        with self._lock:
+            contexts = repo.required_contexts.get(branch)
+        if contexts is None:
+            raise _ApiError(404, "Branch not protected")
+        url = f"{self._api_url}/repos/{repo.full_name}/branches/{branch}/protection/required_status_checks"
+        return JSONResponse({
+            "url": url, "strict": False, "contexts": contexts, "contexts_url": f"{url}/contexts",
+            "checks": [{"context": c, "app_id": None} for c in contexts],
+        })
+
+    def _compare(self, request: Request) -> Response:
+        repo = self._authorized_repo(request)
+        base_ref, dots, head_ref = request.path_params["basehead"].partition("...")
+        if not dots:
+            raise _ApiError(404, "Not Found")
+        base, head = _rev_parse(repo.git_dir, base_ref), _rev_parse(repo.git_dir, head_ref)
+        if base is None or head is None:
+            raise _ApiError(404, "Not Found")
+        merge_base = _git(repo.git_dir, "merge-base", base, head).strip()
+        behind, ahead = (int(x) for x in _git(repo.git_dir, "rev-list", "--left-right", "--count", f"{base}...{head}").split())
+        status = "identical" if ahead == behind == 0 else "ahead" if behind == 0 else "behind" if ahead == 0 else "diverged"
+        commits = _git(repo.git_dir, "rev-list", "--reverse", "--max-count=250", f"{base}..{head}").split()
+        api, web = f"{self._api_url}/repos/{repo.full_name}", f"{self._api_url}/{repo.full_name}"
+        return JSONResponse({
+            "url": f"{api}/compare/{base_ref}...{head_ref}", "html_url": f"{web}/compare/{base_ref}...{head_ref}",
+            "permalink_url": f"{web}/compare/{base}...{head}", "diff_url": f"{web}/compare/{base_ref}...{head_ref}.diff",
+            "patch_url": f"{web}/compare/{base_ref}...{head_ref}.patch",
+            "base_commit": self._commit_json(repo, base), "merge_base_commit": self._commit_json(repo, merge_base),
+            "status": status, "ahead_by": ahead, "behind_by": behind, "total_commits": ahead,
+            "commits": [self._commit_json(repo, sha) for sha in commits],
+            "files": [{"sha": f.sha, "filename": f.filename, "status": f.status, "additions": f.additions,
+                       "deletions": f.deletions, "changes": f.additions + f.deletions}
+                      | ({"previous_filename": f.previous_filename} if f.previous_filename else {})
+                      for f in _diff(repo.git_dir, base, head)],
+        })
+
+    def _commit_json(self, repo: _Repo, sha: str) -> dict[str, Any]:
+        fields = _git(repo.git_dir, "show", "-s", "--format=%H%x00%T%x00%P%x00%an%x00%ae%x00%aI%x00%cn%x00%ce%x00%cI%x00%B", sha)
+        sha, tree, parents, an, ae, ad, cn, ce, cd, message = fields.split("\x00", 9)
+        api, web = f"{self._api_url}/repos/{repo.full_name}", f"{self._api_url}/{repo.full_name}"
+        return {
+            "sha": sha, "node_id": _node_id("C", sha), "url": f"{api}/commits/{sha}", "html_url": f"{web}/commit/{sha}",
+            "comments_url": f"{api}/commits/{sha}/comments",
+            "commit": {"author": {"name": an, "email": ae, "date": ad}, "committer": {"name": cn, "email": ce, "date": cd},
+                       "message": message.strip(), "tree": {"sha": tree, "url": f"{api}/git/trees/{tree}"},
+                       "url": f"{api}/git/commits/{sha}", "comment_count": 0,
+                       "verification": {"verified": False, "reason": "unsigned", "signature": None, "payload": None}},
+            "author": None, "committer": None,
+            "parents": [{"sha": p, "url": f"{api}/commits/{p}", "html_url": f"{web}/commit/{p}"} for p in parents.split()],
+        }
+
+    def _get_contents(self, request: Request) -> Response:
+        repo = self._authorized_repo(request)
+        path = request.path_params["path"].strip("/")
+        ref = request.query_params.get("ref") or repo.default_branch
+        commit = _rev_parse(repo.git_dir, ref)
+        if commit is None:
+            raise _ApiError(404, f"No commit found for the ref {ref}")
+        kind = _git(repo.git_dir, "cat-file", "-t", f"{commit}:{path}", check=False).strip()
+        if kind == "blob":
+            blob = _git_bytes(repo.git_dir, "cat-file", "blob", f"{commit}:{path}")
+            sha = _git(repo.git_dir, "rev-parse", f"{commit}:{path}").strip()
+            data = self._content_entry(repo, ref, path, "file", sha, len(blob))
+            encoded = base64.b64encode(blob).decode()
+            # GitHub wraps the base64 text at 60 characters a line.
+            data.update(content="".join(encoded[i:i + 60] + "\n" for i in range(0, len(encoded), 60)), encoding="base64")
+            return JSONResponse(data)
+        if kind == "tree":
+            listing = _git(repo.git_dir, "ls-tree", "-z", "--long", f"{commit}:{path}" if path else commit)
+            entries = []
+            for line in filter(None, listing.split("\x00")):
+                meta, name = line.split("\t", 1)
+                _mode, obj_type, sha, size = meta.split()
+                entry_type = {"blob": "file", "tree": "dir", "commit": "submodule"}[obj_type]
+                entries.append(self._content_entry(repo, ref, f"{path}/{name}".lstrip("/"), entry_type, sha,
+                                                   int(size) if size != "-" else 0))
+            return JSONResponse(entries)
+        raise _ApiError(404, "Not Found")
+
+    def _content_entry(self, repo: _Repo, ref: str, path: str, kind: str, sha: str, size: int) -> dict[str, Any]:
+        api, web = f"{self._api_url}/repos/{repo.full_name}", f"{self._api_url}/{repo.full_name}"
+        url = f"{api}/contents/{path}?ref={ref}"
+        git_url = f"{api}/git/{'blobs' if kind == 'file' else 'trees'}/{sha}"
+        html_url = f"{web}/{'blob' if kind == 'file' else 'tree'}/{ref}/{path}"
+        return {
+            "type": kind, "size": size, "name": path.rsplit("/", 1)[-1], "path": path, "sha": sha, "url": url,
+            "git_url": git_url, "html_url": html_url,
+            "download_url": f"{self._api_url}/{repo.full_name}/raw/{ref}/{path}" if kind == "file" else None,
+            "_links": {"self": url, "git": git_url, "html": html_url},
+        }
+
+    def _team_membership(self, request: Request) -> Response:
+        installation = self._installation(request)
+        org, slug, user = (request.path_params[k] for k in ("org", "slug", "user"))
+        with self._lock:
+            # An installation sees the teams of the organisation it is installed on.
+            owners = {name.split("/")[0] for name in self._installations.get(installation, set())}
+            membership = self._teams.get(f"{org}/{slug}", {}).get(user)
+        if org not in owners or membership is None:
+            raise _ApiError(404, "Not Found")
+        role, state = membership
+        return JSONResponse({"url": f"{self._api_url}/organizations/{_stable_id(org)}/team/"
+                                    f"{_stable_id(org + '/' + slug)}/memberships/{user}",
+                             "role": role, "state": state})
+
+
+# -- HTTP plumbing ---------------------------------------------------------------------------
+
+
+class _RequestLog:
+    """ASGI middleware that records (method, path, status) of every request."""
+
+    def __init__(self, app: ASGIApp, record: Any) -> None:
+        self.app = app
+        self.record = record
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        recorded = False
+
+        async def send_recording(message: Message) -> None:
+            nonlocal recorded
+            if message["type"] == "http.response.start":
+                # Record before the client can see the answer, so a test reading the log right
+                # after its call returns always finds the request there.
+                self.record(scope["method"], scope["path"], message["status"])
+                recorded = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_recording)
+        finally:
+            if not recorded:
+                self.record(scope["method"], scope["path"], 500)
+
+
+def _error(status: int, message: str, errors: list[dict[str, Any]] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"message": message, "documentation_url": DOCS_URL}
+    if errors:
+        body["errors"] = errors
+    return JSONResponse(body, status_code=status, headers={"X-GitHub-Media-Type": "github.v3"})
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, _ApiError)
+    return _error(exc.status, exc.message, exc.errors)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code in (404, 405):  # GitHub answers 404 to unknown paths and wrong methods alike
+        return _error(404, "Not Found")
+    return _error(exc.status_code, str(exc.detail))
+
+
+JsonHandler = Callable[[Request, dict[str, Any]], Response]
+
+
+def _with_json(handler: JsonHandler) -> Callable[[Request], Awaitable[Response]]:
+    """Read the JSON body on the event loop, then run the blocking handler in a worker thread."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            data = json.loads(await request.body() or b"{}")
+        except ValueError:
+            raise _ApiError(400, "Problems parsing JSON") from None
+        if not isinstance(data, dict):
+            raise _ApiError(400, "Problems parsing JSON")
+        return await run_in_threadpool(handler, request, data)
+
+    return endpoint
+
+
+def _paginated(request: Request, items: list[Any]) -> JSONResponse:
+    """One page of a list, with GitHub's Link header (per_page defaults to 30, at most 100)."""
+    page, headers = _page(request, items)
+    return JSONResponse(page, headers=headers)
+
+
+def _page(request: Request, items: list[Any]) -> tuple[list[Any], dict[str, str]]:
+    """The items on the requested page and the Link header pointing at the others."""
+    try:
+        per_page = min(max(int(request.query_params.get("per_page", 30)), 1), 100)
+        page = max(int(request.query_params.get("page", 1)), 1)
+    except ValueError:
+        per_page, page = 30, 1
+    last = max((len(items) + per_page - 1) // per_page, 1)
+    links = []
+    for rel, target in (("prev", page - 1), ("next", page + 1), ("last", last), ("first", 1)):
+        if (rel in ("prev", "first") and page > 1) or (rel in ("next", "last") and page < last):
+            links.append(f'<{request.url.include_query_params(page=target, per_page=per_page)}>; rel="{rel}"')
+    headers = {"Link": ", ".join(links)} if links else {}
+    return items[(page - 1) * per_page: page * per_page], headers
+
+
+# -- git -------------------------------------------------------------------------------------
+
+
+def _git_bytes(git_dir: Path, *args: str, check: bool = True) -> bytes:
+    result = subprocess.run(["git", "--git-dir", str(git_dir), *args], capture_output=True, check=False)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)} failed: {result.stderr.decode(errors='replace').strip()}")
+    return result.stdout
+
+
+def _git(git_dir: Path, *args: str, check: bool = True) -> str:
+    return _git_bytes(git_dir, *args, check=check).decode()
+
+
+def _rev_parse(git_dir: Path, ref: str) -> str | None:
+    """The commit a ref or SHA names, or None."""
+    if not ref or ref.startswith("-"):
+        return None
+    out = _git(git_dir, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False).strip()
+    return out or None
+
+
+def _diff(git_dir: Path, base: str, head: str) -> list[_File]:
+    """The files a pull request changes: `git diff base...head`, renames detected, as GitHub shows them."""
+    raw = _git(git_dir, "diff", "--raw", "-z", "--no-abbrev", "-M", f"{base}...{head}").split("\x00")
+    numstat = _git(git_dir, "diff", "--numstat", "-z", "-M", f"{base}...{head}").split("\x00")
+    counts: dict[str, tuple[int, int]] = {}
+    i = 0
+    while i < len(numstat) and numstat[i]:
+        added, deleted, path = numstat[i].split("\t", 2)
+        if path == "":  # a rename: the old and new paths follow as separate fields
+            path, i = numstat[i + 2], i + 3
+        else:
+            i += 1
+        counts[path] = (int(added) if added != "-" else 0, int(deleted) if deleted != "-" else 0)
+    files: list[_File] = []
+    words = {"A": "added", "D": "removed", "M": "modified", "R": "renamed", "C": "copied", "T": "changed"}
+    i = 0
+    while i < len(raw) and raw[i].startswith(":"):
+        _old_mode, _new_mode, old_sha, new_sha, letter = raw[i][1:].split()
+        if letter[0] in "RC":
+            previous, path, i = raw[i + 1], raw[i + 2], i + 3
+        else:
+            previous, path, i = None, raw[i + 1], i + 2
+        added, deleted = counts.get(path, (0, 0))
+        sha = old_sha if letter[0] == "D" else new_sha
+        files.append(_File(path, words.get(letter[0], "modified"), sha, added, deleted, previous))
+    return files
+
+
+def _count_commits(git_dir: Path, base: str, head: str) -> int:
+    return int(_git(git_dir, "rev-list", "--count", f"{base}..{head}").strip())
+
+
+def _conflicts(git_dir: Path, base_ref: str, head: str) -> bool:
+    base = _rev_parse(git_dir, f"refs/heads/{base_ref}")
+    if base is None:
+        return False
+    result = subprocess.run(["git", "--git-dir", str(git_dir), "merge-tree", "--write-tree", base, head],
+                            capture_output=True, check=False)
+    return result.returncode == 1
+
+
+def _merge_commit(git_dir: Path, base_ref: str, head: str, message: str) -> str | None:
+    """Merge head into the base branch like GitHub's merge button; None if git cannot."""
+    base = _rev_parse(git_dir, f"refs/heads/{base_ref}")
+    if base is None:
+        return None
+    merged = subprocess.run(["git", "--git-dir", str(git_dir), "merge-tree", "--write-tree", base, head],
+                            capture_output=True, text=True, check=False)
+    if merged.returncode != 0:
+        return None
+    tree = merged.stdout.split("\n", 1)[0].strip()
+    sha = _git(git_dir, "-c", "user.name=GitHub", "-c", "user.email=noreply@github.com",
+               "commit-tree", tree, "-p", base, "-p", head, "-m", message).strip()
+    _git(git_dir, "update-ref", f"refs/heads/{base_ref}", sha, base)
+    return sha
+
+
+# -- small helpers ---------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _stable_id(name: str) -> int:
+    """A positive id that stays the same for a name across runs."""
+    return zlib.crc32(name.encode()) % 10**8 + 1
+
+
+def _node_id(kind: str, name: str) -> str:
+    return base64.b64encode(f"{kind}:{name}".encode()).decode()
+

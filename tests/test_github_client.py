@@ -1,0 +1,514 @@
+"""GitHubApp and GitHubClient against the local fake GitHub, over real HTTP and real git."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from bot.github_client import GitHubApp, GitHubClient
+from bot.github_fake import FakeGitHub
+from bot.models import Repo
+from bot.vcs import ForgeError
+
+APP_ID = 42
+INSTALLATION = 7
+REPO = "acme/infra"
+FIXTURES = Path(__file__).parent / "fixtures" / "github"
+
+
+def _pem() -> str:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+
+
+@pytest.fixture(scope="module")
+def app_key() -> str:
+    return _pem()
+
+
+def git(cwd: Path, *args: str) -> str:
+    result = subprocess.run(
+        ["git", "-c", "user.name=Test", "-c", "user.email=test@example.com", *args],
+        cwd=cwd, capture_output=True, text=True, check=True,
+    )
+    return result.stdout.strip()
+
+
+def commit(work: Path, files: dict[str, str | None], message: str) -> str:
+    """Write (or, for None, delete) files in the clone, commit and return the new SHA."""
+    for name, text in files.items():
+        path = work / name
+        if text is None:
+            git(work, "rm", "-q", name)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        git(work, "add", name)
+    git(work, "commit", "-q", "-m", message)
+    return git(work, "rev-parse", "HEAD")
+
+
+@pytest.fixture
+def repo_dirs(tmp_path: Path) -> tuple[Path, Path]:
+    """A bare repository with `main` and a `feature` branch that edits, renames and adds files."""
+    bare, work = tmp_path / "infra.git", tmp_path / "work"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(bare)], check=True)
+    subprocess.run(["git", "clone", "-q", str(bare), str(work)], check=True, capture_output=True)
+    git(work, "checkout", "-q", "-b", "main")
+    commit(work, {"main.tf": 'resource "null_resource" "a" {}\n', "old.tf": "# old\n" * 20,
+                  "modules/net/main.tf": "# net\n"}, "initial")
+    git(work, "push", "-q", "origin", "main")
+    git(work, "checkout", "-q", "-b", "feature")
+    git(work, "mv", "old.tf", "new.tf")
+    commit(work, {"main.tf": 'resource "null_resource" "b" {}\n', "env/prod.tf": "# prod\n"}, "change")
+    git(work, "push", "-q", "origin", "feature")
+    git(work, "checkout", "-q", "main")
+    return bare, work
+
+
+@pytest.fixture
+def fake(app_key: str, repo_dirs: tuple[Path, Path]) -> Iterator[FakeGitHub]:
+    with FakeGitHub(app_id=APP_ID, private_key_pem=app_key) as github:
+        github.add_repo(REPO, repo_dirs[0])
+        github.add_installation(INSTALLATION, [REPO])
+        yield github
+
+
+@pytest.fixture
+def app(fake: FakeGitHub) -> Iterator[GitHubApp]:
+    github_app = GitHubApp(fake.url or "", APP_ID, fake.private_key_pem, write_interval=0)
+    yield github_app
+    github_app.close()
+
+
+def repo_model(repo_dirs: tuple[Path, Path], full_name: str = REPO, installation: int = INSTALLATION) -> Repo:
+    return Repo("github", full_name, f"file://{repo_dirs[0]}", "main", installation_id=installation)
+
+
+@pytest.fixture
+def client(app: GitHubApp, repo_dirs: tuple[Path, Path]) -> GitHubClient:
+    return app.client(repo_model(repo_dirs))
+
+
+def token_requests(fake: FakeGitHub) -> list[int]:
+    return [r.status for r in fake.requests if r.path == f"/app/installations/{INSTALLATION}/access_tokens"]
+
+
+# -- App authentication ----------------------------------------------------------------------
+
+
+def test_jwt_signed_with_another_key_is_rejected(fake: FakeGitHub) -> None:
+    other_key = _pem()
+    stranger = GitHubApp(fake.url or "", APP_ID, other_key)
+    with pytest.raises(ForgeError) as caught:
+        stranger.installation_token(INSTALLATION)
+    assert caught.value.status == 401
+    assert "JSON web token" in str(caught.value)
+    assert "PRIVATE KEY" not in str(caught.value) and other_key[40:80] not in str(caught.value)
+    assert token_requests(fake) == [401]
+
+
+def test_fake_rejects_wrong_issuer_and_overlong_jwt(fake: FakeGitHub) -> None:
+    now = int(time.time())
+    url = f"{fake.url}/app/installations/{INSTALLATION}/access_tokens"
+    for claims in ({"iat": now - 60, "exp": now + 540, "iss": "999"},   # another app
+                   {"iat": now - 60, "exp": now + 900, "iss": str(APP_ID)}):  # lives over 10 minutes
+        token = jwt.encode(claims, fake.private_key_pem, algorithm="RS256")
+        response = httpx.post(url, headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 401, claims
+        assert response.json()["documentation_url"].startswith("https://docs.github.com")
+    good = jwt.encode({"iat": now - 60, "exp": now + 540, "iss": str(APP_ID)}, fake.private_key_pem, algorithm="RS256")
+    assert httpx.post(url, headers={"Authorization": f"Bearer {good}"}).status_code == 201
+
+
+def test_installation_token_is_cached_then_refreshed_near_expiry(fake: FakeGitHub, app: GitHubApp) -> None:
+    fake.token_lifetime = 200  # under the five-minute margin: the next call must fetch a new one
+    short = app.installation_token(INSTALLATION)
+    assert short.startswith("ghs_")
+    assert app.installation_token(INSTALLATION) != short
+    assert token_requests(fake) == [201, 201]
+
+    fake.token_lifetime = 3600
+    long = app.installation_token(INSTALLATION)  # replaces the short-lived one...
+    assert app.installation_token(INSTALLATION) == long  # ...and is then reused
+    assert app.installation_token(INSTALLATION) == long
+    assert token_requests(fake) == [201, 201, 201]
+
+
+def test_installation_token_is_fetched_once_under_concurrency(fake: FakeGitHub, app: GitHubApp) -> None:
+    tokens: list[str] = []
+    threads = [threading.Thread(target=lambda: tokens.append(app.installation_token(INSTALLATION))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(tokens)) == 1 and len(tokens) == 8
+    assert token_requests(fake) == [201]
+
+
+def test_expired_token_is_refused(fake: FakeGitHub, client: GitHubClient) -> None:
+    fake.open_pull(REPO, "feature")
+    fake.token_lifetime = -1  # tokens are born expired
+    with pytest.raises(ForgeError) as caught:
+        client.get_pull_request(1)
+    assert caught.value.status == 401
+    assert "Bad credentials" in str(caught.value)
+
+
+def test_token_does_not_reach_repositories_outside_the_installation(
+    fake: FakeGitHub, app: GitHubApp, repo_dirs: tuple[Path, Path]
+) -> None:
+    fake.add_repo("acme/secrets", repo_dirs[0])
+    fake.add_installation(8, ["acme/secrets"])
+    fake.open_pull("acme/secrets", "feature")
+    wrong = app.client(repo_model(repo_dirs, "acme/secrets", installation=INSTALLATION))
+    with pytest.raises(ForgeError) as caught:
+        wrong.get_pull_request(1)
+    assert caught.value.status == 404
+    right = app.client(repo_model(repo_dirs, "acme/secrets", installation=8))
+    assert right.get_pull_request(1).number == 1
+
+
+def test_secrets_stay_out_of_reprs_logs_and_errors(
+    fake: FakeGitHub, app: GitHubApp, client: GitHubClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    fake.open_pull(REPO, "feature")
+    client.get_pull_request(1)
+    with pytest.raises(ForgeError) as caught:
+        client.update_comment(123456, "nope")
+    token = app.installation_token(INSTALLATION)
+    assert caught.value.status == 404
+    for text in (repr(app), repr(client), str(caught.value), caplog.text):
+        assert token not in text
+        assert "PRIVATE KEY" not in text
+    with pytest.raises(ValueError) as bad_key:
+        GitHubApp(fake.url or "", APP_ID, "-----BEGIN RSA PRIVATE KEY-----\nnot-a-key\n")
+    assert "not-a-key" not in str(bad_key.value)
+
+
+# -- VCSClient methods -------------------------------------------------------------------------
+
+
+def test_get_pull_request(fake: FakeGitHub, client: GitHubClient, repo_dirs: tuple[Path, Path]) -> None:
+    head = git(repo_dirs[1], "rev-parse", "feature")
+    number = fake.open_pull(REPO, "feature", author="alice", title="Add prod")
+    pull = client.get_pull_request(number)
+    assert (pull.number, pull.head_sha, pull.head_ref, pull.base_ref) == (1, head, "feature", "main")
+    assert (pull.author, pull.is_fork, pull.state, pull.merged) == ("alice", False, "open", False)
+    assert pull.url == f"{fake.url}/{REPO}/pull/1"
+    assert git(repo_dirs[0], "rev-parse", "refs/pull/1/head") == head
+
+    fork = fake.open_pull(REPO, "feature", author="mallory", fork=True)
+    assert client.get_pull_request(fork).is_fork is True
+
+    fake.merge(REPO, number)
+    merged = client.get_pull_request(number)
+    assert (merged.state, merged.merged) == ("closed", True)
+    # The merge button made a real merge commit on main with the PR head as second parent.
+    assert git(repo_dirs[0], "rev-parse", "main^2") == head
+
+
+def test_missing_pull_request_is_a_404_forge_error(fake: FakeGitHub, client: GitHubClient) -> None:
+    with pytest.raises(ForgeError) as caught:
+        client.get_pull_request(99)
+    assert caught.value.status == 404
+
+
+def test_changed_files_list_both_sides_of_renames(fake: FakeGitHub, client: GitHubClient) -> None:
+    number = fake.open_pull(REPO, "feature")
+    assert sorted(client.changed_files(number)) == ["env/prod.tf", "main.tf", "new.tf", "old.tf"]
+
+
+def test_changed_files_follow_pagination(
+    fake: FakeGitHub, client: GitHubClient, repo_dirs: tuple[Path, Path]
+) -> None:
+    work = repo_dirs[1]
+    git(work, "checkout", "-q", "-b", "many", "main")
+    commit(work, {f"stacks/s{i:03}.tf": f"# {i}\n" for i in range(130)}, "many files")
+    git(work, "push", "-q", "origin", "many")
+    number = fake.open_pull(REPO, "many")
+    files = client.changed_files(number)
+    assert len(files) == 130 and files[0] == "stacks/s000.tf" and files[-1] == "stacks/s129.tf"
+    pages = [r for r in fake.requests if r.path == f"/repos/{REPO}/pulls/{number}/files"]
+    assert len(pages) == 2  # 100 per page
+
+
+def test_synchronize_picks_up_new_commits(
+    fake: FakeGitHub, client: GitHubClient, repo_dirs: tuple[Path, Path]
+) -> None:
+    number = fake.open_pull(REPO, "feature")
+    work = repo_dirs[1]
+    git(work, "checkout", "-q", "feature")
+    new_head = commit(work, {"env/stage.tf": "# stage\n"}, "stage")
+    git(work, "push", "-q", "origin", "feature")
+    fake.synchronize(REPO, number)
+    assert client.get_pull_request(number).head_sha == new_head
+    assert "env/stage.tf" in client.changed_files(number)
+
+
+def test_comments_are_created_and_updated(fake: FakeGitHub, client: GitHubClient) -> None:
+    number = fake.open_pull(REPO, "feature")
+    human = fake.comment(REPO, number, "alice", "deploybot plan")
+    comment_id = client.create_comment(number, "Plan running…")
+    assert fake.comments(REPO, number) == [
+        {"id": human, "user": "alice", "body": "deploybot plan"},
+        {"id": comment_id, "user": "deploybot[bot]", "body": "Plan running…"},
+    ]
+    client.update_comment(comment_id, "Plan: 1 to add")
+    assert fake.comments(REPO, number)[1]["body"] == "Plan: 1 to add"
+    with pytest.raises(ForgeError):
+        client.create_comment(number, "x" * 70000)  # over GitHub's 65536-character limit
+
+
+def test_set_status_truncates_long_descriptions(
+    fake: FakeGitHub, client: GitHubClient, repo_dirs: tuple[Path, Path]
+) -> None:
+    sha = git(repo_dirs[1], "rev-parse", "feature")
+    client.set_status(sha, "deploybot/plan", "pending", "planning")
+    client.set_status(sha, "deploybot/plan", "success", "x" * 300, target_url="https://bot.example/runs/1")
+    state, description = fake.statuses(REPO, sha)["deploybot/plan"]
+    assert state == "success" and len(description) == 140 and description.endswith("…")
+    history = fake.status_history(REPO, sha)
+    assert [s["state"] for s in history] == ["pending", "success"]
+    assert history[-1]["target_url"] == "https://bot.example/runs/1"
+    with pytest.raises(ForgeError) as caught:
+        client.set_status("0" * 40, "deploybot/plan", "success", "no such commit")
+    assert caught.value.status == 422
+
+
+def test_reviews_oldest_first(fake: FakeGitHub, client: GitHubClient, repo_dirs: tuple[Path, Path]) -> None:
+    number = fake.open_pull(REPO, "feature")
+    head, old = git(repo_dirs[1], "rev-parse", "feature"), git(repo_dirs[1], "rev-parse", "main")
+    fake.review(REPO, number, "bob", "CHANGES_REQUESTED", commit_id=old)
+    approval = fake.review(REPO, number, "carol", "APPROVED")
+    fake.dismiss_review(REPO, number, approval)
+    fake.review(REPO, number, "dave", "APPROVED")
+    reviews = client.reviews(number)
+    assert [(r.user, r.state, r.commit_sha) for r in reviews] == [
+        ("bob", "CHANGES_REQUESTED", old), ("carol", "DISMISSED", head), ("dave", "APPROVED", head),
+    ]
+    assert reviews[0].submitted_at.endswith("Z") and reviews[0].submitted_at.startswith("20")
+
+
+def test_permission_prefers_role_name(fake: FakeGitHub, client: GitHubClient) -> None:
+    for user, level in (("mia", "maintain"), ("tom", "triage"), ("ada", "admin"), ("wes", "write"), ("rae", "read")):
+        fake.set_permission(REPO, user, level)
+    # The legacy `permission` field would say write for maintain and read for triage.
+    assert [client.permission(u) for u in ("mia", "tom", "ada", "wes", "rae")] == [
+        "maintain", "triage", "admin", "write", "read",
+    ]
+    assert client.permission("nobody") == "none"
+
+
+def test_team_membership(fake: FakeGitHub, client: GitHubClient) -> None:
+    fake.add_team_member("acme/platform", "bob")
+    fake.add_team_member("acme/platform", "ivy", state="pending")
+    fake.add_team_member("other/platform", "eve")
+    assert client.is_team_member("bob", "acme/platform") is True
+    assert client.is_team_member("ivy", "acme/platform") is False  # invitation not accepted
+    assert client.is_team_member("carol", "acme/platform") is False
+    assert client.is_team_member("eve", "other/platform") is False  # not the installation's org
+    with pytest.raises(ValueError):
+        client.is_team_member("bob", "platform")
+
+
+def test_mergeability_ignores_the_bots_own_required_context(
+    fake: FakeGitHub, client: GitHubClient, repo_dirs: tuple[Path, Path]
+) -> None:
+    number = fake.open_pull(REPO, "feature")
+    pull = client.get_pull_request(number)
+    fake.set_required_contexts(REPO, "main", ["ci/test", "deploybot/apply"])
+    fake.set_status(REPO, pull.head_sha, "ci/test", "success")
+    client.set_status(pull.head_sha, "deploybot/apply", "pending", "waiting for apply")
+    assert fake.pull(REPO, number)["mergeable_state"] == "blocked"
+
+    ignore = frozenset({"deploybot/apply"})
+    assert client.mergeability(pull, ignore).mergeable is True
+    strict = client.mergeability(pull, frozenset())
+    assert strict.mergeable is False and "deploybot/apply" in strict.reason
+
+    fake.set_status(REPO, pull.head_sha, "ci/test", "failure")
+    failing = client.mergeability(pull, ignore)
+    assert failing.mergeable is False and "ci/test" in failing.reason and "failure" in failing.reason
+
+
+def test_mergeability_counts_check_runs(fake: FakeGitHub, client: GitHubClient) -> None:
+    number = fake.open_pull(REPO, "feature")
+    pull = client.get_pull_request(number)
+    fake.set_required_contexts(REPO, "main", ["build"])
+    assert client.mergeability(pull, frozenset()).mergeable is False  # not reported yet
+    fake.set_check_run(REPO, pull.head_sha, "build", "success")
+    assert client.mergeability(pull, frozenset()).mergeable is True
+
+
+def test_mergeability_states(fake: FakeGitHub, client: GitHubClient, repo_dirs: tuple[Path, Path]) -> None:
+    number = fake.open_pull(REPO, "feature")
+    pull = client.get_pull_request(number)
+    assert client.mergeability(pull, frozenset()).mergeable is True  # computed "clean"
+
+    fake.set_mergeable_state(REPO, number, "behind")
+    behind = client.mergeability(pull, frozenset())
+    assert behind.mergeable is False and "behind" in behind.reason
+
+    fake.set_mergeable_state(REPO, number, "dirty", mergeable=False)
+    assert "merge conflicts" in client.mergeability(pull, frozenset()).reason
+
+    fake.set_mergeable_state(REPO, number, "unknown", mergeable=None)
+    patient = GitHubClient(
+        fake.url or "", repo_model(repo_dirs), client._token, write_interval=0, mergeable_retry_delay=0.01
+    )
+    before = len([r for r in fake.requests if r.path == f"/repos/{REPO}/pulls/{number}"])
+    pending = patient.mergeability(pull, frozenset())
+    after = len([r for r in fake.requests if r.path == f"/repos/{REPO}/pulls/{number}"])
+    assert pending.mergeable is False and "not computed" in pending.reason
+    assert after - before == 4  # asked again a few times before giving up
+
+    draft = fake.open_pull(REPO, "feature", draft=True)
+    assert "draft" in client.mergeability(client.get_pull_request(draft), frozenset()).reason
+
+
+def test_real_conflict_is_not_mergeable(
+    fake: FakeGitHub, client: GitHubClient, repo_dirs: tuple[Path, Path]
+) -> None:
+    work = repo_dirs[1]
+    commit(work, {"main.tf": 'resource "null_resource" "c" {}\n'}, "conflicting change on main")
+    git(work, "push", "-q", "origin", "main")
+    number = fake.open_pull(REPO, "feature")
+    result = client.mergeability(client.get_pull_request(number), frozenset())
+    assert result.mergeable is False and "conflict" in result.reason
+
+
+def test_is_behind_base(fake: FakeGitHub, client: GitHubClient, repo_dirs: tuple[Path, Path]) -> None:
+    number = fake.open_pull(REPO, "feature")
+    pull = client.get_pull_request(number)
+    assert client.is_behind_base(pull) is False
+    work = repo_dirs[1]
+    commit(work, {"README.md": "hello\n"}, "docs on main")
+    git(work, "push", "-q", "origin", "main")
+    assert client.is_behind_base(pull) is True
+
+
+def test_read_file_at_a_ref(client: GitHubClient, repo_dirs: tuple[Path, Path]) -> None:
+    assert client.read_file("feature", "main.tf") == 'resource "null_resource" "b" {}\n'
+    assert client.read_file("main", "main.tf") == 'resource "null_resource" "a" {}\n'
+    assert client.read_file(git(repo_dirs[1], "rev-parse", "main"), "old.tf") == "# old\n" * 20
+    assert client.read_file("feature", "old.tf") is None  # renamed away on the branch
+    assert client.read_file("main", "modules/net") is None  # a directory, not a file
+    assert client.read_file("main", "modules/net/main.tf") == "# net\n"
+
+
+def test_git_auth_header_carries_a_working_installation_token(fake: FakeGitHub, client: GitHubClient) -> None:
+    scheme, _, encoded = client.git_auth_header().partition(" ")
+    user, _, token = base64.b64decode(encoded).decode().partition(":")
+    assert (scheme, user) == ("Basic", "x-access-token") and token.startswith("ghs_")
+    fake.open_pull(REPO, "feature")
+    response = httpx.get(f"{fake.url}/repos/{REPO}/pulls/1", headers={"Authorization": f"token {token}"})
+    assert response.status_code == 200
+
+
+def test_fake_answers_like_github_to_bad_requests(fake: FakeGitHub, app: GitHubApp) -> None:
+    fake.open_pull(REPO, "feature")
+    token = app.installation_token(INSTALLATION)
+    auth = {"Authorization": f"Bearer {token}"}
+    assert httpx.get(f"{fake.url}/repos/{REPO}/pulls/1").status_code == 401
+    assert httpx.get(f"{fake.url}/repos/{REPO}/pulls/1", headers={"Authorization": "token ghs_forged"}).json() == {
+        "message": "Bad credentials", "documentation_url": "https://docs.github.com/rest",
+    }
+    unknown = httpx.get(f"{fake.url}/repos/{REPO}/wiki", headers=auth)
+    assert unknown.status_code == 404 and unknown.json()["message"] == "Not Found"
+    assert httpx.delete(f"{fake.url}/repos/{REPO}/pulls/1", headers=auth).status_code == 404
+
+
+# -- webhooks ----------------------------------------------------------------------------------
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    received: list[tuple[dict[str, str], bytes]]
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+        self.send_response(202)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[str, list[tuple[dict[str, str], bytes]]]]:
+    received: list[tuple[dict[str, str], bytes]] = []
+    handler = type("Handler", (_Receiver,), {"received": received})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/webhooks/github", received
+    server.shutdown()
+    server.server_close()
+
+
+def fixture_keys(name: str) -> set[str]:
+    return set(json.loads((FIXTURES / name).read_text()))
+
+
+def test_webhooks_are_signed_and_shaped_like_githubs(
+    fake: FakeGitHub, receiver: tuple[str, list[tuple[dict[str, str], bytes]]], repo_dirs: tuple[Path, Path]
+) -> None:
+    url, received = receiver
+    fake.set_webhook(url, "s3cret")
+    number = fake.open_pull(REPO, "feature", author="alice")
+    headers, body = received[-1]
+    expected = "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(headers["x-hub-signature-256"], expected)
+    assert headers["x-github-event"] == "pull_request" and headers["user-agent"].startswith("GitHub-Hookshot/")
+    opened = json.loads(body)
+    assert set(opened) == fixture_keys("pull_request.opened.4.json")
+    assert opened["action"] == "opened" and opened["installation"]["id"] == INSTALLATION
+    assert opened["repository"]["clone_url"] == f"file://{repo_dirs[0].resolve()}"
+    assert opened["pull_request"]["head"]["sha"] == git(repo_dirs[1], "rev-parse", "feature")
+    assert opened["pull_request"]["user"]["login"] == opened["sender"]["login"] == "alice"
+
+    fake.comment(REPO, number, "bob", "deploybot plan")
+    comment = json.loads(received[-1][1])
+    assert received[-1][0]["x-github-event"] == "issue_comment"
+    assert set(comment) == fixture_keys("issue_comment.created.4.json")
+    assert comment["issue"]["number"] == number and comment["issue"]["pull_request"]["url"].endswith("/pulls/1")
+    assert (comment["comment"]["body"], comment["comment"]["user"]["login"]) == ("deploybot plan", "bob")
+
+    fake.review(REPO, number, "carol", "APPROVED")
+    review = json.loads(received[-1][1])
+    assert set(review) == fixture_keys("pull_request_review.submitted.3.json")
+    assert (review["review"]["state"], review["review"]["user"]["login"]) == ("approved", "carol")
+
+    fake.synchronize(REPO, number)
+    assert set(json.loads(received[-1][1])) == fixture_keys("pull_request.synchronize.1.json") | {"organization"}
+
+    fork = fake.open_pull(REPO, "feature", author="mallory", fork=True)
+    fork_payload = json.loads(received[-1][1])["pull_request"]
+    assert fork_payload["number"] == fork
+    assert fork_payload["head"]["repo"]["full_name"] == "mallory/infra" != fork_payload["base"]["repo"]["full_name"]
+
+    assert [d.status for d in fake.deliveries] == [202] * 5
+    first = fake.deliveries[0]
+    assert fake.redeliver(first.delivery_id) == 202
+    assert received[-1][0]["x-github-delivery"] == first.delivery_id and received[-1][1] == first.body
+    assert fake.deliveries[-1].redelivery is True
