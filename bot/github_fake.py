@@ -28,7 +28,7 @@ import uuid
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
@@ -57,6 +57,17 @@ REVIEW_STATES = ("APPROVED", "CHANGES_REQUESTED", "COMMENTED")
 JWT_MAX_LIFETIME = 600
 COMMENT_MAX_LENGTH = 65536
 STATUS_DESCRIPTION_MAX_LENGTH = 140
+# What an installation of deploybot's App is granted (reported with each token, not enforced).
+TOKEN_PERMISSIONS = {
+    "administration": "read",  # branch protection: required status checks
+    "checks": "read",
+    "contents": "read",
+    "issues": "write",
+    "members": "read",
+    "metadata": "read",
+    "pull_requests": "write",
+    "statuses": "write",
+}
 PAYLOAD_TEMPLATE_REPO = "Codertocat/Hello-World"
 PAYLOAD_TEMPLATE_HEAD_SHA = "ec26c3e57ca3a959ca5aad62de7213c562f8c821"
 
@@ -188,9 +199,11 @@ class FakeGitHub:
         self.app_slug = app_slug
         self.bot_login = f"{app_slug}[bot]"
         self.private_key_pem = private_key_pem
-        self.public_key_pem = key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ).decode()
+        self.public_key_pem = (
+            key.public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            .decode()
+        )
         self.token_lifetime = token_lifetime  # seconds; tests shorten it to exercise refresh
         self.url: str | None = None
 
@@ -312,9 +325,8 @@ class FakeGitHub:
     def set_check_run(self, repo: str, sha: str, name: str, conclusion: str | None, status: str = "completed") -> None:
         """Report a check run as GitHub Actions would (conclusion None while it runs)."""
         with self._lock:
-            self._repo(repo).check_runs.append(
-                {"id": next(self._ids), "sha": sha, "name": name, "status": status, "conclusion": conclusion}
-            )
+            run = {"id": next(self._ids), "sha": sha, "name": name, "status": status, "conclusion": conclusion}
+            self._repo(repo).check_runs.append(run | {"started_at": _now()})
 
     # -- forge behaviour: what people do on GitHub, each sending its webhook -------------------
 
@@ -342,8 +354,23 @@ class FakeGitHub:
             number = state.next_number
             state.next_number += 1
             now = _now()
-            pull = _Pull(number, next(self._ids), title, body, author, head_ref, base_ref, head_sha, base_sha,
-                         fork, draft, files, commits, created_at=now, updated_at=now)
+            pull = _Pull(
+                number,
+                next(self._ids),
+                title,
+                body,
+                author,
+                head_ref,
+                base_ref,
+                head_sha,
+                base_sha,
+                fork,
+                draft,
+                files,
+                commits,
+                created_at=now,
+                updated_at=now,
+            )
             state.pulls[number] = pull
             _git(git_dir, "update-ref", f"refs/pull/{number}/head", head_sha)
             payload = self._pull_request_event("opened", state, pull, sender=author)
@@ -394,7 +421,9 @@ class FakeGitHub:
             payload = self._issue_comment_event("deleted", repo, comment, sender=user or comment.user)
         return self._deliver("issue_comment", payload)
 
-    def review(self, repo: str, number: int, user: str, state: str, commit_id: str | None = None, body: str = "") -> int:
+    def review(
+        self, repo: str, number: int, user: str, state: str, commit_id: str | None = None, body: str = ""
+    ) -> int:
         """Submit a review (APPROVED, CHANGES_REQUESTED or COMMENTED); return its id."""
         if state not in REVIEW_STATES:
             raise ValueError(f"review state must be one of {REVIEW_STATES}")
@@ -439,7 +468,9 @@ class FakeGitHub:
         with self._lock:
             state, pull = self._repo(repo), self._pull(repo, number)
             git_dir, base_ref, head_sha, author = state.git_dir, pull.base_ref, pull.head_sha, pull.author
-        merge_sha = _merge_commit(git_dir, base_ref, head_sha, f"Merge pull request #{number} from {author}/{pull.head_ref}")
+        merge_sha = _merge_commit(
+            git_dir, base_ref, head_sha, f"Merge pull request #{number} from {author}/{pull.head_ref}"
+        )
         with self._lock:
             now = _now()
             pull.state, pull.merged, pull.merged_at, pull.closed_at = "closed", True, now, now
@@ -561,9 +592,17 @@ class FakeGitHub:
         self, repo: _Repo, sha: str, context: str, state: str, description: str, target_url: str, creator: str
     ) -> dict[str, Any]:
         now = _now()
-        status = {"id": next(self._ids), "sha": sha, "context": context, "state": state,
-                  "description": description, "target_url": target_url, "creator": creator,
-                  "created_at": now, "updated_at": now}
+        status = {
+            "id": next(self._ids),
+            "sha": sha,
+            "context": context,
+            "state": state,
+            "description": description,
+            "target_url": target_url,
+            "creator": creator,
+            "created_at": now,
+            "updated_at": now,
+        }
         repo.statuses.append(status)
         return status
 
@@ -626,8 +665,12 @@ class FakeGitHub:
 
     def _user_json(self, login: str, kind: str | None = None) -> dict[str, Any]:
         user = self._rewrite(self._templates["pull_request"]["sender"], "", (("Codertocat", login),))
-        user.update(login=login, id=_stable_id(login), node_id=_node_id("U", login),
-                    type=kind or ("Bot" if login.endswith("[bot]") else "User"))
+        user.update(
+            login=login,
+            id=_stable_id(login),
+            node_id=_node_id("U", login),
+            type=kind or ("Bot" if login.endswith("[bot]") else "User"),
+        )
         return user
 
     def _org_json(self, login: str) -> dict[str, Any]:
@@ -642,9 +685,15 @@ class FakeGitHub:
         data = self._rewrite(self._templates["pull_request"]["repository"], full_name)
         fork = full_name != repo.full_name
         data.update(
-            id=_stable_id(full_name), node_id=_node_id("R", full_name), name=name, full_name=full_name,
-            owner=self._user_json(owner, "User" if fork else "Organization"), fork=fork, private=True,
-            visibility="private", default_branch=repo.default_branch,
+            id=_stable_id(full_name),
+            node_id=_node_id("R", full_name),
+            name=name,
+            full_name=full_name,
+            owner=self._user_json(owner, "User" if fork else "Organization"),
+            fork=fork,
+            private=True,
+            visibility="private",
+            default_branch=repo.default_branch,
             # A fork's clone URL leads nowhere here: its commits are reachable only as refs/pull/N/head.
             clone_url=f"{self._api_url}/{full_name}.git" if fork else f"file://{repo.git_dir}",
         )
@@ -654,31 +703,65 @@ class FakeGitHub:
         """The full pull request object (REST and the pull_request webhook share it)."""
         template = self._templates["pull_request"]["pull_request"]
         n = str(pull.number)
-        data = self._rewrite(template, repo.full_name, (
-            ("/pulls/2", f"/pulls/{n}"), ("/issues/2", f"/issues/{n}"), ("/pull/2", f"/pull/{n}"),
-            (PAYLOAD_TEMPLATE_HEAD_SHA, pull.head_sha),
-        ))
+        data = self._rewrite(
+            template,
+            repo.full_name,
+            (
+                ("/pulls/2", f"/pulls/{n}"),
+                ("/issues/2", f"/issues/{n}"),
+                ("/pull/2", f"/pull/{n}"),
+                (PAYLOAD_TEMPLATE_HEAD_SHA, pull.head_sha),
+            ),
+        )
         owner = repo.full_name.split("/")[0]
         head_full_name = f"{pull.author}/{repo.full_name.split('/')[1]}" if pull.fork else repo.full_name
         mergeable, mergeable_state = self._mergeable(repo, pull)
         data.update(
-            id=pull.id, node_id=_node_id("PR", f"{repo.full_name}#{n}"), number=pull.number, state=pull.state,
-            title=pull.title, body=pull.body, user=self._user_json(pull.author),
-            created_at=pull.created_at, updated_at=pull.updated_at, closed_at=pull.closed_at,
-            merged_at=pull.merged_at, merge_commit_sha=pull.merge_commit_sha,
-            assignee=None, assignees=[], requested_reviewers=[], requested_teams=[], labels=[], milestone=None,
-            head={"label": f"{head_full_name.split('/')[0]}:{pull.head_ref}", "ref": pull.head_ref,
-                  "sha": pull.head_sha, "user": self._user_json(head_full_name.split("/")[0]),
-                  "repo": self._repo_json(repo, head_full_name)},
-            base={"label": f"{owner}:{pull.base_ref}", "ref": pull.base_ref, "sha": pull.base_sha,
-                  "user": self._user_json(owner, "Organization"), "repo": self._repo_json(repo)},
+            id=pull.id,
+            node_id=_node_id("PR", f"{repo.full_name}#{n}"),
+            number=pull.number,
+            state=pull.state,
+            title=pull.title,
+            body=pull.body,
+            user=self._user_json(pull.author),
+            created_at=pull.created_at,
+            updated_at=pull.updated_at,
+            closed_at=pull.closed_at,
+            merged_at=pull.merged_at,
+            merge_commit_sha=pull.merge_commit_sha,
+            assignee=None,
+            assignees=[],
+            requested_reviewers=[],
+            requested_teams=[],
+            labels=[],
+            milestone=None,
+            head={
+                "label": f"{head_full_name.split('/')[0]}:{pull.head_ref}",
+                "ref": pull.head_ref,
+                "sha": pull.head_sha,
+                "user": self._user_json(head_full_name.split("/")[0]),
+                "repo": self._repo_json(repo, head_full_name),
+            },
+            base={
+                "label": f"{owner}:{pull.base_ref}",
+                "ref": pull.base_ref,
+                "sha": pull.base_sha,
+                "user": self._user_json(owner, "Organization"),
+                "repo": self._repo_json(repo),
+            },
             author_association="CONTRIBUTOR" if pull.fork else "MEMBER",
-            draft=pull.draft, merged=pull.merged, mergeable=mergeable, rebaseable=mergeable,
+            draft=pull.draft,
+            merged=pull.merged,
+            mergeable=mergeable,
+            rebaseable=mergeable,
             mergeable_state=mergeable_state,
             merged_by=self._user_json(pull.merged_by) if pull.merged_by else None,
             comments=sum(1 for c in self._comments.values() if (c.repo, c.number) == (repo.full_name, pull.number)),
-            review_comments=0, maintainer_can_modify=False, commits=pull.commits,
-            additions=sum(f.additions for f in pull.files), deletions=sum(f.deletions for f in pull.files),
+            review_comments=0,
+            maintainer_can_modify=False,
+            commits=pull.commits,
+            additions=sum(f.additions for f in pull.files),
+            deletions=sum(f.deletions for f in pull.files),
             changed_files=len(pull.files),
         )
         return data
@@ -691,13 +774,31 @@ class FakeGitHub:
         pr_api = f"{self._api_url}/repos/{repo.full_name}/pulls/{n}"
         pr_html = f"{self._api_url}/{repo.full_name}/pull/{n}"
         data.update(
-            html_url=pr_html, id=_stable_id(f"issue:{repo.full_name}#{n}"), node_id=_node_id("I", f"{repo.full_name}#{n}"), number=pull.number,
-            title=pull.title, user=self._user_json(pull.author), labels=[], state=pull.state, assignee=None,
-            assignees=[], milestone=None, created_at=pull.created_at, updated_at=pull.updated_at,
-            closed_at=pull.closed_at, author_association="MEMBER", body=pull.body, draft=pull.draft,
+            html_url=pr_html,
+            id=_stable_id(f"issue:{repo.full_name}#{n}"),
+            node_id=_node_id("I", f"{repo.full_name}#{n}"),
+            number=pull.number,
+            title=pull.title,
+            user=self._user_json(pull.author),
+            labels=[],
+            state=pull.state,
+            assignee=None,
+            assignees=[],
+            milestone=None,
+            created_at=pull.created_at,
+            updated_at=pull.updated_at,
+            closed_at=pull.closed_at,
+            author_association="MEMBER",
+            body=pull.body,
+            draft=pull.draft,
             comments=sum(1 for c in self._comments.values() if (c.repo, c.number) == (repo.full_name, pull.number)),
-            pull_request={"url": pr_api, "html_url": pr_html, "diff_url": f"{pr_html}.diff",
-                          "patch_url": f"{pr_html}.patch", "merged_at": pull.merged_at},
+            pull_request={
+                "url": pr_api,
+                "html_url": pr_html,
+                "diff_url": f"{pr_html}.diff",
+                "patch_url": f"{pr_html}.patch",
+                "merged_at": pull.merged_at,
+            },
         )
         return data
 
@@ -707,9 +808,14 @@ class FakeGitHub:
         data.update(
             url=f"{api}/issues/comments/{comment.id}",
             html_url=f"{self._api_url}/{comment.repo}/pull/{comment.number}#issuecomment-{comment.id}",
-            issue_url=f"{api}/issues/{comment.number}", id=comment.id, node_id=_node_id("IC", str(comment.id)),
-            user=self._user_json(comment.user), created_at=comment.created_at, updated_at=comment.updated_at,
-            author_association="NONE" if comment.user == self.bot_login else "MEMBER", body=comment.body,
+            issue_url=f"{api}/issues/{comment.number}",
+            id=comment.id,
+            node_id=_node_id("IC", str(comment.id)),
+            user=self._user_json(comment.user),
+            created_at=comment.created_at,
+            updated_at=comment.updated_at,
+            author_association="NONE" if comment.user == self.bot_login else "MEMBER",
+            body=comment.body,
         )
         data["reactions"]["url"] = f"{api}/issues/comments/{comment.id}/reactions"
         return data
@@ -719,10 +825,16 @@ class FakeGitHub:
         html = f"{self._api_url}/{review.repo}/pull/{review.number}#pullrequestreview-{review.id}"
         pr_api = f"{self._api_url}/repos/{review.repo}/pulls/{review.number}"
         data.update(
-            id=review.id, node_id=_node_id("PRR", str(review.id)), user=self._user_json(review.user),
-            body=review.body or None, commit_id=review.commit_id, submitted_at=review.submitted_at,
+            id=review.id,
+            node_id=_node_id("PRR", str(review.id)),
+            user=self._user_json(review.user),
+            body=review.body or None,
+            commit_id=review.commit_id,
+            submitted_at=review.submitted_at,
             state=review.state.lower() if webhook else review.state,  # webhooks say "approved"
-            html_url=html, pull_request_url=pr_api, author_association="MEMBER",
+            html_url=html,
+            pull_request_url=pr_api,
+            author_association="MEMBER",
             _links={"html": {"href": html}, "pull_request": {"href": pr_api}},
         )
         return data
@@ -730,10 +842,15 @@ class FakeGitHub:
     def _status_json(self, repo: _Repo, status: dict[str, Any]) -> dict[str, Any]:
         return {
             "url": f"{self._api_url}/repos/{repo.full_name}/statuses/{status['sha']}",
-            "avatar_url": None, "id": status["id"], "node_id": _node_id("SC", str(status["id"])),
-            "state": status["state"], "description": status["description"] or None,
-            "target_url": status["target_url"] or None, "context": status["context"],
-            "created_at": status["created_at"], "updated_at": status["updated_at"],
+            "avatar_url": None,
+            "id": status["id"],
+            "node_id": _node_id("SC", str(status["id"])),
+            "state": status["state"],
+            "description": status["description"] or None,
+            "target_url": status["target_url"] or None,
+            "context": status["context"],
+            "created_at": status["created_at"],
+            "updated_at": status["updated_at"],
             "creator": self._user_json(status["creator"]),
         }
 
@@ -752,20 +869,33 @@ class FakeGitHub:
         return {key: values[key] for key in self._templates[name] if key in values}
 
     def _pull_request_event(self, action: str, repo: _Repo, pull: _Pull, sender: str) -> dict[str, Any]:
-        return self._event("pull_request", repo, action, sender, number=pull.number,
-                           pull_request=self._pull_json(repo, pull))
+        return self._event(
+            "pull_request", repo, action, sender, number=pull.number, pull_request=self._pull_json(repo, pull)
+        )
 
     def _issue_comment_event(self, action: str, repo_name: str, comment: _Comment, sender: str) -> dict[str, Any]:
         repo = self._repo(repo_name)
-        return self._event("issue_comment", repo, action, sender,
-                           issue=self._issue_json(repo, repo.pulls[comment.number]), comment=self._comment_json(comment))
+        return self._event(
+            "issue_comment",
+            repo,
+            action,
+            sender,
+            issue=self._issue_json(repo, repo.pulls[comment.number]),
+            comment=self._comment_json(comment),
+        )
 
     def _review_event(self, action: str, repo: _Repo, pull: _Pull, review: _Review, sender: str) -> dict[str, Any]:
         # The review webhook carries the shorter pull request object: keep the template's keys only.
         full = self._pull_json(repo, pull)
         short = {k: full[k] for k in self._templates["pull_request_review"]["pull_request"] if k in full}
-        return self._event("pull_request_review", repo, action, sender, review=self._review_json(review, webhook=True),
-                           pull_request=short)
+        return self._event(
+            "pull_request_review",
+            repo,
+            action,
+            sender,
+            review=self._review_json(review, webhook=True),
+            pull_request=short,
+        )
 
     # -- HTTP API ------------------------------------------------------------------------------
 
@@ -782,8 +912,11 @@ class FakeGitHub:
             Route(f"{repo}/commits/{{ref:path}}/status", self._combined_status, methods=["GET"]),
             Route(f"{repo}/commits/{{ref:path}}/check-runs", self._list_check_runs, methods=["GET"]),
             Route(f"{repo}/collaborators/{{user}}/permission", self._get_permission, methods=["GET"]),
-            Route(f"{repo}/branches/{{branch:path}}/protection/required_status_checks",
-                  self._required_status_checks, methods=["GET"]),
+            Route(
+                f"{repo}/branches/{{branch:path}}/protection/required_status_checks",
+                self._required_status_checks,
+                methods=["GET"],
+            ),
             Route(f"{repo}/compare/{{basehead:path}}", self._compare, methods=["GET"]),
             Route(f"{repo}/contents/{{path:path}}", self._get_contents, methods=["GET"]),
             Route("/orgs/{org}/teams/{slug}/memberships/{user}", self._team_membership, methods=["GET"]),
@@ -799,11 +932,15 @@ class FakeGitHub:
         if scheme.lower() != "bearer" or not token:
             raise _ApiError(401, "A JSON web token could not be decoded")
         try:
-            claims = jwt.decode(token, self.public_key_pem, algorithms=["RS256"],
-                                options={"require": ["iat", "exp", "iss"]})
+            claims = jwt.decode(
+                token, self.public_key_pem, algorithms=["RS256"], options={"require": ["iat", "exp", "iss"]}
+            )
         except jwt.ExpiredSignatureError:
-            raise _ApiError(401, "'Expiration time' claim ('exp') must be a numeric value representing the "
-                                 "future time at which the assertion expires") from None
+            raise _ApiError(
+                401,
+                "'Expiration time' claim ('exp') must be a numeric value representing the "
+                "future time at which the assertion expires",
+            ) from None
         except jwt.PyJWTError:
             raise _ApiError(401, "A JSON web token could not be decoded") from None
         if str(claims["iss"]) != str(self.app_id):
@@ -843,10 +980,8 @@ class FakeGitHub:
         return JSONResponse(
             {
                 "token": token,
-                "expires_at": datetime.fromtimestamp(expires, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "permissions": {"checks": "read", "contents": "read", "issues": "write", "members": "read",
-                                "metadata": "read", "pull_requests": "write", "statuses": "write",
-                                "administration": "read"},
+                "expires_at": datetime.fromtimestamp(expires, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "permissions": TOKEN_PERMISSIONS,
                 "repository_selection": "selected",
             },
             status_code=201,
@@ -872,8 +1007,12 @@ class FakeGitHub:
         with self._lock:
             for f in pull.files[:3000]:  # GitHub lists at most 3000 files of a pull request
                 item = {
-                    "sha": f.sha, "filename": f.filename, "status": f.status, "additions": f.additions,
-                    "deletions": f.deletions, "changes": f.additions + f.deletions,
+                    "sha": f.sha,
+                    "filename": f.filename,
+                    "status": f.status,
+                    "additions": f.additions,
+                    "deletions": f.deletions,
+                    "changes": f.additions + f.deletions,
                     "blob_url": f"{self._api_url}/{repo.full_name}/blob/{pull.head_sha}/{f.filename}",
                     "raw_url": f"{self._api_url}/{repo.full_name}/raw/{pull.head_sha}/{f.filename}",
                     "contents_url": f"{base}/contents/{f.filename}?ref={pull.head_sha}",
@@ -886,28 +1025,27 @@ class FakeGitHub:
     def _list_reviews(self, request: Request) -> Response:
         repo, pull = self._request_pull(request)
         with self._lock:
-            reviews = [self._review_json(r, webhook=False) for r in sorted(self._reviews.values(), key=lambda r: r.id)
-                       if (r.repo, r.number) == (repo.full_name, pull.number)]
+            reviews = [
+                self._review_json(r, webhook=False)
+                for r in sorted(self._reviews.values(), key=lambda r: r.id)
+                if (r.repo, r.number) == (repo.full_name, pull.number)
+            ]
         return _paginated(request, reviews)
 
     def _create_comment(self, request: Request, data: dict[str, Any]) -> Response:
         repo, pull = self._request_pull(request)
-        body = data.get("body")
-        if not isinstance(body, str) or not body:
-            raise _ApiError(422, "Validation Failed", [{"resource": "IssueComment", "code": "missing_field", "field": "body"}])
-        if len(body) > COMMENT_MAX_LENGTH:
-            raise _ApiError(422, "Validation Failed", [{"resource": "IssueComment", "code": "custom", "field": "body",
-                                                        "message": "body is too long (maximum is 65536 characters)"}])
+        body = _comment_body(data)
         with self._lock:
             comment = self._add_comment(repo, pull, self.bot_login, body)
-            return JSONResponse(self._comment_json(comment), status_code=201,
-                                headers={"Location": f"{self._api_url}/repos/{repo.full_name}/issues/comments/{comment.id}"})
+            return JSONResponse(
+                self._comment_json(comment),
+                status_code=201,
+                headers={"Location": f"{self._api_url}/repos/{repo.full_name}/issues/comments/{comment.id}"},
+            )
 
     def _update_comment(self, request: Request, data: dict[str, Any]) -> Response:
         repo = self._authorized_repo(request)
-        body = data.get("body")
-        if not isinstance(body, str) or not body:
-            raise _ApiError(422, "Validation Failed", [{"resource": "IssueComment", "code": "missing_field", "field": "body"}])
+        body = _comment_body(data)
         with self._lock:
             comment = self._comments.get(request.path_params["comment_id"])
             if comment is None or comment.repo != repo.full_name:
@@ -920,17 +1058,16 @@ class FakeGitHub:
         sha, state = request.path_params["sha"], data.get("state")
         description, context = data.get("description") or "", data.get("context") or "default"
         if state not in STATUS_STATES:
-            raise _ApiError(422, "Validation Failed", [{"resource": "Status", "code": "custom", "field": "state",
-                                                        "message": "state is not included in the list"}])
+            raise _invalid("Status", "state", "state is not included in the list")
         if len(description) > STATUS_DESCRIPTION_MAX_LENGTH:
-            raise _ApiError(422, "Validation Failed", [{"resource": "Status", "code": "custom", "field": "description",
-                                                        "message": "description is too long (maximum is 140 characters)"}])
+            raise _invalid("Status", "description", "description is too long (maximum is 140 characters)")
         full_sha = _rev_parse(repo.git_dir, sha)
         if full_sha is None or full_sha != sha.lower():
             raise _ApiError(422, f"No commit found for SHA: {sha}")
         with self._lock:
-            status = self._add_status(repo, full_sha, context, state, description,
-                                      data.get("target_url") or "", creator=self.bot_login)
+            status = self._add_status(
+                repo, full_sha, context, state, description, data.get("target_url") or "", creator=self.bot_login
+            )
             return JSONResponse(self._status_json(repo, status), status_code=201)
 
     def _resolve(self, repo: _Repo, ref: str) -> str:
@@ -953,10 +1090,17 @@ class FakeGitHub:
         else:
             combined = "success"
         api = f"{self._api_url}/repos/{repo.full_name}"
-        return JSONResponse({
-            "state": combined, "statuses": latest, "sha": sha, "total_count": len(latest),
-            "repository": repository, "commit_url": f"{api}/commits/{sha}", "url": f"{api}/commits/{sha}/status",
-        })
+        return JSONResponse(
+            {
+                "state": combined,
+                "statuses": latest,
+                "sha": sha,
+                "total_count": len(latest),
+                "repository": repository,
+                "commit_url": f"{api}/commits/{sha}",
+                "url": f"{api}/commits/{sha}/status",
+            }
+        )
 
     def _list_check_runs(self, request: Request) -> Response:
         repo = self._authorized_repo(request)
@@ -965,13 +1109,29 @@ class FakeGitHub:
         with self._lock:
             latest = {run["name"]: run for run in repo.check_runs if run["sha"] == sha}
         runs = [
-            {"id": run["id"], "head_sha": sha, "node_id": _node_id("CR", str(run["id"])), "external_id": "",
-             "url": f"{api}/check-runs/{run['id']}", "html_url": f"{self._api_url}/{repo.full_name}/runs/{run['id']}",
-             "details_url": None, "status": run["status"], "conclusion": run["conclusion"],
-             "started_at": _now(), "completed_at": _now() if run["status"] == "completed" else None,
-             "output": {"title": None, "summary": None, "text": None, "annotations_count": 0,
-                        "annotations_url": f"{api}/check-runs/{run['id']}/annotations"},
-             "name": run["name"], "check_suite": {"id": run["id"]}, "pull_requests": []}
+            {
+                "id": run["id"],
+                "head_sha": sha,
+                "node_id": _node_id("CR", str(run["id"])),
+                "external_id": "",
+                "url": f"{api}/check-runs/{run['id']}",
+                "html_url": f"{self._api_url}/{repo.full_name}/runs/{run['id']}",
+                "details_url": None,
+                "status": run["status"],
+                "conclusion": run["conclusion"],
+                "started_at": run["started_at"],
+                "completed_at": run["started_at"] if run["status"] == "completed" else None,
+                "output": {
+                    "title": None,
+                    "summary": None,
+                    "text": None,
+                    "annotations_count": 0,
+                    "annotations_url": f"{api}/check-runs/{run['id']}/annotations",
+                },
+                "name": run["name"],
+                "check_suite": {"id": run["id"]},
+                "pull_requests": [],
+            }
             for run in latest.values()
         ]
         page, headers = _page(request, runs)
@@ -986,8 +1146,9 @@ class FakeGitHub:
         if level is None:
             raise _ApiError(404, "Not Found")  # GitHub's answer for users it cannot find
         with self._lock:
-            return JSONResponse({"permission": LEGACY_PERMISSION.get(level, level), "role_name": level,
-                                 "user": self._user_json(user)})
+            return JSONResponse(
+                {"permission": LEGACY_PERMISSION.get(level, level), "role_name": level, "user": self._user_json(user)}
+            )
 
     def _required_status_checks(self, request: Request) -> Response:
         repo = self._authorized_repo(request)
@@ -997,10 +1158,15 @@ class FakeGitHub:
         if contexts is None:
             raise _ApiError(404, "Branch not protected")
         url = f"{self._api_url}/repos/{repo.full_name}/branches/{branch}/protection/required_status_checks"
-        return JSONResponse({
-            "url": url, "strict": False, "contexts": contexts, "contexts_url": f"{url}/contexts",
-            "checks": [{"context": c, "app_id": None} for c in contexts],
-        })
+        return JSONResponse(
+            {
+                "url": url,
+                "strict": False,
+                "contexts": contexts,
+                "contexts_url": f"{url}/contexts",
+                "checks": [{"context": c, "app_id": None} for c in contexts],
+            }
+        )
 
     def _compare(self, request: Request) -> Response:
         repo = self._authorized_repo(request)
@@ -1010,37 +1176,72 @@ class FakeGitHub:
         base, head = _rev_parse(repo.git_dir, base_ref), _rev_parse(repo.git_dir, head_ref)
         if base is None or head is None:
             raise _ApiError(404, "Not Found")
-        merge_base = _git(repo.git_dir, "merge-base", base, head).strip()
-        behind, ahead = (int(x) for x in _git(repo.git_dir, "rev-list", "--left-right", "--count", f"{base}...{head}").split())
-        status = "identical" if ahead == behind == 0 else "ahead" if behind == 0 else "behind" if ahead == 0 else "diverged"
+        merge_base = _git(repo.git_dir, "merge-base", base, head, check=False).strip()
+        if not merge_base:
+            raise _ApiError(404, f"No common ancestor between {base_ref} and {head_ref}.")
+        behind, ahead = (
+            int(x) for x in _git(repo.git_dir, "rev-list", "--left-right", "--count", f"{base}...{head}").split()
+        )
+        status = (
+            "identical" if ahead == behind == 0 else "ahead" if behind == 0 else "behind" if ahead == 0 else "diverged"
+        )
         commits = _git(repo.git_dir, "rev-list", "--reverse", "--max-count=250", f"{base}..{head}").split()
         api, web = f"{self._api_url}/repos/{repo.full_name}", f"{self._api_url}/{repo.full_name}"
-        return JSONResponse({
-            "url": f"{api}/compare/{base_ref}...{head_ref}", "html_url": f"{web}/compare/{base_ref}...{head_ref}",
-            "permalink_url": f"{web}/compare/{base}...{head}", "diff_url": f"{web}/compare/{base_ref}...{head_ref}.diff",
-            "patch_url": f"{web}/compare/{base_ref}...{head_ref}.patch",
-            "base_commit": self._commit_json(repo, base), "merge_base_commit": self._commit_json(repo, merge_base),
-            "status": status, "ahead_by": ahead, "behind_by": behind, "total_commits": ahead,
-            "commits": [self._commit_json(repo, sha) for sha in commits],
-            "files": [{"sha": f.sha, "filename": f.filename, "status": f.status, "additions": f.additions,
-                       "deletions": f.deletions, "changes": f.additions + f.deletions}
-                      | ({"previous_filename": f.previous_filename} if f.previous_filename else {})
-                      for f in _diff(repo.git_dir, base, head)],
-        })
+        return JSONResponse(
+            {
+                "url": f"{api}/compare/{base_ref}...{head_ref}",
+                "html_url": f"{web}/compare/{base_ref}...{head_ref}",
+                "permalink_url": f"{web}/compare/{base}...{head}",
+                "diff_url": f"{web}/compare/{base_ref}...{head_ref}.diff",
+                "patch_url": f"{web}/compare/{base_ref}...{head_ref}.patch",
+                "base_commit": self._commit_json(repo, base),
+                "merge_base_commit": self._commit_json(repo, merge_base),
+                "status": status,
+                "ahead_by": ahead,
+                "behind_by": behind,
+                "total_commits": ahead,
+                "commits": [self._commit_json(repo, sha) for sha in commits],
+                "files": [
+                    {
+                        "sha": f.sha,
+                        "filename": f.filename,
+                        "status": f.status,
+                        "additions": f.additions,
+                        "deletions": f.deletions,
+                        "changes": f.additions + f.deletions,
+                    }
+                    | ({"previous_filename": f.previous_filename} if f.previous_filename else {})
+                    for f in _diff(repo.git_dir, base, head)
+                ],
+            }
+        )
 
     def _commit_json(self, repo: _Repo, sha: str) -> dict[str, Any]:
-        fields = _git(repo.git_dir, "show", "-s", "--format=%H%x00%T%x00%P%x00%an%x00%ae%x00%aI%x00%cn%x00%ce%x00%cI%x00%B", sha)
+        fields = _git(
+            repo.git_dir, "show", "-s", "--format=%H%x00%T%x00%P%x00%an%x00%ae%x00%aI%x00%cn%x00%ce%x00%cI%x00%B", sha
+        )
         sha, tree, parents, an, ae, ad, cn, ce, cd, message = fields.split("\x00", 9)
         api, web = f"{self._api_url}/repos/{repo.full_name}", f"{self._api_url}/{repo.full_name}"
         return {
-            "sha": sha, "node_id": _node_id("C", sha), "url": f"{api}/commits/{sha}", "html_url": f"{web}/commit/{sha}",
+            "sha": sha,
+            "node_id": _node_id("C", sha),
+            "url": f"{api}/commits/{sha}",
+            "html_url": f"{web}/commit/{sha}",
             "comments_url": f"{api}/commits/{sha}/comments",
-            "commit": {"author": {"name": an, "email": ae, "date": ad}, "committer": {"name": cn, "email": ce, "date": cd},
-                       "message": message.strip(), "tree": {"sha": tree, "url": f"{api}/git/trees/{tree}"},
-                       "url": f"{api}/git/commits/{sha}", "comment_count": 0,
-                       "verification": {"verified": False, "reason": "unsigned", "signature": None, "payload": None}},
-            "author": None, "committer": None,
-            "parents": [{"sha": p, "url": f"{api}/commits/{p}", "html_url": f"{web}/commit/{p}"} for p in parents.split()],
+            "commit": {
+                "author": {"name": an, "email": ae, "date": ad},
+                "committer": {"name": cn, "email": ce, "date": cd},
+                "message": message.strip(),
+                "tree": {"sha": tree, "url": f"{api}/git/trees/{tree}"},
+                "url": f"{api}/git/commits/{sha}",
+                "comment_count": 0,
+                "verification": {"verified": False, "reason": "unsigned", "signature": None, "payload": None},
+            },
+            "author": None,
+            "committer": None,
+            "parents": [
+                {"sha": p, "url": f"{api}/commits/{p}", "html_url": f"{web}/commit/{p}"} for p in parents.split()
+            ],
         }
 
     def _get_contents(self, request: Request) -> Response:
@@ -1057,7 +1258,9 @@ class FakeGitHub:
             data = self._content_entry(repo, ref, path, "file", sha, len(blob))
             encoded = base64.b64encode(blob).decode()
             # GitHub wraps the base64 text at 60 characters a line.
-            data.update(content="".join(encoded[i:i + 60] + "\n" for i in range(0, len(encoded), 60)), encoding="base64")
+            data.update(
+                content="".join(encoded[i : i + 60] + "\n" for i in range(0, len(encoded), 60)), encoding="base64"
+            )
             return JSONResponse(data)
         if kind == "tree":
             listing = _git(repo.git_dir, "ls-tree", "-z", "--long", f"{commit}:{path}" if path else commit)
@@ -1066,8 +1269,11 @@ class FakeGitHub:
                 meta, name = line.split("\t", 1)
                 _mode, obj_type, sha, size = meta.split()
                 entry_type = {"blob": "file", "tree": "dir", "commit": "submodule"}[obj_type]
-                entries.append(self._content_entry(repo, ref, f"{path}/{name}".lstrip("/"), entry_type, sha,
-                                                   int(size) if size != "-" else 0))
+                entries.append(
+                    self._content_entry(
+                        repo, ref, f"{path}/{name}".lstrip("/"), entry_type, sha, int(size) if size != "-" else 0
+                    )
+                )
             return JSONResponse(entries)
         raise _ApiError(404, "Not Found")
 
@@ -1077,8 +1283,14 @@ class FakeGitHub:
         git_url = f"{api}/git/{'blobs' if kind == 'file' else 'trees'}/{sha}"
         html_url = f"{web}/{'blob' if kind == 'file' else 'tree'}/{ref}/{path}"
         return {
-            "type": kind, "size": size, "name": path.rsplit("/", 1)[-1], "path": path, "sha": sha, "url": url,
-            "git_url": git_url, "html_url": html_url,
+            "type": kind,
+            "size": size,
+            "name": path.rsplit("/", 1)[-1],
+            "path": path,
+            "sha": sha,
+            "url": url,
+            "git_url": git_url,
+            "html_url": html_url,
             "download_url": f"{self._api_url}/{repo.full_name}/raw/{ref}/{path}" if kind == "file" else None,
             "_links": {"self": url, "git": git_url, "html": html_url},
         }
@@ -1093,9 +1305,14 @@ class FakeGitHub:
         if org not in owners or membership is None:
             raise _ApiError(404, "Not Found")
         role, state = membership
-        return JSONResponse({"url": f"{self._api_url}/organizations/{_stable_id(org)}/team/"
-                                    f"{_stable_id(org + '/' + slug)}/memberships/{user}",
-                             "role": role, "state": state})
+        return JSONResponse(
+            {
+                "url": f"{self._api_url}/organizations/{_stable_id(org)}/team/"
+                f"{_stable_id(org + '/' + slug)}/memberships/{user}",
+                "role": role,
+                "state": state,
+            }
+        )
 
 
 # -- HTTP plumbing ---------------------------------------------------------------------------
@@ -1149,6 +1366,23 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _error(exc.status_code, str(exc.detail))
 
 
+def _invalid(resource: str, field: str, message: str | None = None) -> _ApiError:
+    """GitHub's 422 for one bad field: "missing_field" without a message, "custom" with one."""
+    error = {"resource": resource, "field": field, "code": "custom" if message else "missing_field"}
+    if message:
+        error["message"] = message
+    return _ApiError(422, "Validation Failed", [error])
+
+
+def _comment_body(data: dict[str, Any]) -> str:
+    body = data.get("body")
+    if not isinstance(body, str) or not body:
+        raise _invalid("IssueComment", "body")
+    if len(body) > COMMENT_MAX_LENGTH:
+        raise _invalid("IssueComment", "body", f"body is too long (maximum is {COMMENT_MAX_LENGTH} characters)")
+    return body
+
+
 JsonHandler = Callable[[Request, dict[str, Any]], Response]
 
 
@@ -1186,7 +1420,7 @@ def _page(request: Request, items: list[Any]) -> tuple[list[Any], dict[str, str]
         if (rel in ("prev", "first") and page > 1) or (rel in ("next", "last") and page < last):
             links.append(f'<{request.url.include_query_params(page=target, per_page=per_page)}>; rel="{rel}"')
     headers = {"Link": ", ".join(links)} if links else {}
-    return items[(page - 1) * per_page: page * per_page], headers
+    return items[(page - 1) * per_page : page * per_page], headers
 
 
 # -- git -------------------------------------------------------------------------------------
@@ -1247,8 +1481,9 @@ def _conflicts(git_dir: Path, base_ref: str, head: str) -> bool:
     base = _rev_parse(git_dir, f"refs/heads/{base_ref}")
     if base is None:
         return False
-    result = subprocess.run(["git", "--git-dir", str(git_dir), "merge-tree", "--write-tree", base, head],
-                            capture_output=True, check=False)
+    result = subprocess.run(
+        ["git", "--git-dir", str(git_dir), "merge-tree", "--write-tree", base, head], capture_output=True, check=False
+    )
     return result.returncode == 1
 
 
@@ -1257,13 +1492,30 @@ def _merge_commit(git_dir: Path, base_ref: str, head: str, message: str) -> str 
     base = _rev_parse(git_dir, f"refs/heads/{base_ref}")
     if base is None:
         return None
-    merged = subprocess.run(["git", "--git-dir", str(git_dir), "merge-tree", "--write-tree", base, head],
-                            capture_output=True, text=True, check=False)
+    merged = subprocess.run(
+        ["git", "--git-dir", str(git_dir), "merge-tree", "--write-tree", base, head],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if merged.returncode != 0:
         return None
     tree = merged.stdout.split("\n", 1)[0].strip()
-    sha = _git(git_dir, "-c", "user.name=GitHub", "-c", "user.email=noreply@github.com",
-               "commit-tree", tree, "-p", base, "-p", head, "-m", message).strip()
+    sha = _git(
+        git_dir,
+        "-c",
+        "user.name=GitHub",
+        "-c",
+        "user.email=noreply@github.com",
+        "commit-tree",
+        tree,
+        "-p",
+        base,
+        "-p",
+        head,
+        "-m",
+        message,
+    ).strip()
     _git(git_dir, "update-ref", f"refs/heads/{base_ref}", sha, base)
     return sha
 
@@ -1272,7 +1524,7 @@ def _merge_commit(git_dir: Path, base_ref: str, head: str, message: str) -> str 
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _stable_id(name: str) -> int:
@@ -1282,4 +1534,3 @@ def _stable_id(name: str) -> int:
 
 def _node_id(kind: str, name: str) -> str:
     return base64.b64encode(f"{kind}:{name}".encode()).decode()
-

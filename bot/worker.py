@@ -258,6 +258,10 @@ class Worker:
             )
             for job in jobs
         ]
+        if run.trigger == "merge":
+            # The merged pull request is done with its projects once its apply has run.
+            for lock in self.store.locks_for_pull(run.repo, run.pull_number):
+                self.store.unlock(lock.project_key, run.pull_number)
         footer = _footer(run, jobs)
         client = self.clients(run.repo)
         try:
@@ -267,9 +271,6 @@ class Worker:
         except ForgeError as exc:
             log.error("could not report run %s on %s#%s: %s", run.id, run.repo.full_name,
                       run.pull_number, exc)
-        if run.trigger == "merge":
-            for lock in self.store.locks_for_pull(run.repo, run.pull_number):
-                self.store.unlock(lock.project_key, run.pull_number)
 
     async def _set_status(self, repo: Repo, sha: str, context: str, state: str, description: str) -> None:
         client = self.clients(repo)

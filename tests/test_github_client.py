@@ -47,7 +47,10 @@ def app_key() -> str:
 def git(cwd: Path, *args: str) -> str:
     result = subprocess.run(
         ["git", "-c", "user.name=Test", "-c", "user.email=test@example.com", *args],
-        cwd=cwd, capture_output=True, text=True, check=True,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return result.stdout.strip()
 
@@ -73,8 +76,11 @@ def repo_dirs(tmp_path: Path) -> tuple[Path, Path]:
     subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(bare)], check=True)
     subprocess.run(["git", "clone", "-q", str(bare), str(work)], check=True, capture_output=True)
     git(work, "checkout", "-q", "-b", "main")
-    commit(work, {"main.tf": 'resource "null_resource" "a" {}\n', "old.tf": "# old\n" * 20,
-                  "modules/net/main.tf": "# net\n"}, "initial")
+    commit(
+        work,
+        {"main.tf": 'resource "null_resource" "a" {}\n', "old.tf": "# old\n" * 20, "modules/net/main.tf": "# net\n"},
+        "initial",
+    )
     git(work, "push", "-q", "origin", "main")
     git(work, "checkout", "-q", "-b", "feature")
     git(work, "mv", "old.tf", "new.tf")
@@ -94,7 +100,7 @@ def fake(app_key: str, repo_dirs: tuple[Path, Path]) -> Iterator[FakeGitHub]:
 
 @pytest.fixture
 def app(fake: FakeGitHub) -> Iterator[GitHubApp]:
-    github_app = GitHubApp(fake.url or "", APP_ID, fake.private_key_pem, write_interval=0)
+    github_app = GitHubApp(fake.url or "", APP_ID, fake.private_key_pem)
     yield github_app
     github_app.close()
 
@@ -104,8 +110,10 @@ def repo_model(repo_dirs: tuple[Path, Path], full_name: str = REPO, installation
 
 
 @pytest.fixture
-def client(app: GitHubApp, repo_dirs: tuple[Path, Path]) -> GitHubClient:
-    return app.client(repo_model(repo_dirs))
+def client(app: GitHubApp, repo_dirs: tuple[Path, Path]) -> Iterator[GitHubClient]:
+    github_client = app.client(repo_model(repo_dirs))
+    yield github_client
+    github_client.close()
 
 
 def token_requests(fake: FakeGitHub) -> list[int]:
@@ -120,6 +128,7 @@ def test_jwt_signed_with_another_key_is_rejected(fake: FakeGitHub) -> None:
     stranger = GitHubApp(fake.url or "", APP_ID, other_key)
     with pytest.raises(ForgeError) as caught:
         stranger.installation_token(INSTALLATION)
+    stranger.close()
     assert caught.value.status == 401
     assert "JSON web token" in str(caught.value)
     assert "PRIVATE KEY" not in str(caught.value) and other_key[40:80] not in str(caught.value)
@@ -129,8 +138,10 @@ def test_jwt_signed_with_another_key_is_rejected(fake: FakeGitHub) -> None:
 def test_fake_rejects_wrong_issuer_and_overlong_jwt(fake: FakeGitHub) -> None:
     now = int(time.time())
     url = f"{fake.url}/app/installations/{INSTALLATION}/access_tokens"
-    for claims in ({"iat": now - 60, "exp": now + 540, "iss": "999"},   # another app
-                   {"iat": now - 60, "exp": now + 900, "iss": str(APP_ID)}):  # lives over 10 minutes
+    for claims in (
+        {"iat": now - 60, "exp": now + 540, "iss": "999"},  # another app
+        {"iat": now - 60, "exp": now + 900, "iss": str(APP_ID)},  # lives over 10 minutes
+    ):
         token = jwt.encode(claims, fake.private_key_pem, algorithm="RS256")
         response = httpx.post(url, headers={"Authorization": f"Bearer {token}"})
         assert response.status_code == 401, claims
@@ -238,9 +249,7 @@ def test_changed_files_list_both_sides_of_renames(fake: FakeGitHub, client: GitH
     assert sorted(client.changed_files(number)) == ["env/prod.tf", "main.tf", "new.tf", "old.tf"]
 
 
-def test_changed_files_follow_pagination(
-    fake: FakeGitHub, client: GitHubClient, repo_dirs: tuple[Path, Path]
-) -> None:
+def test_changed_files_follow_pagination(fake: FakeGitHub, client: GitHubClient, repo_dirs: tuple[Path, Path]) -> None:
     work = repo_dirs[1]
     git(work, "checkout", "-q", "-b", "many", "main")
     commit(work, {f"stacks/s{i:03}.tf": f"# {i}\n" for i in range(130)}, "many files")
@@ -252,9 +261,7 @@ def test_changed_files_follow_pagination(
     assert len(pages) == 2  # 100 per page
 
 
-def test_synchronize_picks_up_new_commits(
-    fake: FakeGitHub, client: GitHubClient, repo_dirs: tuple[Path, Path]
-) -> None:
+def test_synchronize_picks_up_new_commits(fake: FakeGitHub, client: GitHubClient, repo_dirs: tuple[Path, Path]) -> None:
     number = fake.open_pull(REPO, "feature")
     work = repo_dirs[1]
     git(work, "checkout", "-q", "feature")
@@ -304,7 +311,9 @@ def test_reviews_oldest_first(fake: FakeGitHub, client: GitHubClient, repo_dirs:
     fake.review(REPO, number, "dave", "APPROVED")
     reviews = client.reviews(number)
     assert [(r.user, r.state, r.commit_sha) for r in reviews] == [
-        ("bob", "CHANGES_REQUESTED", old), ("carol", "DISMISSED", head), ("dave", "APPROVED", head),
+        ("bob", "CHANGES_REQUESTED", old),
+        ("carol", "DISMISSED", head),
+        ("dave", "APPROVED", head),
     ]
     assert reviews[0].submitted_at.endswith("Z") and reviews[0].submitted_at.startswith("20")
 
@@ -314,7 +323,11 @@ def test_permission_prefers_role_name(fake: FakeGitHub, client: GitHubClient) ->
         fake.set_permission(REPO, user, level)
     # The legacy `permission` field would say write for maintain and read for triage.
     assert [client.permission(u) for u in ("mia", "tom", "ada", "wes", "rae")] == [
-        "maintain", "triage", "admin", "write", "read",
+        "maintain",
+        "triage",
+        "admin",
+        "write",
+        "read",
     ]
     assert client.permission("nobody") == "none"
 
@@ -374,7 +387,7 @@ def test_mergeability_states(fake: FakeGitHub, client: GitHubClient, repo_dirs: 
 
     fake.set_mergeable_state(REPO, number, "unknown", mergeable=None)
     patient = GitHubClient(
-        fake.url or "", repo_model(repo_dirs), client._token, write_interval=0, mergeable_retry_delay=0.01
+        fake.url or "", repo_model(repo_dirs), client._token, mergeable_retry_delay=0.01
     )
     before = len([r for r in fake.requests if r.path == f"/repos/{REPO}/pulls/{number}"])
     pending = patient.mergeability(pull, frozenset())
@@ -386,9 +399,7 @@ def test_mergeability_states(fake: FakeGitHub, client: GitHubClient, repo_dirs: 
     assert "draft" in client.mergeability(client.get_pull_request(draft), frozenset()).reason
 
 
-def test_real_conflict_is_not_mergeable(
-    fake: FakeGitHub, client: GitHubClient, repo_dirs: tuple[Path, Path]
-) -> None:
+def test_real_conflict_is_not_mergeable(fake: FakeGitHub, client: GitHubClient, repo_dirs: tuple[Path, Path]) -> None:
     work = repo_dirs[1]
     commit(work, {"main.tf": 'resource "null_resource" "c" {}\n'}, "conflicting change on main")
     git(work, "push", "-q", "origin", "main")
@@ -431,7 +442,8 @@ def test_fake_answers_like_github_to_bad_requests(fake: FakeGitHub, app: GitHubA
     auth = {"Authorization": f"Bearer {token}"}
     assert httpx.get(f"{fake.url}/repos/{REPO}/pulls/1").status_code == 401
     assert httpx.get(f"{fake.url}/repos/{REPO}/pulls/1", headers={"Authorization": "token ghs_forged"}).json() == {
-        "message": "Bad credentials", "documentation_url": "https://docs.github.com/rest",
+        "message": "Bad credentials",
+        "documentation_url": "https://docs.github.com/rest",
     }
     unknown = httpx.get(f"{fake.url}/repos/{REPO}/wiki", headers=auth)
     assert unknown.status_code == 404 and unknown.json()["message"] == "Not Found"
@@ -459,7 +471,7 @@ def receiver() -> Iterator[tuple[str, list[tuple[dict[str, str], bytes]]]]:
     received: list[tuple[dict[str, str], bytes]] = []
     handler = type("Handler", (_Receiver,), {"received": received})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/webhooks/github", received
     server.shutdown()

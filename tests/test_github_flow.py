@@ -1,0 +1,242 @@
+"""The GitHub pull-request flow end to end: real HTTP, real git, real terraform."""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import httpx
+import pytest
+
+from bot.github_webhook import sign
+from bot.sandbox import REPO, WEBHOOK_SECRET, wait_for
+from tests.world import TEST_POLICY, World, staging_change
+
+MakeWorld = Callable[..., World]
+
+
+@pytest.fixture
+def make_world(tmp_path: Path) -> Iterator[MakeWorld]:
+    worlds: list[World] = []
+
+    def make(policy_changes: dict | None = None, **kwargs) -> World:
+        policy = copy.deepcopy(TEST_POLICY)
+        policy["repos"][REPO].update(policy_changes or {})
+        world = World(tmp_path / f"world{len(worlds)}", policy, **kwargs)
+        worlds.append(world)
+        return world
+
+    yield make
+    for world in worlds:
+        world.stop()
+
+
+def post_webhook(world: World, event: str, body: bytes, signature: str | None = "sign",
+                 delivery: str | None = None) -> httpx.Response:
+    headers = {"X-GitHub-Event": event, "Content-Type": "application/json",
+               "X-GitHub-Delivery": delivery or str(uuid.uuid4())}
+    if signature == "sign":
+        headers["X-Hub-Signature-256"] = sign(body, WEBHOOK_SECRET.encode())
+    elif signature is not None:
+        headers["X-Hub-Signature-256"] = signature
+    return httpx.post(f"{world.url}/webhooks/github", content=body, headers=headers, timeout=30)
+
+
+def test_webhook_intake_answers_bad_input_with_4xx(make_world: MakeWorld):
+    world = make_world()
+    body = json.dumps({"zen": "hi", "hook_id": 1}).encode()
+    assert post_webhook(world, "ping", body, signature=None).status_code == 401
+    assert post_webhook(world, "ping", body, signature="sha256=" + "0" * 64).status_code == 401
+    assert post_webhook(world, "ping", body, signature=sign(body, b"wrong")).status_code == 401
+    assert post_webhook(world, "ping", body).status_code == 200
+    assert post_webhook(world, "pull_request", b"{not json").status_code == 400
+    assert post_webhook(world, "pull_request", b'{"action": "opened"}').status_code == 400
+    unknown = post_webhook(world, "star", b'{"action": "created"}')
+    assert unknown.status_code == 200 and unknown.json()["status"] == "ignored"
+    huge = b'{"pad": "' + b"x" * (26 * 1024 * 1024) + b'"}'
+    assert post_webhook(world, "pull_request", huge).status_code == 413
+    metrics = httpx.get(f"{world.url}/metrics").text
+    assert 'deploybot_deliveries_total{event="ping",outcome="unauthorized"} 3' in metrics
+
+
+def test_autoplan_plans_only_changed_projects_once(make_world: MakeWorld):
+    world = make_world()
+    number = world.open_pr("resize-staging", staging_change(world))
+    comment = world.wait_comment(number, "**deploybot plan**")
+    assert "`staging`: +2 ~0 -0" in comment
+    assert "production" not in comment
+    assert "Plan: 2 to add, 0 to change, 0 to destroy." in comment
+    assert "<details>" in comment and "\x1b[" not in comment
+
+    assert world.wait_status(number, "deploybot/plan", "success") == "1 project(s) planned"
+    statuses = world.statuses(number)
+    assert statuses["deploybot/plan: staging"] == ("success", "+2 ~0 -0")
+    assert statuses["deploybot/apply"][0] == "pending"
+    assert "deploybot/plan: production" not in statuses
+
+    # GitHub redelivers the same delivery: acknowledged, but nothing runs twice.
+    opened = next(d for d in world.github.deliveries if d.event == "pull_request")
+    assert world.github.redeliver(opened.delivery_id) == 200
+    world.wait_idle()
+    assert len([c for c in world.bot_comments(number) if "**deploybot plan**" in c]) == 1
+
+
+def test_module_change_plans_every_project_that_uses_it(make_world: MakeWorld):
+    world = make_world()
+    module = (world.repo.work / "modules/app/main.tf").read_text()
+    number = world.open_pr("module", {"modules/app/main.tf": module + "\n# touched\n"})
+    comment = world.wait_comment(number, "**deploybot plan**")
+    assert "`staging`: +2 ~0 -0" in comment and "`production`: +2 ~0 -0" in comment
+
+
+def test_apply_is_gated_on_approval_of_the_current_head(make_world: MakeWorld):
+    world = make_world()
+    number = world.open_pr("resize-staging", staging_change(world))
+    world.wait_comment(number, "**deploybot plan**")
+
+    world.comment(number, "alice", "deploybot apply")
+    assert "@alice may not `apply`" in world.wait_comment(number, "may not")
+
+    seen = len(world.bot_comments(number))
+    world.comment(number, "bob", "deploybot apply")
+    refused = world.wait_comment(number, "**deploybot apply**", after=seen)
+    assert "apply refused" in refused and "approval" in refused
+    assert world.state_resources("staging") == 0
+
+    # carol may write but is no approver: her review does not count.
+    world.github.review(REPO, number, "carol", "APPROVED")
+    seen = len(world.bot_comments(number))
+    world.comment(number, "bob", "deploybot apply")
+    assert "apply refused" in world.wait_comment(number, "**deploybot apply**", after=seen)
+
+    # dave approves, then alice pushes: the approval was for the old head.
+    world.github.review(REPO, number, "dave", "APPROVED")
+    world.push(number, staging_change(world, size="huge"))
+    seen_plans = len([c for c in world.bot_comments(number) if "**deploybot plan**" in c])
+    wait_for(lambda: len([c for c in world.bot_comments(number) if "**deploybot plan**" in c]) > seen_plans,
+             120, "the re-plan after the push")
+    seen = len(world.bot_comments(number))
+    world.comment(number, "bob", "deploybot apply")
+    assert "apply refused" in world.wait_comment(number, "**deploybot apply**", after=seen)
+
+    # A paths outside the policy is refused before anything runs.
+    seen = len(world.bot_comments(number))
+    world.comment(number, "bob", "deploybot apply -d secrets")
+    assert "No allow-listed project matches `-d secrets`" in world.wait_comment(number, "No allow-listed", after=seen)
+
+    # dave approves the new head: now bob's apply runs the saved plan.
+    world.github.review(REPO, number, "dave", "APPROVED")
+    seen = len(world.bot_comments(number))
+    world.comment(number, "bob", "deploybot apply")
+    applied = world.wait_comment(number, "**deploybot apply**", after=seen)
+    assert "`staging`: applied" in applied
+    assert "Apply complete! Resources: 2 added" in applied
+    assert world.state_resources("staging") == 2
+    assert world.wait_status(number, "deploybot/apply", "success") == "applied"
+
+
+def test_changes_requested_after_approval_blocks_apply(make_world: MakeWorld):
+    world = make_world()
+    number = world.open_pr("resize-staging", staging_change(world))
+    world.wait_comment(number, "**deploybot plan**")
+    world.github.review(REPO, number, "dave", "APPROVED")
+    world.github.review(REPO, number, "dave", "CHANGES_REQUESTED")
+    world.comment(number, "bob", "deploybot apply")
+    assert "apply refused" in world.wait_comment(number, "**deploybot apply**")
+    assert world.state_resources("staging") == 0
+
+
+def test_approval_comments_count_only_from_approvers(make_world: MakeWorld):
+    world = make_world()
+    number = world.open_pr("resize-staging", staging_change(world))
+    world.wait_comment(number, "**deploybot plan**")
+
+    world.comment(number, "carol", "deploybot approve")
+    assert "@carol may not `approve`" in world.wait_comment(number, "@carol")
+    world.comment(number, "alice", "deploybot approve")
+    assert "cannot approve" in world.wait_comment(number, "@alice opened")
+    seen = len(world.bot_comments(number))
+    world.comment(number, "bob", "deploybot apply")
+    assert "apply refused" in world.wait_comment(number, "**deploybot apply**", after=seen)
+
+    world.comment(number, "dave", "deploybot approve")
+    assert world.head(number)[:8] in world.wait_comment(number, "@dave approved")
+    seen = len(world.bot_comments(number))
+    world.comment(number, "bob", "deploybot apply")
+    assert "`staging`: applied" in world.wait_comment(number, "**deploybot apply**", after=seen)
+    assert world.state_resources("staging") == 2
+
+
+def test_auto_apply_on_approval(make_world: MakeWorld):
+    world = make_world({"auto_apply_on_approval": True})
+    number = world.open_pr("resize-staging", staging_change(world))
+    world.wait_comment(number, "**deploybot plan**")
+    world.github.review(REPO, number, "dave", "APPROVED")
+    assert "`staging`: applied" in world.wait_comment(number, "**deploybot apply**")
+
+
+def test_apply_on_merge_then_locks_are_free(make_world: MakeWorld):
+    world = make_world({"apply_on_merge": True})
+    first = world.open_pr("resize-staging", staging_change(world))
+    world.wait_comment(first, "**deploybot plan**")
+    world.github.merge(REPO, first)
+    assert "`staging`: applied" in world.wait_comment(first, "**deploybot apply**")
+    assert world.state_resources("staging") == 2
+    world.wait_idle()
+    second = world.open_pr("again", staging_change(world, size="tiny"))
+    assert "`staging`" in world.wait_comment(second, "**deploybot plan**")
+
+
+def test_lock_conflict_between_two_pulls_and_unlock(make_world: MakeWorld):
+    world = make_world()
+    first = world.open_pr("first", staging_change(world))
+    world.wait_comment(first, "**deploybot plan**")
+    second = world.open_pr("second", staging_change(world, size="tiny"), author="carol")
+    assert "locked by #1" in world.wait_comment(second, "locked by")
+    world.wait_idle()
+    assert not any("**deploybot plan**" in c for c in world.bot_comments(second))
+
+    world.comment(first, "alice", "deploybot unlock")
+    assert "`staging`" in world.wait_comment(first, "Unlocked")
+    world.comment(second, "carol", "deploybot plan")
+    assert "`staging`: +2 ~0 -0" in world.wait_comment(second, "**deploybot plan**")
+    # The first pull request's plan was discarded with its lock.
+    world.comment(first, "bob", "deploybot apply")
+    assert "no saved plan" in world.wait_comment(first, "no saved plan")
+
+
+def test_fork_pull_requests_are_never_planned(make_world: MakeWorld):
+    world = make_world()
+    number = world.open_pr("from-fork", staging_change(world), author="eve", fork=True)
+    assert "forks" in world.wait_comment(number, "fork")
+    world.comment(number, "bob", "deploybot plan")
+    world.wait_comment(number, "comes from a fork")
+    world.wait_idle()
+    assert not any("**deploybot plan**" in c for c in world.bot_comments(number))
+
+
+def test_terraform_error_is_shown_in_the_comment(make_world: MakeWorld):
+    world = make_world()
+    number = world.open_pr("broken", {"staging/broken.tf": 'resource "null_resource" {\n'})
+    comment = world.wait_comment(number, "**deploybot plan**")
+    assert "❌ `staging`: terraform init failed" in comment or "❌ `staging`: terraform plan failed" in comment
+    assert "Error:" in comment
+    assert "staging" in world.wait_status(number, "deploybot/plan", "failure")
+
+
+def test_outsiders_and_edits_run_nothing(make_world: MakeWorld):
+    world = make_world()
+    number = world.open_pr("by-outsider", staging_change(world), author="eve")
+    assert "@eve may not plan" in world.wait_comment(number, "did not autoplan")
+    world.comment(number, "eve", "deploybot plan")
+    world.wait_comment(number, "@eve may not `plan`")
+    comment_id = world.github.comment(REPO, number, "eve", "hello")
+    world.github.edit_comment(REPO, comment_id, "deploybot plan", user="eve")
+    world.comment(number, "alice", "deploybot plan --destroy")
+    world.wait_comment(number, "Usage")
+    world.wait_idle()
+    assert not any("**deploybot plan**" in c for c in world.bot_comments(number))
+    assert world.state_resources("staging") == 0
