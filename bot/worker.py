@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -41,10 +42,11 @@ class JobOutcome:
     summary: str
     output: str = ""
     has_changes: bool = False
+    terraform_seconds: float = 0.0  # terraform's own time, to tell the bot's overhead apart
 
     def as_result(self) -> dict:
         return {"outcome": self.status, "summary": self.summary, "output": self.output,
-                "has_changes": self.has_changes}
+                "has_changes": self.has_changes, "terraform_seconds": round(self.terraform_seconds, 3)}
 
 
 class Worker:
@@ -136,6 +138,9 @@ class Worker:
             outcome, status = JobOutcome("failed", "internal error: see the deploybot log"), "failed"
         finally:
             self._running.pop(job.id, None)
+        log.info("job %s %s %s on %s#%s: %s (%s), terraform %.2fs", job.id, job.run.command,
+                 job.project.label, job.run.repo.full_name, job.run.pull_number, status,
+                 outcome.summary, outcome.terraform_seconds)
         result = outcome.as_result()
         result["output"] = self._clean(result["output"])
         result["summary"] = self._clean(result["summary"])
@@ -190,15 +195,18 @@ class Worker:
             return JobOutcome("failed", failed, init.output)
         planfile = self._planfile(job)
         plan = await self.terraform.plan(project_dir, planfile, env, job.project.workspace)
+        seconds = init.duration_s + plan.duration_s
         if failed := _phase_failure("plan", plan, ok_codes=(0, 2)):
-            return JobOutcome("failed", failed, plan.output)
+            return JobOutcome("failed", failed, plan.output, terraform_seconds=seconds)
+        started = time.monotonic()
         try:
             summary = summarize_plan(await self.terraform.show_json(project_dir, planfile, env))
         except TerraformError as exc:
-            return JobOutcome("failed", f"terraform show failed: {exc}", plan.output)
+            return JobOutcome("failed", f"terraform show failed: {exc}", plan.output, terraform_seconds=seconds)
+        seconds += time.monotonic() - started
         self.store.save_plan(SavedPlan(job.project_key, job.run.pull_number, job.run.head_sha,
                                        str(planfile), sha256_file(planfile), summary.has_changes))
-        return JobOutcome("succeeded", summary.text, plan.output, summary.has_changes)
+        return JobOutcome("succeeded", summary.text, plan.output, summary.has_changes, seconds)
 
     async def _apply(self, job: Job) -> JobOutcome:
         run = job.run
@@ -221,7 +229,8 @@ class Worker:
         if failed := _phase_failure("apply", result):
             return JobOutcome("failed", failed, result.output)
         self.store.delete_plan(job.project_key, run.pull_number)
-        return JobOutcome("succeeded", "applied", result.output)
+        return JobOutcome("succeeded", "applied", result.output,
+                          terraform_seconds=init.duration_s + result.duration_s)
 
     def _apply_refusals(self, client: VCSClient, pull: PullRequest, job: Job) -> list[str]:
         """Why this apply must not run; checked when the job starts, not when it was asked for."""

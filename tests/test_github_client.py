@@ -386,9 +386,7 @@ def test_mergeability_states(fake: FakeGitHub, client: GitHubClient, repo_dirs: 
     assert "merge conflicts" in client.mergeability(pull, frozenset()).reason
 
     fake.set_mergeable_state(REPO, number, "unknown", mergeable=None)
-    patient = GitHubClient(
-        fake.url or "", repo_model(repo_dirs), client._token, mergeable_retry_delay=0.01
-    )
+    patient = GitHubClient(fake.url or "", repo_model(repo_dirs), client._token, mergeable_retry_delay=0.01)
     before = len([r for r in fake.requests if r.path == f"/repos/{REPO}/pulls/{number}"])
     pending = patient.mergeability(pull, frozenset())
     after = len([r for r in fake.requests if r.path == f"/repos/{REPO}/pulls/{number}"])

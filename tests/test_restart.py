@@ -1,0 +1,78 @@
+"""A bot killed with SIGKILL mid-queue loses nothing and runs nothing twice when restarted."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+from bot.sandbox import REPO, wait_for
+from tests.world import TEST_POLICY, World, staging_change
+
+SLOW_APPLY = """
+resource "null_resource" "slow" {
+  provisioner "local-exec" { command = "sleep 4" }
+}
+"""
+
+
+def running_job(world: World, command: str):
+    store = world.store()
+    try:
+        return next((j for j in store.jobs_with_status("running") if j.run.command == command), None)
+    finally:
+        store.close()
+
+
+def test_plan_cut_off_by_a_crash_runs_again_and_reports_once(tmp_path: Path):
+    world = World(tmp_path, in_process=False, parallelism=1)
+    try:
+        module = (world.repo.work / "modules/app/main.tf").read_text()
+        number = world.open_pr("module", {"modules/app/main.tf": module + "\n# touched\n"})
+        wait_for(lambda: running_job(world, "plan"), 60, "a plan to start")
+        world.kill_bot()
+        assert not world.bot_comments(number)
+
+        world.start_bot()
+        comment = world.wait_comment(number, "**deploybot plan**")
+        assert "`staging`: +2 ~0 -0" in comment and "`production`: +2 ~0 -0" in comment
+        world.wait_idle()
+        time.sleep(1)
+        assert len([c for c in world.bot_comments(number) if "**deploybot plan**" in c]) == 1
+        store = world.store()
+        assert [d for d in store.pending_deliveries()] == []
+        store.close()
+    finally:
+        world.stop()
+
+
+def test_apply_cut_off_by_a_crash_is_reported_not_rerun(tmp_path: Path):
+    policy = copy.deepcopy(TEST_POLICY)
+    world = World(tmp_path, policy, in_process=False)
+    try:
+        files = staging_change(world)
+        files["staging/slow.tf"] = SLOW_APPLY
+        number = world.open_pr("slow", files)
+        world.wait_comment(number, "**deploybot plan**")
+        world.github.review(REPO, number, "dave", "APPROVED")
+        world.comment(number, "bob", "deploybot apply")
+        wait_for(lambda: running_job(world, "apply"), 60, "the apply to start")
+        time.sleep(1.5)  # terraform is applying now
+        world.kill_bot()
+
+        world.start_bot()
+        comment = world.wait_comment(number, "**deploybot apply**")
+        assert "⚠️ `staging`" in comment and "stopped while this apply was running" in comment
+        world.wait_idle()
+        store = world.store()
+        try:
+            applies = [j for j in store.jobs_with_status("interrupted")]
+            assert len(applies) == 1
+            assert store.jobs_with_status("succeeded") and not [
+                j for j in store.jobs_with_status("succeeded") if j.run.command == "apply"]
+            assert store.locks_for_pull(applies[0].run.repo, number), "the lock is kept for a human"
+        finally:
+            store.close()
+        assert world.wait_status(number, "deploybot/apply", "failure")
+    finally:
+        world.stop()
