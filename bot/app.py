@@ -73,7 +73,7 @@ class Deploybot:
             client=client,
             bot_login=self.config.github.bot_login,
             wake_workers=lambda: self._call_in_loop(self.worker.wake),
-            cancel_jobs=lambda ids: self._call_in_loop(self.worker.cancel, ids),
+            cancel_jobs=lambda jobs: self._call_in_loop(self.worker.cancel, jobs),
             read_tree=lambda sha, path: self._read_tree(repo, client, sha, path),
         )
 

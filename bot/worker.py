@@ -92,12 +92,18 @@ class Worker:
         """Tell idle loops that a job was queued."""
         self._wake.set()
 
-    def cancel(self, job_ids: list[int]) -> None:
-        """Stop running plans among these jobs; a running apply is never stopped halfway."""
-        for job_id in job_ids:
-            job, task = self._running.get(job_id, (None, None))
-            if job is not None and task is not None and job.run.command == "plan":
-                task.cancel()
+    def cancel(self, jobs: list[Job]) -> None:
+        """Stop running plans among these jobs (the store cancelled the queued ones).
+
+        A running apply is never stopped halfway. Runs whose every job is now over
+        get their comment, as if the last job had just finished.
+        """
+        for job in jobs:
+            running = self._running.get(job.id)
+            if running is not None and job.run.command == "plan":
+                running[1].cancel()
+        for run in {job.run.id: job.run for job in jobs}.values():
+            asyncio.create_task(self._report_if_done(run))
 
     async def _recover(self) -> None:
         for job in self.store.jobs_with_status("running"):

@@ -164,7 +164,7 @@ def cancel(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Comm
         return
     plans = [j for j in ctx.store.unfinished_jobs(pull.repo, pull.number) if j.run.command == "plan"]
     ctx.store.cancel_queued([j.id for j in plans])
-    ctx.cancel_jobs([j.id for j in plans])
+    ctx.cancel_jobs(plans)
     reply(ctx, pull.number, CANCELLED.format(count=len(plans)))
 
 

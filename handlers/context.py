@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from bot.store import Store
+from bot.store import Job, Store
 from bot.vcs import VCSClient
 from policies.policy import Policy
 
@@ -20,6 +20,6 @@ class HandlerContext:
     client: VCSClient  # the client for the event's repository
     bot_login: str
     wake_workers: Callable[[], None]
-    cancel_jobs: Callable[[list[int]], None]
+    cancel_jobs: Callable[[list[Job]], None]  # stop running plans, report cancelled runs
     # (sha, dir) -> {path: text} of the files under dir at sha, fetched through git
     read_tree: Callable[[str, str], dict[str, str]]

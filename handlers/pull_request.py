@@ -83,4 +83,4 @@ def _cancel_pull_jobs(ctx: HandlerContext, event: PullRequestEvent, command: str
     jobs = [j for j in ctx.store.unfinished_jobs(event.pull.repo, event.pull.number)
             if j.run.command == command]
     ctx.store.cancel_queued([j.id for j in jobs])
-    ctx.cancel_jobs([j.id for j in jobs])
+    ctx.cancel_jobs(jobs)

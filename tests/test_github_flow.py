@@ -240,3 +240,70 @@ def test_outsiders_and_edits_run_nothing(make_world: MakeWorld):
     world.wait_idle()
     assert not any("**deploybot plan**" in c for c in world.bot_comments(number))
     assert world.state_resources("staging") == 0
+
+
+def test_mergeable_ignores_our_own_required_apply_status(make_world: MakeWorld):
+    world = make_world({"apply_requirements": ["approved", "mergeable"]})
+    world.github.set_required_contexts(REPO, "main", ["deploybot/apply", "ci/test"])
+    number = world.open_pr("resize-staging", staging_change(world))
+    world.wait_comment(number, "**deploybot plan**")
+    world.github.review(REPO, number, "dave", "APPROVED")
+    world.github.set_status(REPO, world.head(number), "ci/test", "failure")
+    world.comment(number, "bob", "deploybot apply")
+    refused = world.wait_comment(number, "**deploybot apply**")
+    assert "apply refused" in refused and "mergeable" in refused
+
+    # CI passes; the required deploybot/apply status is still pending, which must not deadlock.
+    world.github.set_status(REPO, world.head(number), "ci/test", "success")
+    seen = len(world.bot_comments(number))
+    world.comment(number, "bob", "deploybot apply")
+    assert "`staging`: applied" in world.wait_comment(number, "**deploybot apply**", after=seen)
+
+
+def test_undiverged_requires_the_latest_base(make_world: MakeWorld):
+    world = make_world({"apply_requirements": ["approved", "undiverged"]})
+    number = world.open_pr("resize-staging", staging_change(world))
+    world.wait_comment(number, "**deploybot plan**")
+    world.github.review(REPO, number, "dave", "APPROVED")
+    git_main = world.repo
+    git_main.branch("hotfix", "main")
+    git_main.commit({"README.md": "hotfix\n"}, "Hotfix on main", push="main")
+    world.comment(number, "bob", "deploybot apply")
+    refused = world.wait_comment(number, "**deploybot apply**")
+    assert "apply refused" in refused and "behind main" in refused
+
+
+def test_dismissed_review_no_longer_counts(make_world: MakeWorld):
+    world = make_world()
+    number = world.open_pr("resize-staging", staging_change(world))
+    world.wait_comment(number, "**deploybot plan**")
+    review_id = world.github.review(REPO, number, "dave", "APPROVED")
+    world.wait_status(number, "deploybot/apply", "pending")
+    assert "ready" in world.wait_for_description(number, "deploybot/apply", "ready")
+    world.github.dismiss_review(REPO, number, review_id)
+    assert "approval" in world.wait_for_description(number, "deploybot/apply", "approval")
+    world.comment(number, "bob", "deploybot apply")
+    assert "apply refused" in world.wait_comment(number, "**deploybot apply**")
+
+
+def test_secrets_of_the_bot_environment_are_redacted(make_world: MakeWorld):
+    world = make_world(plan_env={"TF_VAR_token": "s3cr3t-plan-token-value"})
+    files = staging_change(world)
+    files["staging/leak.tf"] = 'variable "token" { type = string }\noutput "leak" { value = var.token }\n'
+    number = world.open_pr("leak", files)
+    comment = world.wait_comment(number, "**deploybot plan**")
+    assert "s3cr3t-plan-token-value" not in comment
+    assert "***" in comment
+    for body in world.bot_comments(number):
+        assert world.github.private_key_pem.splitlines()[1] not in body
+
+
+def test_cancel_stops_queued_plans(make_world: MakeWorld):
+    world = make_world(parallelism=1)
+    module = (world.repo.work / "modules/app/main.tf").read_text()
+    number = world.open_pr("module", {"modules/app/main.tf": module + "\n# touched\n"})
+    world.comment(number, "alice", "deploybot cancel")
+    assert "Cancelled" in world.wait_comment(number, "Cancelled")
+    world.wait_idle()
+    comment = world.wait_comment(number, "**deploybot plan**")
+    assert "⏹️" in comment  # with one job at a time, the second was still queued at least

@@ -170,6 +170,12 @@ class World:
                  f"status {context} to be {state}")
         return self.statuses(number)[context][1]
 
+    def wait_for_description(self, number: int, context: str, contains: str, timeout: float = 60) -> str:
+        """Wait until the head's status `context` has a description containing the text."""
+        wait_for(lambda: contains in self.statuses(number).get(context, ("", ""))[1], timeout,
+                 f"status {context} to say {contains!r}")
+        return self.statuses(number)[context][1]
+
     def state_resources(self, project: str) -> int:
         """How many resources terraform's state of the project holds."""
         path = self.state_dir / f"{project}.tfstate"
