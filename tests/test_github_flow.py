@@ -307,3 +307,33 @@ def test_cancel_stops_queued_plans(make_world: MakeWorld):
     world.wait_idle()
     comment = world.wait_comment(number, "**deploybot plan**")
     assert "⏹️" in comment  # with one job at a time, the second was still queued at least
+
+
+def test_phase_timeout_is_stopped_and_reported(make_world: MakeWorld):
+    world = make_world(apply_timeout=2)
+    files = staging_change(world)
+    files["staging/slow.tf"] = ('resource "null_resource" "slow" {\n'
+                                '  provisioner "local-exec" { command = "sleep 30" }\n}\n')
+    number = world.open_pr("slow", files)
+    world.wait_comment(number, "**deploybot plan**")
+    world.github.review(REPO, number, "dave", "APPROVED")
+    world.comment(number, "bob", "deploybot apply")
+    comment = world.wait_comment(number, "**deploybot apply**", timeout=60)
+    assert "terraform apply timed out" in comment and "was stopped" in comment
+    assert world.wait_status(number, "deploybot/apply", "failure") == "apply failed"
+
+
+def test_project_dir_symlinked_out_of_the_repo_is_refused(make_world: MakeWorld):
+    world = make_world()
+    world.repo.branch("escape", "main")
+    target = world.repo.work / "staging"
+    for child in target.iterdir():
+        child.unlink()
+    target.rmdir()
+    target.symlink_to(world.root / "state")  # outside the clone: the bot must not follow it
+    world.repo.commit(message="Point staging elsewhere", push="escape")
+    number = world.github.open_pull(REPO, "escape", author="alice")
+    world.comment(number, "alice", "deploybot plan -p staging")
+    comment = world.wait_comment(number, "**deploybot plan**")
+    assert "❌ `staging`: checkout failed" in comment
+    assert "points outside the repository" in comment
