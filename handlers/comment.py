@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Callable
 
 from bot.apply_gate import may
@@ -21,7 +22,7 @@ from handlers.project_commands import (
     start_plan,
 )
 from handlers.router import Router
-from policies.policy import RepoPolicy, select_projects
+from policies.policy import RepoPolicy, Subjects, select_projects
 
 router = Router()
 
@@ -66,7 +67,13 @@ def comment_created(event: CommentEvent, ctx: HandlerContext) -> None:
     if pull.is_fork and not policy.allow_forks:
         reply(ctx, pull.number, FORK_REFUSED)
         return
-    COMMANDS[parsed.name](ctx, policy, pull, parsed, event.author)
+    command = COMMANDS[parsed.name]
+    if not may(ctx.client, event.author, command.allowed(policy)):
+        reply(ctx, pull.number, NOT_ALLOWED.format(user=event.author, command=parsed.name))
+        return
+    projects = _selected(ctx, policy, pull, parsed)
+    if projects is not None:
+        command.run(ctx, policy, pull, parsed, projects, event.author)
 
 
 def _selected(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Command) -> list[Project] | None:
@@ -89,13 +96,8 @@ def _has_filters(cmd: Command) -> bool:
     return bool(cmd.project or cmd.dir or cmd.workspace)
 
 
-def plan(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Command, user: str) -> None:
-    if not may(ctx.client, user, policy.plan):
-        reply(ctx, pull.number, NOT_ALLOWED.format(user=user, command="plan"))
-        return
-    projects = _selected(ctx, policy, pull, cmd)
-    if projects is None:
-        return
+def plan(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Command,
+         projects: list[Project], user: str) -> None:
     if not _has_filters(cmd):
         projects = changed_projects(ctx, pull, projects)
         if not projects:
@@ -104,13 +106,8 @@ def plan(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Comman
     start_plan(ctx, pull, projects, "comment", user)
 
 
-def apply(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Command, user: str) -> None:
-    if not may(ctx.client, user, policy.apply):
-        reply(ctx, pull.number, NOT_ALLOWED.format(user=user, command="apply"))
-        return
-    projects = _selected(ctx, policy, pull, cmd)
-    if projects is None:
-        return
+def apply(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Command,
+          projects: list[Project], user: str) -> None:
     waiting = planned_projects(ctx, pull, projects)
     if not waiting:
         which = f" of {', '.join(p.label for p in projects)}" if _has_filters(cmd) else ""
@@ -119,15 +116,10 @@ def apply(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Comma
     start_apply(ctx, pull, waiting, "comment", user)
 
 
-def approve(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Command, user: str) -> None:
+def approve(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Command,
+            projects: list[Project], user: str) -> None:
     if user.lower() == pull.author.lower():
         reply(ctx, pull.number, SELF_APPROVAL.format(user=user))
-        return
-    if not may(ctx.client, user, policy.approvers):
-        reply(ctx, pull.number, NOT_ALLOWED.format(user=user, command="approve"))
-        return
-    projects = _selected(ctx, policy, pull, cmd)
-    if projects is None:
         return
     if _has_filters(cmd):
         for project in projects:
@@ -140,13 +132,8 @@ def approve(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Com
     refresh_apply_status(ctx, policy, pull, user)
 
 
-def unlock(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Command, user: str) -> None:
-    if not may(ctx.client, user, policy.plan):
-        reply(ctx, pull.number, NOT_ALLOWED.format(user=user, command="unlock"))
-        return
-    projects = _selected(ctx, policy, pull, cmd)
-    if projects is None:
-        return
+def unlock(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Command,
+           projects: list[Project], user: str) -> None:
     freed = []
     for project in projects:
         key = project_key(pull.repo, project)
@@ -158,20 +145,29 @@ def unlock(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Comm
     reply(ctx, pull.number, UNLOCKED.format(what=what) if freed else NOTHING_LOCKED.format(what=everything))
 
 
-def cancel(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Command, user: str) -> None:
-    if not may(ctx.client, user, policy.plan):
-        reply(ctx, pull.number, NOT_ALLOWED.format(user=user, command="cancel"))
-        return
+def cancel(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Command,
+           projects: list[Project], user: str) -> None:
     plans = [j for j in ctx.store.unfinished_jobs(pull.repo, pull.number) if j.run.command == "plan"]
     ctx.store.cancel_queued([j.id for j in plans])
     ctx.cancel_jobs(plans)
     reply(ctx, pull.number, CANCELLED.format(count=len(plans)))
 
 
-COMMANDS: dict[str, Callable[[HandlerContext, RepoPolicy, PullRequest, Command, str], None]] = {
-    "plan": plan,
-    "apply": apply,
-    "approve": approve,
-    "unlock": unlock,
-    "cancel": cancel,
+CommandHandler = Callable[[HandlerContext, RepoPolicy, PullRequest, Command, list[Project], str], None]
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    """A comment command: what runs it, and which policy subjects may issue it."""
+
+    run: CommandHandler
+    allowed: Callable[[RepoPolicy], Subjects]
+
+
+COMMANDS: dict[str, CommandSpec] = {
+    "plan": CommandSpec(plan, lambda policy: policy.plan),
+    "apply": CommandSpec(apply, lambda policy: policy.apply),
+    "approve": CommandSpec(approve, lambda policy: policy.approvers),
+    "unlock": CommandSpec(unlock, lambda policy: policy.plan),
+    "cancel": CommandSpec(cancel, lambda policy: policy.plan),
 }

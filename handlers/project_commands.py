@@ -72,32 +72,34 @@ def start_plan(
     ctx: HandlerContext, pull: PullRequest, projects: list[Project], trigger: str, requested_by: str
 ) -> None:
     """Lock the projects for this PR and queue one plan run for those it got."""
-    locked = _lock(ctx, pull, projects, requested_by)
-    if not locked:
-        return
-    run = ctx.store.add_run(f"{ctx.delivery_id}:plan", pull.repo, pull.number, pull.head_sha,
-                            "plan", trigger, requested_by, locked)
-    if run is None:
-        return  # this delivery was dispatched before a restart and already queued its run
+    locked = _queue_run(ctx, pull, projects, "plan", trigger, requested_by)
     for project in locked:
         ctx.client.set_status(pull.head_sha, plan_context(project.label), "pending", "queued")
-    ctx.client.set_status(pull.head_sha, PLAN_CONTEXT, "pending", f"planning {len(locked)} project(s)")
-    ctx.wake_workers()
+    if locked:
+        ctx.client.set_status(pull.head_sha, PLAN_CONTEXT, "pending", f"planning {len(locked)} project(s)")
 
 
 def start_apply(
     ctx: HandlerContext, pull: PullRequest, projects: list[Project], trigger: str, requested_by: str
 ) -> None:
     """Queue one apply run; the worker checks every requirement again when it starts."""
+    locked = _queue_run(ctx, pull, projects, "apply", trigger, requested_by)
+    if locked:
+        ctx.client.set_status(pull.head_sha, APPLY_CONTEXT, "pending", f"applying {len(locked)} project(s)")
+
+
+def _queue_run(ctx: HandlerContext, pull: PullRequest, projects: list[Project], command: str,
+               trigger: str, requested_by: str) -> list[Project]:
+    """Lock what can be locked and queue a run of it; return the projects queued."""
     locked = _lock(ctx, pull, projects, requested_by)
     if not locked:
-        return
-    run = ctx.store.add_run(f"{ctx.delivery_id}:apply", pull.repo, pull.number, pull.head_sha,
-                            "apply", trigger, requested_by, locked)
+        return []
+    run = ctx.store.add_run(f"{ctx.delivery_id}:{command}", pull.repo, pull.number, pull.head_sha,
+                            command, trigger, requested_by, locked)
     if run is None:
-        return
-    ctx.client.set_status(pull.head_sha, APPLY_CONTEXT, "pending", f"applying {len(locked)} project(s)")
+        return []  # this delivery was dispatched before a restart and already queued its run
     ctx.wake_workers()
+    return locked
 
 
 def _lock(ctx: HandlerContext, pull: PullRequest, projects: list[Project], user: str) -> list[Project]:

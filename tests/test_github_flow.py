@@ -151,19 +151,19 @@ def test_changes_requested_after_approval_blocks_apply(make_world: MakeWorld):
 
 def test_approval_comments_count_only_from_approvers(make_world: MakeWorld):
     world = make_world()
-    number = world.open_pr("resize-staging", staging_change(world))
+    number = world.open_pr("resize-staging", staging_change(world), author="dave")
     world.wait_comment(number, "**deploybot plan**")
 
     world.comment(number, "carol", "deploybot approve")
     assert "@carol may not `approve`" in world.wait_comment(number, "@carol")
-    world.comment(number, "alice", "deploybot approve")
-    assert "cannot approve" in world.wait_comment(number, "@alice opened")
+    world.comment(number, "dave", "deploybot approve")
+    assert "cannot approve" in world.wait_comment(number, "@dave opened")
     seen = len(world.bot_comments(number))
     world.comment(number, "bob", "deploybot apply")
     assert "apply refused" in world.wait_comment(number, "**deploybot apply**", after=seen)
 
-    world.comment(number, "dave", "deploybot approve")
-    assert world.head(number)[:8] in world.wait_comment(number, "@dave approved")
+    world.comment(number, "bob", "deploybot approve -p staging")
+    assert world.head(number)[:8] in world.wait_comment(number, "@bob approved `staging`")
     seen = len(world.bot_comments(number))
     world.comment(number, "bob", "deploybot apply")
     assert "`staging`: applied" in world.wait_comment(number, "**deploybot apply**", after=seen)
