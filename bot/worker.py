@@ -190,15 +190,23 @@ class Worker:
             raise ProjectDirError(f"`{job.project.dir}` does not exist at {run.head_sha[:8]}")
         return project_dir
 
-    async def _plan(self, job: Job) -> JobOutcome:
+    async def _prepare(self, job: Job, env: dict[str, str]) -> tuple[Path, PhaseResult] | JobOutcome:
+        """Check out the job's SHA and `terraform init` its project, or say why not."""
         try:
             project_dir = await self._checkout(job)
         except (GitError, ProjectDirError, ForgeError) as exc:
             return JobOutcome("failed", f"checkout failed: {exc}")
-        env = self.config.terraform.plan_env
         init = await self.terraform.init(project_dir, env)
         if failed := _phase_failure("init", init):
-            return JobOutcome("failed", failed, init.output)
+            return JobOutcome("failed", failed, init.output, terraform_seconds=init.duration_s)
+        return project_dir, init
+
+    async def _plan(self, job: Job) -> JobOutcome:
+        env = self.config.terraform.plan_env
+        prepared = await self._prepare(job, env)
+        if isinstance(prepared, JobOutcome):
+            return prepared
+        project_dir, init = prepared
         planfile = self._planfile(job)
         plan = await self.terraform.plan(project_dir, planfile, env, job.project.workspace)
         seconds = init.duration_s + plan.duration_s
@@ -222,15 +230,12 @@ class Worker:
             return JobOutcome("refused", "apply refused: " + "; ".join(reasons))
         plan = self.store.get_plan(job.project_key, run.pull_number)
         assert plan is not None  # _apply_refusals checked it
-        try:
-            project_dir = await self._checkout(job)
-        except (GitError, ProjectDirError, ForgeError) as exc:
-            return JobOutcome("failed", f"checkout failed: {exc}")
+        # Checked out and initialised again: the working dir may have been used for another SHA.
+        prepared = await self._prepare(job, self.config.terraform.apply_env)
+        if isinstance(prepared, JobOutcome):
+            return prepared
+        project_dir, init = prepared
         env = self.config.terraform.apply_env
-        # Re-initialise against the same lock file: the working dir may be from another SHA.
-        init = await self.terraform.init(project_dir, env)
-        if failed := _phase_failure("init", init):
-            return JobOutcome("failed", failed, init.output)
         result = await self.terraform.apply(project_dir, Path(plan.planfile), env)
         if failed := _phase_failure("apply", result):
             return JobOutcome("failed", failed, result.output)
