@@ -235,12 +235,6 @@ class GitHubClient:
         with _api(f"commenting on pull request #{number} of {self.repo.full_name}"):
             return self._repo.get_issue(number).create_comment(body).id
 
-    def update_comment(self, comment_id: int, body: str) -> None:
-        """Replace the body of an issue comment."""
-        # PyGithub 2 has no repository-level "issue comment by id"; call the endpoint directly.
-        with _api(f"editing comment {comment_id} on {self.repo.full_name}"):
-            self._request("PATCH", f"/issues/comments/{int(comment_id)}", {"body": body})
-
     def set_status(self, sha: str, context: str, state: StatusState, description: str, target_url: str = "") -> None:
         """Set a commit status; the description is cut to GitHub's 140 characters."""
         if len(description) > STATUS_DESCRIPTION_LIMIT:

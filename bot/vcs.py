@@ -25,9 +25,6 @@ class VCSClient(Protocol):
     def create_comment(self, number: int, body: str) -> int:
         """Post a comment; return its id."""
 
-    def update_comment(self, comment_id: int, body: str) -> None:
-        """Replace the body of a comment the bot posted."""
-
     def set_status(
         self, sha: str, context: str, state: StatusState, description: str, target_url: str = ""
     ) -> None:
