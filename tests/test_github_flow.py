@@ -337,3 +337,20 @@ def test_project_dir_symlinked_out_of_the_repo_is_refused(make_world: MakeWorld)
     comment = world.wait_comment(number, "**deploybot plan**")
     assert "❌ `staging`: checkout failed" in comment
     assert "points outside the repository" in comment
+
+
+def test_repo_file_from_the_base_branch_only_narrows(make_world: MakeWorld):
+    world = make_world({"repo_config_file": "deploybot.yaml"})
+    world.repo.branch("narrow", "main")
+    world.repo.commit({"deploybot.yaml": "projects:\n  - name: production\n"}, "Narrow", push="main")
+    module = (world.repo.work / "modules/app/main.tf").read_text()
+    # The pull request tries to widen the rules it is judged by, and to add a project.
+    number = world.open_pr("widen", {
+        "modules/app/main.tf": module + "\n# touched\n",
+        "deploybot.yaml": "projects:\n  - name: staging\n  - name: production\n  - dir: secrets\n",
+    })
+    comment = world.wait_comment(number, "**deploybot plan**")
+    assert "`production`: +2 ~0 -0" in comment
+    assert "staging" not in comment and "secrets" not in comment
+    world.comment(number, "alice", "deploybot plan -p staging")
+    assert "No allow-listed project matches `-p staging`" in world.wait_comment(number, "No allow-listed")
