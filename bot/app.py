@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import time
 from collections import Counter
-from typing import AsyncIterator
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 import handlers
-from bot import github_webhook
+from bot import github_webhook, gitlab_webhook
 from bot.config import Config
 from bot.dispatcher import Dispatcher
 from bot.git import RepoCache
 from bot.github_client import GitHubApp
+from bot.github_webhook import InvalidSignature, MalformedPayload, load_body
+from bot.gitlab_client import GitLabClient
 from bot.models import CommentEvent, Event, Repo
 from bot.store import Delivery, Store, repo_key
 from bot.terraform import Terraform, TerraformSettings, find_terraform
@@ -30,6 +36,27 @@ from policies.policy import Policy, load_policy_file
 log = logging.getLogger("deploybot.app")
 
 
+@dataclass(frozen=True)
+class Forge:
+    """One configured forge: how to reach a repository's API, and the bot's own name there."""
+
+    client_for: Callable[[Repo], VCSClient]
+    bot_login: str
+
+
+def configured_forges(config: Config) -> dict[str, Forge]:
+    """The forges the config has credentials for."""
+    forges: dict[str, Forge] = {}
+    if config.github.enabled:
+        app = GitHubApp(config.github.api_url, config.github.app_id, config.github.private_key.reveal())
+        forges[github_webhook.FORGE] = Forge(app.client, config.github.bot_login)
+    if config.gitlab.enabled:
+        url, token = config.gitlab.url, config.gitlab.token.reveal()
+        forges[gitlab_webhook.FORGE] = Forge(
+            lambda repo: GitLabClient(url, token, repo), config.gitlab.bot_username)
+    return forges
+
+
 class Deploybot:
     """The server's parts: store, forge clients, git cache, terraform, dispatcher, worker."""
 
@@ -39,8 +66,7 @@ class Deploybot:
         data_dir = config.server.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(config.server.database_path)
-        self.github = GitHubApp(config.github.api_url, config.github.app_id,
-                                config.github.private_key.reveal())
+        self.forges = configured_forges(config)
         self.repo_cache = RepoCache(data_dir / "git")
         tf = config.terraform
         self.terraform = Terraform(TerraformSettings(
@@ -55,12 +81,12 @@ class Deploybot:
         self.worker = Worker(config, self.store, self.policy, self.client_for, self.repo_cache,
                              self.terraform)
         self.dispatcher = Dispatcher(self.store, handlers.router, self.context_for)
-        self.deliveries: Counter[tuple[str, str]] = Counter()
+        self.deliveries: Counter[tuple[str, str, str]] = Counter()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def client_for(self, repo: Repo) -> VCSClient:
         """The forge client for a repository."""
-        return self.github.client(repo)
+        return self.forges[repo.forge].client_for(repo)
 
     def context_for(self, delivery: Delivery, event: Event) -> HandlerContext:
         """What the handlers of one delivery may use."""
@@ -71,7 +97,7 @@ class Deploybot:
             store=self.store,
             policy=self.policy,
             client=client,
-            bot_login=self.config.github.bot_login,
+            bot_login=self.forges[repo.forge].bot_login,
             wake_workers=lambda: self._call_in_loop(self.worker.wake),
             cancel_jobs=lambda jobs: self._call_in_loop(self.worker.cancel, jobs),
             read_tree=lambda sha, path: self._read_tree(repo, client, sha, path),
@@ -121,44 +147,97 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-async def github_webhook_endpoint(request: Request) -> Response:
+@dataclass(frozen=True)
+class WebhookIntake:
+    """How one forge's webhooks are checked and read; the steps around them are shared."""
+
+    forge: str
+    verify: Callable[[Headers, bytes, Config], None]  # raises InvalidSignature
+    event_name: Callable[[Headers], str]
+    delivery_id: Callable[[Headers], str | None]
+    parse: Callable[[str, dict], Event | None]
+
+
+def _verify_github(headers: Headers, body: bytes, config: Config) -> None:
+    github_webhook.verify_signature(body, headers.get("x-hub-signature-256"),
+                                    config.github.webhook_secret.reveal().encode())
+
+
+def _verify_gitlab(headers: Headers, body: bytes, config: Config) -> None:
+    signing_token = config.gitlab.signing_token.reveal()
+    if signing_token and "webhook-signature" in headers:
+        gitlab_webhook.verify_signing_token(headers, body, signing_token, time.time())
+        return
+    secret = config.gitlab.webhook_secret.reveal()
+    if not secret:
+        raise InvalidSignature("this server accepts only signed GitLab webhooks")
+    gitlab_webhook.verify_token(headers.get("x-gitlab-token"), secret.encode())
+
+
+INTAKES = {
+    github_webhook.FORGE: WebhookIntake(
+        github_webhook.FORGE, _verify_github,
+        event_name=lambda headers: headers.get("x-github-event", ""),
+        delivery_id=lambda headers: headers.get("x-github-delivery"),
+        parse=github_webhook.parse_event,
+    ),
+    gitlab_webhook.FORGE: WebhookIntake(
+        gitlab_webhook.FORGE, _verify_gitlab,
+        event_name=lambda headers: headers.get("x-gitlab-event", ""),
+        delivery_id=gitlab_webhook.delivery_id,
+        parse=gitlab_webhook.parse_event,
+    ),
+}
+
+
+async def webhook_endpoint(request: Request) -> Response:
     """Verify, parse, persist, acknowledge; the work happens after the answer."""
     bot: Deploybot = request.app.state.bot
-    event_name = request.headers.get("x-github-event", "")
+    intake = INTAKES.get(request.path_params["forge"])
+    if intake is None or intake.forge not in bot.forges:
+        return _error(404, "no such forge is configured on this server")
+    # Unverified requests are counted under one label: header values must not grow the metrics.
+    count = functools.partial(_count, bot, intake.forge, "unverified")
     try:
         body = await _read_body(request, bot.config.server.max_body_bytes)
     except ClientDisconnect:
         return _error(400, "the client went away")
     if body is None:
+        count("too_large")
         return _error(413, "body too large")
     try:
-        github_webhook.verify_signature(
-            body, request.headers.get("x-hub-signature-256"),
-            bot.config.github.webhook_secret.reveal().encode(),
-        )
-    except github_webhook.InvalidSignature as exc:
-        bot.deliveries[(event_name or "unknown", "unauthorized")] += 1
+        intake.verify(request.headers, body, bot.config)
+    except InvalidSignature as exc:
+        count("unauthorized")
         return _error(401, str(exc))
-    delivery_id = request.headers.get("x-github-delivery", "")
+    event_name = intake.event_name(request.headers)
+    count = functools.partial(_count, bot, intake.forge, event_name or "unknown")
+    delivery_id = intake.delivery_id(request.headers)
     if not event_name or not delivery_id:
-        return _error(400, "missing X-GitHub-Event or X-GitHub-Delivery")
-    if event_name == "ping":
+        count("malformed")
+        return _error(400, "missing the event name or delivery id header")
+    if intake.forge == github_webhook.FORGE and event_name == "ping":
+        count("ping")
         return JSONResponse({"status": "pong"})
     try:
-        event = github_webhook.parse_event(event_name, github_webhook.load_body(body))
-    except github_webhook.MalformedPayload as exc:
-        bot.deliveries[(event_name, "malformed")] += 1
+        event = intake.parse(event_name, load_body(body))
+    except MalformedPayload as exc:
+        count("malformed")
         return _error(400, str(exc))
     if event is None:
-        log.info("ignored %s delivery %s", event_name, delivery_id)
-        bot.deliveries[(event_name, "ignored")] += 1
+        log.info("ignored %s %s delivery %s", intake.forge, event_name, delivery_id)
+        count("ignored")
         return JSONResponse({"status": "ignored"})
-    if not bot.store.add_delivery(Delivery(delivery_id, github_webhook.FORGE, event_name, body)):
-        bot.deliveries[(event_name, "duplicate")] += 1
+    if not bot.store.add_delivery(Delivery(delivery_id, intake.forge, event_name, body)):
+        count("duplicate")
         return JSONResponse({"status": "duplicate"})
-    bot.deliveries[(event_name, "accepted")] += 1
+    count("accepted")
     bot.dispatcher.wake()
     return JSONResponse({"status": "queued", "delivery": delivery_id}, status_code=202)
+
+
+def _count(bot: Deploybot, forge: str, event: str, outcome: str) -> None:
+    bot.deliveries[(forge, event, outcome)] += 1
 
 
 async def healthz(request: Request) -> Response:
@@ -169,10 +248,16 @@ async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     bot: Deploybot = request.app.state.bot
     lines = ["# TYPE deploybot_deliveries_total counter"]
-    for (event, outcome), count in sorted(bot.deliveries.items()):
-        lines.append(f'deploybot_deliveries_total{{event="{event}",outcome="{outcome}"}} {count}')
+    for (forge, event, outcome), count in sorted(bot.deliveries.items()):
+        labels = f'forge="{forge}",event="{_label(event)}",outcome="{outcome}"'
+        lines.append(f"deploybot_deliveries_total{{{labels}}} {count}")
     lines += ["# TYPE deploybot_queue_depth gauge", f"deploybot_queue_depth {bot.store.queue_depth()}"]
     return PlainTextResponse("\n".join(lines) + "\n")
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value: event names come from request headers."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")[:64]
 
 
 def create_app(config: Config, policy: Policy | None = None) -> Starlette:
@@ -189,7 +274,7 @@ def create_app(config: Config, policy: Policy | None = None) -> Starlette:
 
     app = Starlette(
         routes=[
-            Route("/webhooks/github", github_webhook_endpoint, methods=["POST"]),
+            Route("/webhooks/{forge:str}", webhook_endpoint, methods=["POST"]),
             Route("/healthz", healthz),
             Route("/metrics", metrics),
         ],

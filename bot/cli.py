@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
         "sandbox", help="a self-contained local trial: plan, approve and apply on a local forge")
     sandbox.add_argument("--dir", help="where to keep the trial's files (default: a temp dir)")
     sandbox.add_argument("--keep", action="store_true", help="keep the files afterwards")
+    sandbox.add_argument("--forge", choices=["github", "gitlab"], default="github",
+                         help="which local forge to run the trial on")
 
     args = parser.parse_args(argv)
     try:
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args.config, args.log_level)
         from bot.sandbox import run_sandbox
 
-        return run_sandbox(args.dir, keep=args.keep)
+        return run_sandbox(args.dir, keep=args.keep, forge_name=args.forge)
     except (ConfigError, PolicyError) as exc:
         print(f"deploybot: {exc}", file=sys.stderr)
         return 2

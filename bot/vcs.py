@@ -16,6 +16,8 @@ class VCSClient(Protocol):
     Methods are blocking (the forge SDKs are); callers run them off the event loop.
     """
 
+    comment_limit: int  # the longest comment body the forge accepts, in characters
+
     def get_pull_request(self, number: int) -> PullRequest:
         """The pull request as the forge sees it now."""
 

@@ -285,7 +285,7 @@ class Worker:
         footer = _footer(run, jobs)
         client = self.clients(run.repo)
         try:
-            for body in render_run_comment(run.command, run.head_sha, outcomes, footer):
+            for body in render_run_comment(run.command, run.head_sha, outcomes, footer, client.comment_limit):
                 await asyncio.to_thread(client.create_comment, run.pull_number, body)
             await asyncio.to_thread(report_aggregate_statuses, client, self.store, run)
         except ForgeError as exc:

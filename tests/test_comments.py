@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from bot.comments import GITHUB_COMMENT_LIMIT, ProjectOutcome, redact, render_run_comment, strip_ansi
+from bot.comments import ProjectOutcome, redact, render_run_comment, strip_ansi
+
+GITHUB_COMMENT_LIMIT = 65_536
 
 
 def test_summary_line_per_project_and_folded_output():
     [body] = render_run_comment("plan", "0123456789abcdef", [
         ProjectOutcome("staging", "succeeded", "+2 ~1 -0", "Plan: 2 to add"),
         ProjectOutcome("production", "failed", "terraform plan failed (exit 1)", "Error: boom"),
-    ])
+    ], "", GITHUB_COMMENT_LIMIT)
     assert "**deploybot plan** for `01234567`" in body
     assert "`staging`: +2 ~1 -0" in body
     assert "`production`: terraform plan failed (exit 1)" in body
@@ -23,13 +25,13 @@ def test_ansi_is_stripped_and_secrets_redacted():
 
 
 def test_fence_in_output_cannot_close_the_code_block():
-    [body] = render_run_comment("plan", "a" * 40, [ProjectOutcome("p", "succeeded", "x", "```\n# Injected")])
+    [body] = render_run_comment("plan", "a" * 40, [ProjectOutcome("p", "succeeded", "x", "```\n# Injected")], "", GITHUB_COMMENT_LIMIT)
     assert body.count("```") == 2
 
 
 def test_long_output_is_split_across_comments_under_the_limit():
     output = "\n".join(f"line {i} " + "x" * 80 for i in range(3000))  # ~270 kB
-    bodies = render_run_comment("plan", "b" * 40, [ProjectOutcome("big", "succeeded", "+1 ~0 -0", output)])
+    bodies = render_run_comment("plan", "b" * 40, [ProjectOutcome("big", "succeeded", "+1 ~0 -0", output)], "", GITHUB_COMMENT_LIMIT)
     assert len(bodies) >= 5
     assert all(len(b) <= GITHUB_COMMENT_LIMIT for b in bodies)
     assert all("`big`: +1 ~0 -0" in b for b in bodies)
@@ -39,6 +41,6 @@ def test_long_output_is_split_across_comments_under_the_limit():
 
 
 def test_single_huge_line_is_split_too():
-    bodies = render_run_comment("plan", "c" * 40, [ProjectOutcome("p", "failed", "err", "y" * 200_000)])
+    bodies = render_run_comment("plan", "c" * 40, [ProjectOutcome("p", "failed", "err", "y" * 200_000)], "", GITHUB_COMMENT_LIMIT)
     assert all(len(b) <= GITHUB_COMMENT_LIMIT for b in bodies)
     assert sum(b.count("y") for b in bodies) >= 200_000

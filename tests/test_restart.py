@@ -6,7 +6,7 @@ import copy
 import time
 from pathlib import Path
 
-from bot.sandbox import REPO, wait_for
+from bot.sandbox import wait_for
 from tests.world import TEST_POLICY, World, staging_change
 
 SLOW_APPLY = """
@@ -54,7 +54,7 @@ def test_apply_cut_off_by_a_crash_is_reported_not_rerun(tmp_path: Path):
         files["staging/slow.tf"] = SLOW_APPLY
         number = world.open_pr("slow", files)
         world.wait_comment(number, "**deploybot plan**")
-        world.github.review(REPO, number, "dave", "APPROVED")
+        world.forge.approve(number, "dave")
         world.comment(number, "bob", "deploybot apply")
         wait_for(lambda: running_job(world, "apply"), 60, "the apply to start")
         time.sleep(1.5)  # terraform is applying now

@@ -1,8 +1,8 @@
-"""An end-to-end world: a real git repo, the local GitHub API, and the real bot over HTTP.
+"""An end-to-end world: a real git repo, a local forge API, and the real bot over HTTP.
 
-Tests drive the fake GitHub the way people drive GitHub (open a pull request,
-comment, review, merge); the fake sends signed webhooks to the bot, and the bot
-calls the fake's API through PyGithub and runs real terraform.
+Tests drive the local forge the way people drive GitHub or GitLab (open a pull
+request, comment, approve, merge); the fake sends signed webhooks to the bot, and
+the bot calls the fake's API through PyGithub or python-gitlab and runs real terraform.
 """
 
 from __future__ import annotations
@@ -17,31 +17,9 @@ from typing import Any
 
 import httpx
 
-from bot.github_fake import FakeGitHub
-from bot.sandbox import (
-    APP_ID,
-    INSTALLATION_ID,
-    POLICY,
-    REPO,
-    WEBHOOK_SECRET,
-    BotServer,
-    GitRepo,
-    git,
-    project_files,
-    wait_for,
-    write_config,
-)
+from bot.sandbox import POLICY, REPO, BotServer, GitRepo, git, project_files, wait_for, write_config
+from bot.sandbox_forges import FORGES, SandboxForge
 from bot.store import Store
-
-# Users of the test organisation and what GitHub says about them.
-PEOPLE = {
-    "alice": "write",     # developer: opens pull requests, may plan
-    "carol": "write",     # another developer, not an approver
-    "bob": "maintain",    # platform team: approves and applies
-    "dave": "maintain",   # platform team: approves and applies
-    "eve": "read",        # outsider
-}
-PLATFORM_TEAM = ("bob", "dave")
 
 TEST_POLICY = copy.deepcopy(POLICY)
 TEST_POLICY["repos"][REPO]["apply_requirements"] = ["approved"]
@@ -51,24 +29,17 @@ class World:
     """One repository on the local GitHub, the bot serving it, and helpers to act and wait."""
 
     def __init__(self, root: Path, policy: dict | None = None, in_process: bool = True,
-                 **terraform: Any) -> None:
+                 forge: str = "github", **terraform: Any) -> None:
         self.root = root
         self.state_dir = root / "state"
         self.state_dir.mkdir(parents=True)
         self.repo = GitRepo(root)
         self.repo.commit(project_files(self.state_dir, {"staging": "small", "production": "small"}),
                          "Two projects", push="main")
-        self.github = FakeGitHub(app_id=APP_ID)
-        self.github.start()
-        self.github.add_repo(REPO, self.repo.bare, default_branch="main")
-        self.github.add_installation(INSTALLATION_ID, [REPO])
-        for user, level in PEOPLE.items():
-            self.github.set_permission(REPO, user, level)
-        for user in PLATFORM_TEAM:
-            self.github.add_team_member("acme/platform", user)
+        self.forge: SandboxForge = FORGES[forge]()
+        self.forge.start(self.repo.bare)
         self.policy = copy.deepcopy(policy or TEST_POLICY)
-        self.config_path = write_config(root, self.github.url, self.github.private_key_pem,
-                                        self.policy, **terraform)
+        self.config_path = write_config(root, self.forge, self.policy, **terraform)
         self.in_process = in_process
         self.server: BotServer | None = None
         self.process: subprocess.Popen | None = None
@@ -89,7 +60,7 @@ class World:
             port = int(self.config_path.read_text().split("port: ")[1].split()[0])
             self.url = f"http://127.0.0.1:{port}"
             wait_for(self._healthy, 30, "the bot to start")
-        self.github.set_webhook(f"{self.url}/webhooks/github", WEBHOOK_SECRET)
+        self.forge.set_webhook(self.url)
 
     def _healthy(self) -> bool:
         try:
@@ -109,7 +80,7 @@ class World:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=30)
-        self.github.stop()
+        self.forge.stop()
 
     def store(self) -> Store:
         """A second handle on the bot's database, for assertions."""
@@ -132,26 +103,25 @@ class World:
                 fork: bool = False) -> int:
         self.repo.branch(branch, "main")
         self.repo.commit(files, f"Change on {branch}", push=branch)
-        return self.github.open_pull(REPO, branch, author=author, fork=fork)
+        return self.forge.open(branch, author=author, fork=fork)
 
-    def push(self, number: int, files: dict[str, str | None]) -> str:
-        """Commit to the pull request's branch and let GitHub send `synchronize`."""
-        branch = self.github.pull(REPO, number)["head"]["ref"]
+    def push(self, number: int, branch: str, files: dict[str, str | None]) -> str:
+        """Commit to the pull request's branch and let the forge tell the bot."""
         git("switch", "--quiet", branch, cwd=self.repo.work)
         sha = self.repo.commit(files, "Another change", push=branch)
-        self.github.synchronize(REPO, number)
+        self.forge.synchronize(number)
         return sha
 
-    def comment(self, number: int, user: str, body: str) -> None:
-        self.github.comment(REPO, number, user, body)
+    def comment(self, number: int, user: str, body: str) -> int:
+        return self.forge.comment(number, user, body)
 
     def head(self, number: int) -> str:
-        return self.github.pull(REPO, number)["head"]["sha"]
+        return self.forge.head(number)
 
     # Looking ------------------------------------------------------------------------
 
     def bot_comments(self, number: int) -> list[str]:
-        return [c["body"] for c in self.github.comments(REPO, number) if c["user"] == self.github.bot_login]
+        return [c["body"] for c in self.forge.comments(number) if c["user"] == self.forge.bot_login]
 
     def wait_comment(self, number: int, contains: str, timeout: float = 120, after: int = 0) -> str:
         """The first bot comment (from index `after`) containing the text."""
@@ -162,7 +132,7 @@ class World:
         return wait_for(found, timeout, f"a bot comment on #{number} containing {contains!r}")  # type: ignore[return-value]
 
     def statuses(self, number: int) -> dict[str, tuple[str, str]]:
-        return self.github.statuses(REPO, self.head(number))
+        return self.forge.statuses(number)
 
     def wait_status(self, number: int, context: str, state: str, timeout: float = 60) -> str:
         """Wait until the head's status `context` is `state`; return its description."""

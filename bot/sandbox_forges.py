@@ -1,0 +1,136 @@
+"""The local forges of `deploybot sandbox` and the end-to-end tests, behind one interface.
+
+Each wraps a local API fake (`bot.github_fake`, `bot.gitlab_fake`) and acts the
+way people act on that forge: open a pull/merge request, comment, approve, merge.
+The fake then sends its signed webhooks to the bot over HTTP.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from bot.github_fake import FakeGitHub
+
+REPO = "acme/infrastructure-live"
+TEAM = "acme/platform"
+WEBHOOK_SECRET = "sandbox-webhook-secret"
+APP_ID = 1001
+INSTALLATION_ID = 4242
+
+# Who is who in the sandbox organisation, and their permission on the repository.
+PEOPLE = {
+    "alice": "write",     # developer: opens pull requests, may plan
+    "carol": "write",     # another developer, no approver
+    "bob": "maintain",    # platform team: approves and applies
+    "dave": "maintain",   # platform team: approves and applies
+    "eve": "read",        # outsider
+}
+TEAM_MEMBERS = ("bob", "dave")
+
+
+class SandboxForge(Protocol):
+    """A local forge the sandbox and the tests drive."""
+
+    name: str
+    bot_login: str
+
+    def start(self, bare_repo: Path) -> None: ...
+    def stop(self) -> None: ...
+    def config_section(self, root: Path) -> dict: ...
+    def set_webhook(self, bot_url: str) -> None: ...
+    def open(self, branch: str, author: str = "alice", fork: bool = False) -> int: ...
+    def synchronize(self, number: int) -> None: ...
+    def comment(self, number: int, user: str, body: str) -> int: ...
+    def edit_comment(self, number: int, comment_id: int, body: str, user: str) -> None: ...
+    def approve(self, number: int, user: str) -> int: ...
+    def request_changes(self, number: int, user: str) -> None: ...
+    def withdraw_approval(self, number: int, user: str, approval_id: int) -> None: ...
+    def merge(self, number: int) -> None: ...
+    def set_ci_status(self, number: int, context: str, state: str) -> None: ...
+    def require_ci(self, contexts: list[str]) -> None: ...
+    def comments(self, number: int) -> list[dict]: ...
+    def statuses(self, number: int) -> dict[str, tuple[str, str]]: ...
+    def head(self, number: int) -> str: ...
+    def delivery_ids(self) -> list[str]: ...
+    def redeliver(self, delivery_id: str) -> int: ...
+
+
+class SandboxGitHub:
+    """GitHub: an App installed on the repository; reviews in the UI."""
+
+    name = "github"
+
+    def __init__(self) -> None:
+        self.fake = FakeGitHub(app_id=APP_ID)
+        self.bot_login = self.fake.bot_login
+
+    def start(self, bare_repo: Path) -> None:
+        self.fake.start()
+        self.fake.add_repo(REPO, bare_repo, default_branch="main")
+        self.fake.add_installation(INSTALLATION_ID, [REPO])
+        for user, level in PEOPLE.items():
+            self.fake.set_permission(REPO, user, level)
+        for user in TEAM_MEMBERS:
+            self.fake.add_team_member(TEAM, user)
+
+    def stop(self) -> None:
+        self.fake.stop()
+
+    def config_section(self, root: Path) -> dict:
+        key = root / "app-private-key.pem"
+        key.write_text(self.fake.private_key_pem)
+        key.chmod(0o600)
+        return {"github": {"api_url": self.fake.url, "app_id": APP_ID,
+                           "private_key_file": str(key), "webhook_secret": WEBHOOK_SECRET}}
+
+    def set_webhook(self, bot_url: str) -> None:
+        self.fake.set_webhook(f"{bot_url}/webhooks/github", WEBHOOK_SECRET)
+
+    def open(self, branch: str, author: str = "alice", fork: bool = False) -> int:
+        return self.fake.open_pull(REPO, branch, author=author, fork=fork, title=f"Change {branch}")
+
+    def synchronize(self, number: int) -> None:
+        self.fake.synchronize(REPO, number)
+
+    def comment(self, number: int, user: str, body: str) -> int:
+        return self.fake.comment(REPO, number, user, body)
+
+    def edit_comment(self, number: int, comment_id: int, body: str, user: str) -> None:
+        self.fake.edit_comment(REPO, comment_id, body, user=user)
+
+    def approve(self, number: int, user: str) -> int:
+        return self.fake.review(REPO, number, user, "APPROVED")
+
+    def request_changes(self, number: int, user: str) -> None:
+        self.fake.review(REPO, number, user, "CHANGES_REQUESTED")
+
+    def withdraw_approval(self, number: int, user: str, approval_id: int) -> None:
+        self.fake.dismiss_review(REPO, number, approval_id)
+
+    def merge(self, number: int) -> None:
+        self.fake.merge(REPO, number)
+
+    def set_ci_status(self, number: int, context: str, state: str) -> None:
+        self.fake.set_status(REPO, self.head(number), context, state)
+
+    def require_ci(self, contexts: list[str]) -> None:
+        self.fake.set_required_contexts(REPO, "main", contexts)
+
+    def comments(self, number: int) -> list[dict]:
+        return self.fake.comments(REPO, number)
+
+    def statuses(self, number: int) -> dict[str, tuple[str, str]]:
+        return self.fake.statuses(REPO, self.head(number))
+
+    def head(self, number: int) -> str:
+        return self.fake.pull(REPO, number)["head"]["sha"]
+
+    def delivery_ids(self) -> list[str]:
+        return [d.delivery_id for d in self.fake.deliveries]
+
+    def redeliver(self, delivery_id: str) -> int:
+        return self.fake.redeliver(delivery_id)
+
+
+FORGES: dict[str, type] = {"github": SandboxGitHub}
