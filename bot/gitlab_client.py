@@ -1,0 +1,439 @@
+"""The GitLab edge: a `VCSClient` for one project (merge requests), over python-gitlab.
+
+`GitLabClient` talks to whatever `url` says: gitlab.com, a self-managed GitLab, or the
+local fake in `bot.gitlab_fake`. It authenticates with one token (a project, group or
+personal access token of the bot user, scope `api`), looks the project up by its path
+(nested groups allowed: `group/subgroup/infrastructure-live`), and numbers merge
+requests by their iid. The token never appears in a repr, a log line or an exception.
+
+How GitLab's words become the bot's:
+
+- Commit statuses: pending → pending, success → success, failure and error → failed.
+  GitLab refuses (400 "Cannot transition status via :enqueue from :pending") to put a
+  pending or running status into the state it already has; that repeat counts as done.
+- Permissions: the project's `members/all` access level (own or inherited from its
+  groups): 10 Guest → read, 15 Planner → read, 20 Reporter → triage, 30 Developer →
+  write, 40 Maintainer → maintain, 50 Owner → admin; not a member → none.
+- Teams are groups (`group` or `group/subgroup`); a user is in one when the group's
+  `members/all` lists them as active.
+- Mergeability comes from the merge request's `detailed_merge_status` (see `mergeability`).
+- Approvals: see `reviews`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import gitlab
+import requests
+from gitlab.exceptions import GitlabError
+
+from bot.models import Mergeability, PullRequest, Repo, Review
+from bot.vcs import ForgeError, Permission, StatusState
+
+USER_AGENT = "deploybot"
+NOTE_LIMIT = 1_000_000  # characters: GitLab refuses longer notes (400 "is too long")
+STATUS_DESCRIPTION_LIMIT = 255  # kept short, like a column that holds it
+PER_PAGE = 100  # GitLab's maximum page size
+APPROVED_NOTE = "approved this merge request"  # the system note GitLab adds for each approval
+
+STATUS_STATES: dict[str, str] = {"pending": "pending", "success": "success", "failure": "failed", "error": "failed"}
+ACCESS_LEVELS: tuple[tuple[int, Permission], ...] = (
+    (50, "admin"),  # Owner
+    (40, "maintain"),  # Maintainer
+    (30, "write"),  # Developer
+    (20, "triage"),  # Reporter
+    (10, "read"),  # Guest (and 15, Planner)
+)
+# detailed_merge_status values that mean "not decided yet": ask again shortly.
+UNSETTLED_MERGE_STATUSES = frozenset({"unchecked", "checking", "preparing", "approvals_syncing"})
+# Statuses that block only on the pipeline: decided by the head commit's statuses instead.
+CI_MERGE_STATUSES = frozenset({"ci_must_pass", "ci_still_running"})
+PASSING_STATUSES = frozenset({"success", "skipped"})
+MERGE_STATUS_REASONS = {
+    "conflict": "the merge request has merge conflicts",
+    "draft_status": "the merge request is a draft",
+    "not_approved": "the merge request lacks the approvals GitLab requires",
+    "requested_changes": "a reviewer requested changes",
+    "discussions_not_resolved": "the merge request has unresolved threads",
+    "need_rebase": "the merge request must be rebased onto the target branch",
+    "not_open": "the merge request is not open",
+    "blocked_status": "the merge request is blocked by another merge request",
+    "merge_request_blocked": "the merge request is blocked by another merge request",
+    "external_status_checks": "external status checks have not passed",
+    "status_checks_must_pass": "external status checks have not passed",
+    "jira_association_missing": "the title or description must reference a Jira issue",
+    "broken_status": "the source branch cannot be merged (broken)",
+    "commits_status": "the source branch has no commits or is missing",
+    "security_policy_violations": "security policy rules are violated",
+    "merge_time": "the merge request may not be merged before its merge-after time",
+    "locked_paths": "paths the merge request changes are locked",
+    "locked_lfs_files": "LFS files the merge request changes are locked",
+    "title_regex": "the title does not match the project's required pattern",
+}
+
+
+class GitLabClient:
+    """`VCSClient` for one GitLab project, over python-gitlab."""
+
+    comment_limit = NOTE_LIMIT
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        repo: Repo,
+        *,
+        timeout: float = 15,
+        mergeable_retries: int = 4,
+        mergeable_retry_delay: float = 1.0,
+    ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"gitlab url must be an http(s) URL, got {url!r}")
+        if not token or not token.strip():
+            raise ValueError("gitlab token is empty")
+        if not repo.full_name or repo.full_name.strip("/") != repo.full_name:
+            raise ValueError(f"not a GitLab project path: {repo.full_name!r}")
+        self.url = url.rstrip("/")
+        self.repo = repo
+        self._token = token
+        self._mergeable_retries = max(mergeable_retries, 1)
+        self._mergeable_retry_delay = mergeable_retry_delay
+        self._gl = gitlab.Gitlab(
+            self.url,
+            private_token=token,
+            timeout=timeout,
+            retry_transient_errors=True,
+            per_page=PER_PAGE,
+            user_agent=USER_AGENT,
+        )
+        self._project = self._gl.projects.get(repo.full_name, lazy=True)  # no request: the path is the id
+        self._path = f"/projects/{_quote(repo.full_name)}"
+
+    def __repr__(self) -> str:
+        return f"GitLabClient(url={self.url!r}, project={self.repo.full_name!r})"
+
+    def close(self) -> None:
+        """Close the HTTP connections."""
+        self._gl.session.close()
+
+    # -- merge requests ------------------------------------------------------------------------
+
+    def get_pull_request(self, number: int) -> PullRequest:
+        """The merge request (by iid) as GitLab sees it now."""
+        with self._api(f"fetching merge request !{number} of {self.repo.full_name}"):
+            data = self._project.mergerequests.get(number).attributes
+            return self._pull(data)
+
+    def changed_files(self, number: int) -> list[str]:
+        """Every path the merge request touches (`/merge_requests/:iid/diffs`); a rename counts on both sides."""
+        paths: dict[str, None] = {}  # ordered set
+        with self._api(f"listing the diffs of merge request !{number} of {self.repo.full_name}"):
+            diffs = self._gl.http_list(
+                f"{self._path}/merge_requests/{int(number)}/diffs", query_data={"per_page": PER_PAGE}, iterator=True
+            )
+            for diff in diffs:
+                paths[diff["new_path"]] = None
+                paths[diff["old_path"]] = None
+        return list(paths)
+
+    def create_comment(self, number: int, body: str) -> int:
+        """Post a note on the merge request; return its id. GitLab takes up to `NOTE_LIMIT` characters."""
+        with self._api(f"commenting on merge request !{number} of {self.repo.full_name}"):
+            note = self._project.mergerequests.get(number, lazy=True).notes.create({"body": body})
+            return int(note.id)
+
+    def set_status(self, sha: str, context: str, state: StatusState, description: str, target_url: str = "") -> None:
+        """Set the commit status `context` (GitLab's `name`); a repeat of its current state is a success."""
+        gitlab_state = STATUS_STATES.get(state)
+        if gitlab_state is None:
+            raise ValueError(f"unknown status state {state!r}")
+        if len(description) > STATUS_DESCRIPTION_LIMIT:
+            description = description[: STATUS_DESCRIPTION_LIMIT - 1] + "…"
+        payload = {"state": gitlab_state, "name": context, "description": description}
+        if target_url:
+            payload["target_url"] = target_url
+        action = f"setting status {context!r} on {sha[:12]} of {self.repo.full_name}"
+        try:
+            with self._api(action):
+                self._gl.http_post(f"{self._path}/statuses/{_quote(sha)}", post_data=payload)
+        except ForgeError as exc:
+            if exc.status == 400 and "Cannot transition status" in str(exc):
+                with self._api(action):
+                    if self._current_status(sha, context) == gitlab_state:
+                        return  # GitLab already shows exactly this
+            raise
+
+    def _current_status(self, sha: str, name: str) -> str | None:
+        statuses = self._gl.http_list(
+            f"{self._path}/repository/commits/{_quote(sha)}/statuses",
+            query_data={"name": name, "per_page": PER_PAGE},
+            get_all=True,
+        )
+        mine = [s for s in statuses if s.get("name") == name]
+        return max(mine, key=lambda s: s["id"])["status"] if mine else None
+
+    def reviews(self, number: int) -> list[Review]:
+        """Who approves the merge request now, each with the SHA their approval counts for, oldest first.
+
+        GitLab's approvals API names the approvers but not the commit they approved. The
+        rule: an approval counts for the merge request's current head only if it was given
+        after that head was pushed. "Pushed" is the `created_at` of the newest diff version
+        (`/merge_requests/:iid/versions`) whose `head_commit_sha` is the current head: the
+        moment GitLab registered the push. "Given" is `approved_by[].approved_at` where the
+        API reports it (GitLab 18.4+), else the time of the approver's latest "approved this
+        merge request" system note. Both are GitLab server times.
+
+        - approved after the head was pushed → `commit_sha` is the head;
+        - approved before → the head of the newest version that existed then (never the
+          current head, even if a branch was reset back to it);
+        - when either time cannot be established → `commit_sha` is "" and it never counts.
+
+        Every Review is "APPROVED": GitLab lists only standing approvals (a withdrawn one
+        simply disappears). `submitted_at` is the approval time, "" if unknown.
+        """
+        action = f"listing approvals of merge request !{number} of {self.repo.full_name}"
+        with self._api(action):
+            mr = self._project.mergerequests.get(number)
+            head = str(mr.sha or "")
+            versions = [(v.head_commit_sha, _parse_time(v.created_at)) for v in mr.diffs.list(get_all=True)]
+            approved_by = mr.approvals.get().attributes.get("approved_by") or []
+            approvals = [
+                (entry["user"]["username"], _parse_time(entry.get("approved_at")))
+                for entry in approved_by
+                if isinstance(entry, dict) and isinstance(entry.get("user"), dict)
+            ]
+            if any(when is None for _, when in approvals):
+                noted = self._approval_note_times(mr)
+                approvals = [(user, when or noted.get(user.lower())) for user, when in approvals]
+        pushed = [created for sha, created in versions if sha == head and created is not None]
+        pushed_at = max(pushed) if pushed else None
+        reviews = [
+            Review(user=user, state="APPROVED", commit_sha=_approved_sha(when, head, pushed_at, versions),
+                   submitted_at=_iso(when))
+            for user, when in approvals
+        ]
+        return sorted(reviews, key=lambda r: (r.submitted_at == "", r.submitted_at))
+
+    def _approval_note_times(self, mr: Any) -> dict[str, datetime]:
+        """Each user's latest "approved this merge request" system note, by lower-cased username."""
+        times: dict[str, datetime] = {}
+        for note in mr.notes.list(iterator=True, sort="asc", order_by="created_at"):
+            if not note.system or note.body.strip() != APPROVED_NOTE:
+                continue
+            when = _parse_time(note.created_at)
+            user = str(note.author["username"]).lower()
+            if when is not None and (user not in times or when > times[user]):
+                times[user] = when
+        return times
+
+    # -- people ------------------------------------------------------------------------------
+
+    def permission(self, user: str) -> Permission:
+        """The user's role on the project (own or inherited from its groups); "none" if not a member."""
+        user_id = self._user_id(user)
+        if user_id is None:
+            return "none"
+        try:
+            with self._api(f"reading {user}'s access level on {self.repo.full_name}"):
+                member = self._project.members_all.get(user_id)
+        except ForgeError as exc:
+            if exc.status == 404:
+                return "none"
+            raise
+        if not _active(member.attributes):
+            return "none"
+        level = int(member.access_level or 0)
+        return next((permission for minimum, permission in ACCESS_LEVELS if level >= minimum), "none")
+
+    def is_team_member(self, user: str, team: str) -> bool:
+        """Whether the user is an active member of the group `team` (`group` or `group/subgroup`)."""
+        group = team.strip()
+        if not group or group.strip("/") != group or "//" in group:
+            raise ValueError(f"team must be a GitLab group path like 'group/subgroup', got {team!r}")
+        user_id = self._user_id(user)
+        if user_id is None:
+            return False
+        try:
+            with self._api(f"reading {user}'s membership of {group}"):
+                member = self._gl.groups.get(group, lazy=True).members_all.get(user_id)
+        except ForgeError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return _active(member.attributes)
+
+    def _user_id(self, username: str) -> int | None:
+        if not username:
+            return None
+        with self._api(f"looking up user {username}"):
+            users = self._gl.users.list(username=username, get_all=False)
+        return next((int(u.id) for u in users if str(u.username).lower() == username.lower()), None)
+
+    # -- merging -------------------------------------------------------------------------------
+
+    def mergeability(self, pull: PullRequest, ignore_contexts: frozenset[str]) -> Mergeability:
+        """Whether GitLab would merge the MR, judging "pipeline must succeed" without `ignore_contexts`.
+
+        From `detailed_merge_status` (plus `draft` and `has_conflicts`): "mergeable" merges;
+        `ci_must_pass` and `ci_still_running` are decided by the head commit's statuses, every
+        one not ignored (and not `allow_failure`) having to be success (or skipped), so the
+        bot's own pending `deploybot/apply` cannot block its own apply; anything else does
+        not merge, and the reason names it.
+        """
+        with self._api(f"checking mergeability of merge request !{pull.number} of {self.repo.full_name}"):
+            data = self._project.mergerequests.get(pull.number).attributes
+            for _ in range(self._mergeable_retries - 1):
+                if _merge_status(data) not in UNSETTLED_MERGE_STATUSES:
+                    break
+                # GitLab checks mergeability in the background after a push; asking starts it.
+                time.sleep(self._mergeable_retry_delay)
+                data = self._project.mergerequests.get(pull.number).attributes
+            status = _merge_status(data)
+            if status in UNSETTLED_MERGE_STATUSES:
+                return Mergeability(False, f"GitLab has not checked mergeability yet ({status})")
+            if data.get("draft") or data.get("work_in_progress") or status == "draft_status":
+                return Mergeability(False, "the merge request is a draft (GitLab: draft_status)")
+            if data.get("has_conflicts") or status == "conflict":
+                return Mergeability(False, "the merge request has merge conflicts (GitLab: conflict)")
+            if status == "mergeable":
+                return Mergeability(True)
+            if status in CI_MERGE_STATUSES:
+                return self._statuses_pass(str(data.get("sha") or pull.head_sha), ignore_contexts)
+            reason = MERGE_STATUS_REASONS.get(status, "GitLab would not merge it")
+            return Mergeability(False, f"{reason} (GitLab: {status})")
+
+    def _statuses_pass(self, sha: str, ignore: frozenset[str]) -> Mergeability:
+        statuses = self._gl.http_list(
+            f"{self._path}/repository/commits/{_quote(sha)}/statuses", query_data={"per_page": PER_PAGE}, get_all=True
+        )
+        latest: dict[str, dict[str, Any]] = {}
+        for status in sorted(statuses, key=lambda s: s["id"]):
+            latest[status["name"]] = status
+        for name in sorted(set(latest) - ignore):
+            status = latest[name]
+            if status.get("allow_failure"):
+                continue  # a job allowed to fail never fails its pipeline
+            if status["status"] not in PASSING_STATUSES:
+                return Mergeability(False, f"commit status {name!r} is {status['status']}")
+        return Mergeability(True)
+
+    def is_behind_base(self, pull: PullRequest) -> bool:
+        """Whether the target branch has commits the MR head does not contain (compare head → target)."""
+        with self._api(f"comparing {pull.head_sha[:12]} with {pull.base_ref} on {self.repo.full_name}"):
+            comparison = self._project.repository_compare(pull.head_sha, pull.base_ref)
+            return bool(comparison["commits"])
+
+    # -- repository ----------------------------------------------------------------------------
+
+    def read_file(self, ref: str, path: str) -> str | None:
+        """A file's text at a ref, or None if there is no file there."""
+        try:
+            with self._api(f"reading {path} at {ref} of {self.repo.full_name}"):
+                raw = self._project.files.raw(file_path=path, ref=ref)
+        except ForgeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return bytes(raw).decode("utf-8")
+
+    def git_auth_header(self) -> str:
+        """`Authorization` value for git over HTTPS: GitLab takes a token as the password of `oauth2`."""
+        return "Basic " + base64.b64encode(f"oauth2:{self._token}".encode()).decode("ascii")
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _pull(self, data: dict[str, Any]) -> PullRequest:
+        state = data.get("state")
+        return PullRequest(
+            repo=self.repo,
+            number=int(data["iid"]),
+            head_sha=str(data.get("sha") or ""),
+            head_ref=str(data["source_branch"]),
+            base_ref=str(data["target_branch"]),
+            author=str((data.get("author") or {}).get("username") or ""),
+            is_fork=data.get("source_project_id") != data.get("target_project_id"),
+            state="closed" if state in ("closed", "merged") else "open",
+            merged=state == "merged",
+            url=str(data.get("web_url") or ""),
+        )
+
+    @contextmanager
+    def _api(self, action: str) -> Iterator[None]:
+        """Turn python-gitlab and transport failures into ForgeError, with the token scrubbed."""
+        try:
+            yield
+        except ForgeError:
+            raise
+        except GitlabError as exc:
+            message = _error_text(exc.error_message).replace(self._token, "***")
+            status = exc.response_code
+            raise ForgeError(
+                f"GitLab API error while {action}: {status or ''} {message}".replace("  ", " ").rstrip(), status
+            ) from None
+        except requests.RequestException as exc:
+            raise ForgeError(f"could not reach GitLab while {action}: {type(exc).__name__}") from None
+
+
+def _approved_sha(
+    when: datetime | None, head: str, pushed_at: datetime | None, versions: list[tuple[str, datetime | None]]
+) -> str:
+    """The commit an approval given at `when` counts for (see `GitLabClient.reviews`)."""
+    if when is None or pushed_at is None or not head:
+        return ""
+    if when > pushed_at:
+        return head
+    seen = [(created, sha) for sha, created in versions if created is not None and created <= when]
+    if not seen:
+        return ""
+    sha = max(seen)[1]
+    return sha if sha != head else ""  # the head was pushed again since: that approval is older than it
+
+
+def _merge_status(data: dict[str, Any]) -> str:
+    """`detailed_merge_status`, or what the older `merge_status` implies on GitLab before 15.6."""
+    detailed = data.get("detailed_merge_status")
+    if detailed:
+        return str(detailed)
+    legacy = data.get("merge_status")
+    return {"can_be_merged": "mergeable", "cannot_be_merged": "conflict"}.get(str(legacy), "unchecked")
+
+
+def _active(member: dict[str, Any]) -> bool:
+    """An active user whose membership is not waiting for approval."""
+    return member.get("state", "active") == "active" and member.get("membership_state", "active") == "active"
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _iso(moment: datetime | None) -> str:
+    if moment is None:
+        return ""
+    moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _error_text(message: Any) -> str:
+    if isinstance(message, bytes):
+        message = message.decode("utf-8", errors="replace")
+    if not isinstance(message, str):
+        message = json.dumps(message, sort_keys=True)
+    return message[:300]
+
+
+def _quote(segment: str) -> str:
+    return urllib.parse.quote(segment, safe="")
