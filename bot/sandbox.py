@@ -195,8 +195,9 @@ class BotServer:
     def __init__(self, config_path: Path) -> None:
         self.config = load_config(config_path)
         self.url = f"http://{self.config.server.host}:{self.config.server.port}"
+        self.app = create_app(self.config)
         self._server = uvicorn.Server(uvicorn.Config(
-            create_app(self.config), host=self.config.server.host, port=self.config.server.port,
+            self.app, host=self.config.server.host, port=self.config.server.port,
             log_level="warning", lifespan="on"))
         self._thread = threading.Thread(target=self._server.run, name="deploybot", daemon=True)
 
@@ -208,6 +209,16 @@ class BotServer:
                 raise RuntimeError("deploybot did not start")
             time.sleep(0.05)
         return self
+
+    def wait_idle(self, timeout: float = 120) -> None:
+        """Wait until every delivery was handled and no job is queued or running."""
+        store = self.app.state.bot.store
+
+        def idle() -> bool:
+            return not (store.pending_deliveries() or store.jobs_with_status("queued")
+                        or store.jobs_with_status("running"))
+
+        wait_for(idle, timeout, "deploybot to go idle")
 
     def stop(self) -> None:
         self._server.should_exit = True
@@ -320,8 +331,7 @@ def run_sandbox(directory: str | None, keep: bool = False, forge_name: str = "gi
 
         narrator.say("dave (also platform) approves in the forge's UI")
         forge.approve(narrator.number, "dave")
-        wait_for(lambda: "ready" in forge.statuses(narrator.number).get("deploybot/apply", ("", ""))[1],
-                 60, "the apply status to say ready")
+        bot.wait_idle()
         narrator.catch_up()
 
         narrator.say("bob comments `deploybot apply` again")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 from bot.github_fake import FakeGitHub
+from bot.gitlab_fake import FakeGitLab
 
 REPO = "acme/infrastructure-live"
 TEAM = "acme/platform"
@@ -133,4 +134,91 @@ class SandboxGitHub:
         return self.fake.redeliver(delivery_id)
 
 
-FORGES: dict[str, type] = {"github": SandboxGitHub}
+class SandboxGitLab:
+    """GitLab: a bot user's token; approvals on the merge request; groups as teams."""
+
+    name = "gitlab"
+    ACCESS_LEVELS = {"read": 20, "write": 30, "maintain": 40}  # Reporter, Developer, Maintainer
+    # GitLab's commit status words, told in the words the bot (and GitHub) use.
+    STATES = {"failed": "failure", "canceled": "error", "running": "pending"}
+
+    def __init__(self) -> None:
+        self.fake = FakeGitLab(bot_username="deploybot")
+        self.bot_login = self.fake.bot_username
+        self._approved: set[tuple[int, str]] = set()  # (iid, user) approving now
+
+    def start(self, bare_repo: Path) -> None:
+        self.fake.start()
+        self.fake.add_project(REPO, bare_repo, default_branch="main")
+        for user, level in PEOPLE.items():
+            self.fake.set_access_level(REPO, user, self.ACCESS_LEVELS[level])
+        for user in TEAM_MEMBERS:
+            self.fake.add_group_member(TEAM, user, level=40)
+
+    def stop(self) -> None:
+        self.fake.stop()
+
+    def config_section(self, root: Path) -> dict:
+        token = root / "gitlab-token"
+        token.write_text(self.fake.token)
+        token.chmod(0o600)
+        return {"gitlab": {"url": self.fake.url, "token_file": str(token),
+                           "webhook_secret": WEBHOOK_SECRET, "bot_username": self.bot_login}}
+
+    def set_webhook(self, bot_url: str) -> None:
+        self.fake.set_webhook(f"{bot_url}/webhooks/gitlab", WEBHOOK_SECRET)
+
+    def open(self, branch: str, author: str = "alice", fork: bool = False) -> int:
+        return self.fake.open_merge_request(REPO, branch, author=author, fork=fork, title=f"Change {branch}")
+
+    def synchronize(self, number: int) -> None:
+        self.fake.push(REPO, number)
+
+    def comment(self, number: int, user: str, body: str) -> int:
+        return self.fake.comment(REPO, number, user, body)
+
+    def edit_comment(self, number: int, comment_id: int, body: str, user: str) -> None:
+        self.fake.edit_comment(REPO, comment_id, body, user=user)
+
+    def approve(self, number: int, user: str) -> int:
+        if (number, user) in self._approved:
+            # Approving the new head after a push: revoke the old approval first, as in the UI.
+            self.fake.unapprove(REPO, number, user)
+        self._approved.add((number, user))
+        return self.fake.approve(REPO, number, user)
+
+    def request_changes(self, number: int, user: str) -> None:
+        self.withdraw_approval(number, user, 0)  # GitLab's nearest: the approval is revoked
+
+    def withdraw_approval(self, number: int, user: str, approval_id: int) -> None:
+        self._approved.discard((number, user))
+        self.fake.unapprove(REPO, number, user)
+
+    def merge(self, number: int) -> None:
+        self.fake.merge(REPO, number)
+
+    def set_ci_status(self, number: int, context: str, state: str) -> None:
+        gitlab_state = {"failure": "failed", "error": "failed"}.get(state, state)
+        self.fake.set_commit_status(REPO, self.head(number), context, gitlab_state)
+
+    def require_ci(self, contexts: list[str]) -> None:
+        self.fake.set_project_settings(REPO, pipeline_must_succeed=True)
+
+    def comments(self, number: int) -> list[dict]:
+        return self.fake.comments(REPO, number)
+
+    def statuses(self, number: int) -> dict[str, tuple[str, str]]:
+        return {name: (self.STATES.get(state, state), description)
+                for name, (state, description) in self.fake.statuses(REPO, self.head(number)).items()}
+
+    def head(self, number: int) -> str:
+        return self.fake.mr(REPO, number)["sha"]
+
+    def delivery_ids(self) -> list[str]:
+        return [d.delivery_id for d in self.fake.deliveries]
+
+    def redeliver(self, delivery_id: str) -> int:
+        return self.fake.redeliver(delivery_id)
+
+
+FORGES: dict[str, type] = {"github": SandboxGitHub, "gitlab": SandboxGitLab}
