@@ -68,6 +68,12 @@ CREATE TABLE IF NOT EXISTS locks (
     holder TEXT NOT NULL,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS used_once (
+    scope TEXT NOT NULL,          -- "jti:<issuer>", "nonce:<caller>", "slack"
+    value TEXT NOT NULL,
+    expires_at REAL NOT NULL,     -- kept until then; afterwards the token or timestamp is stale anyway
+    PRIMARY KEY (scope, value)
+);
 CREATE TABLE IF NOT EXISTS approvals (
     repo TEXT NOT NULL,
     pull_number INTEGER NOT NULL,
@@ -427,6 +433,19 @@ class Store:
         with self._lock:
             cursor = self._db.execute(
                 "DELETE FROM locks WHERE project_key = ? AND pull_number = ?", (key, pull_number)
+            )
+            return cursor.rowcount == 1
+
+    # Replay protection --------------------------------------------------------
+
+    def first_use(self, scope: str, value: str, expires_at: float) -> bool:
+        """Record a one-time value (a JWT id, a nonce); False if it was used before."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute("DELETE FROM used_once WHERE expires_at < ?", (now,))
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO used_once (scope, value, expires_at) VALUES (?, ?, ?)",
+                (scope, value, expires_at),
             )
             return cursor.rowcount == 1
 
