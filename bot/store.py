@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     run_id INTEGER NOT NULL REFERENCES runs(id),
     project TEXT NOT NULL,        -- Project as JSON
     project_key TEXT NOT NULL,    -- forge:repo:dir:workspace; two jobs on one key never run at once
-    status TEXT NOT NULL,         -- queued | running | succeeded | failed | cancelled | interrupted
+    status TEXT NOT NULL,         -- waiting (for approval) | queued | running | succeeded | failed | cancelled | interrupted
     result TEXT NOT NULL DEFAULT '{}',
     created_at REAL NOT NULL,
     started_at REAL,
@@ -67,6 +67,24 @@ CREATE TABLE IF NOT EXISTS locks (
     pull_number INTEGER NOT NULL,
     holder TEXT NOT NULL,
     created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS decisions (
+    run_id INTEGER PRIMARY KEY REFERENCES runs(id),  -- a plan run started from the trigger API
+    approved INTEGER NOT NULL,
+    decided_by TEXT NOT NULL,     -- the forge login the approver was mapped to
+    via TEXT NOT NULL,            -- slack | api
+    decided_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    repo TEXT NOT NULL DEFAULT '',
+    project TEXT NOT NULL DEFAULT '',
+    sha TEXT NOT NULL DEFAULT '',
+    outcome TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS used_once (
     scope TEXT NOT NULL,          -- "jti:<issuer>", "nonce:<caller>", "slack"
@@ -435,6 +453,73 @@ class Store:
                 "DELETE FROM locks WHERE project_key = ? AND pull_number = ?", (key, pull_number)
             )
             return cursor.rowcount == 1
+
+    # Runs started from the trigger API ---------------------------------------------
+
+    def get_job(self, job_id: int) -> Job | None:
+        jobs = self._jobs("jobs.id = ?", (job_id,))
+        return jobs[0] if jobs else None
+
+    def api_plan_job(self, key: str, sha: str) -> Job | None:
+        """The newest successful plan of a project at a SHA started from the trigger API."""
+        jobs = self._jobs(
+            "runs.trigger = 'api' AND runs.command = 'plan' AND jobs.project_key = ?"
+            " AND runs.head_sha = ? AND jobs.status = 'succeeded'",
+            (key, sha),
+        )
+        return jobs[-1] if jobs else None
+
+    def hold_job(self, job_id: int) -> None:
+        """Keep a queued job out of the queue until `release_job` (an apply awaiting approval)."""
+        with self._lock:
+            self._db.execute("UPDATE jobs SET status = 'waiting' WHERE id = ? AND status = 'queued'",
+                             (job_id,))
+
+    def release_job(self, job_id: int) -> bool:
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE jobs SET status = 'queued' WHERE id = ? AND status = 'waiting'", (job_id,))
+            return cursor.rowcount == 1
+
+    def waiting_jobs(self, key: str, sha: str) -> list[Job]:
+        """Applies of a project at a SHA held until its plan is approved."""
+        return self._jobs("jobs.status = 'waiting' AND jobs.project_key = ? AND runs.head_sha = ?",
+                          (key, sha))
+
+    def decide(self, run_id: int, approved: bool, decided_by: str, via: str) -> bool:
+        """Record the approval or rejection of a plan run; False if it was decided already."""
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO decisions (run_id, approved, decided_by, via, decided_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (run_id, int(approved), decided_by, via, time.time()),
+            )
+            return cursor.rowcount == 1
+
+    def decision(self, run_id: int) -> dict | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM decisions WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            return None
+        return {"state": "approved" if row["approved"] else "rejected", "by": row["decided_by"],
+                "via": row["via"], "at": row["decided_at"]}
+
+    # Audit log ------------------------------------------------------------------
+
+    def audit(self, actor: str, action: str, outcome: str, repo: str = "", project: str = "",
+              sha: str = "", detail: str = "") -> None:
+        """Record who did (or tried) what, and how it ended."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO audit (at, actor, action, repo, project, sha, outcome, detail)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (time.time(), actor, action, repo, project, sha, outcome, detail[:2000]),
+            )
+
+    def audit_entries(self, limit: int = 100) -> list[dict]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [dict(r) for r in rows]
 
     # Replay protection --------------------------------------------------------
 

@@ -22,7 +22,7 @@ import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 # Fixed PATH for terraform and its provisioners; the bot's own PATH may name
 # directories (virtualenvs, home bins) the deployed code has no business seeing.
@@ -317,11 +317,13 @@ class Terraform:
         env.update(phase_env or {})
         return env
 
-    async def init(self, workdir: Path, env: Mapping[str, str] | None = None) -> PhaseResult:
-        """`terraform init`: backend, modules and providers."""
+    async def init(
+        self, workdir: Path, env: Mapping[str, str] | None = None, log: BinaryIO | None = None
+    ) -> PhaseResult:
+        """`terraform init`: backend, modules and providers; output also written to `log` as it comes."""
         async with self._init_lock:
             return await self._phase(
-                ["init", "-input=false", "-no-color"], workdir, env, self.settings.init_timeout
+                ["init", "-input=false", "-no-color"], workdir, env, self.settings.init_timeout, log
             )
 
     async def select_workspace(
@@ -354,6 +356,7 @@ class Terraform:
         planfile: Path,
         env: Mapping[str, str] | None = None,
         workspace: str = "default",
+        log: BinaryIO | None = None,
     ) -> PhaseResult:
         """`terraform plan -detailed-exitcode -out=planfile`: exit 0 no changes, 2 changes, 1 error.
 
@@ -370,6 +373,7 @@ class Terraform:
             workdir,
             env,
             self.settings.plan_timeout,
+            log,
         )
         if result.exit_code not in (0, 2) or result.timed_out:
             planfile.unlink(missing_ok=True)
@@ -402,6 +406,7 @@ class Terraform:
         planfile: Path,
         env: Mapping[str, str] | None = None,
         workspace: str | None = None,
+        log: BinaryIO | None = None,
     ) -> PhaseResult:
         """`terraform apply planfile`: applies exactly the saved plan, nothing else.
 
@@ -426,6 +431,7 @@ class Terraform:
             workdir,
             env,
             self.settings.apply_timeout,
+            log,
         )
 
     # ------------------------------------------------------------------ internals
@@ -442,9 +448,10 @@ class Terraform:
             return "default"
 
     async def _phase(
-        self, args: Sequence[str], workdir: Path, env: Mapping[str, str] | None, timeout_s: float
+        self, args: Sequence[str], workdir: Path, env: Mapping[str, str] | None, timeout_s: float,
+        log: BinaryIO | None = None,
     ) -> PhaseResult:
-        done = await self._exec(args, workdir, self.environment(env), timeout_s, merge_stderr=True)
+        done = await self._exec(args, workdir, self.environment(env), timeout_s, merge_stderr=True, log=log)
         return PhaseResult(
             exit_code=done.returncode,
             output=done.stdout.decode("utf-8", "replace"),
@@ -460,6 +467,7 @@ class Terraform:
         timeout_s: float,
         *,
         merge_stderr: bool,
+        log: BinaryIO | None = None,
     ) -> _Completed:
         """Run terraform with a timeout; stop it (and its children) on timeout or cancel."""
         started = time.monotonic()
@@ -479,7 +487,7 @@ class Terraform:
 
         out: list[bytes] = []
         err: list[bytes] = []
-        readers = [asyncio.create_task(_collect(proc.stdout, out))]
+        readers = [asyncio.create_task(_collect(proc.stdout, out, log))]
         if not merge_stderr:
             readers.append(asyncio.create_task(_collect(proc.stderr, err)))
 
@@ -531,9 +539,12 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         pass  # the group is already gone
 
 
-async def _collect(stream: asyncio.StreamReader | None, into: list[bytes]) -> None:
-    """Append everything read from `stream` to `into` (kept even if we are cancelled)."""
+async def _collect(stream: asyncio.StreamReader | None, into: list[bytes], log: BinaryIO | None = None) -> None:
+    """Append everything read from `stream` to `into` (kept even if we are cancelled), and to the log."""
     if stream is None:
         return
     while chunk := await stream.read(65536):
         into.append(chunk)
+        if log is not None:
+            log.write(chunk)
+            log.flush()

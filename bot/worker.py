@@ -13,7 +13,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 from bot.apply_gate import apply_blockers
 from bot.comments import ProjectOutcome, redact, render_run_comment, strip_ansi
@@ -60,6 +60,7 @@ class Worker:
         clients: ClientFactory,
         repo_cache: RepoCache,
         terraform: Terraform,
+        notify_api_run: Callable[[Run, list[Job]], None] = lambda run, jobs: None,
     ) -> None:
         self.config = config
         self.store = store
@@ -67,6 +68,7 @@ class Worker:
         self.clients = clients
         self.repo_cache = repo_cache
         self.terraform = terraform
+        self.notify_api_run = notify_api_run  # runs from the trigger API have no PR to comment on
         self._wake = asyncio.Event()
         self._stopping = False
         self._running: dict[int, tuple[Job, asyncio.Task]] = {}
@@ -129,8 +131,18 @@ class Worker:
 
     # One job ------------------------------------------------------------------
 
+    def log_path(self, job_id: int) -> Path:
+        """Where a job's terraform output is written as it runs (raw: redact before showing)."""
+        return self.config.server.data_dir / "logs" / f"job-{job_id}.log"
+
     async def _run_job(self, job: Job) -> None:
-        task = asyncio.create_task(self._execute(job))
+        path = self.log_path(job.id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("ab") as output_log:
+            await self._run_logged_job(job, output_log)
+
+    async def _run_logged_job(self, job: Job, output_log: BinaryIO) -> None:
+        task = asyncio.create_task(self._execute(job, output_log))
         self._running[job.id] = (job, task)
         try:
             outcome = await task
@@ -156,12 +168,17 @@ class Worker:
                                    "success" if status == "succeeded" else "failure", result["summary"])
         await self._report_if_done(job.run)
 
-    async def _execute(self, job: Job) -> JobOutcome:
+    async def _execute(self, job: Job, output_log: BinaryIO) -> JobOutcome:
         if job.run.command == "plan":
             await self._set_status(job.run.repo, job.run.head_sha, plan_context(job.project.label),
                                    "pending", "planning…")
-            return await self._plan(job)
-        return await self._apply(job)
+            return await self._plan(job, output_log)
+        if job.run.trigger == "api-merge":
+            # Apply-on-merge from CI: plan the merged SHA and apply that very plan.
+            planned = await self._plan(job, output_log)
+            if planned.status != "succeeded" or not planned.has_changes:
+                return planned
+        return await self._apply(job, output_log)
 
     def _workdir(self, job: Job) -> Path:
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", job.project_key)
@@ -190,25 +207,27 @@ class Worker:
             raise ProjectDirError(f"`{job.project.dir}` does not exist at {run.head_sha[:8]}")
         return project_dir
 
-    async def _prepare(self, job: Job, env: dict[str, str]) -> tuple[Path, PhaseResult] | JobOutcome:
+    async def _prepare(
+        self, job: Job, env: dict[str, str], output_log: BinaryIO
+    ) -> tuple[Path, PhaseResult] | JobOutcome:
         """Check out the job's SHA and `terraform init` its project, or say why not."""
         try:
             project_dir = await self._checkout(job)
         except (GitError, ProjectDirError, ForgeError) as exc:
             return JobOutcome("failed", f"checkout failed: {exc}")
-        init = await self.terraform.init(project_dir, env)
+        init = await self.terraform.init(project_dir, env, output_log)
         if failed := _phase_failure("init", init):
             return JobOutcome("failed", failed, init.output, terraform_seconds=init.duration_s)
         return project_dir, init
 
-    async def _plan(self, job: Job) -> JobOutcome:
+    async def _plan(self, job: Job, output_log: BinaryIO) -> JobOutcome:
         env = self.config.terraform.plan_env
-        prepared = await self._prepare(job, env)
+        prepared = await self._prepare(job, env, output_log)
         if isinstance(prepared, JobOutcome):
             return prepared
         project_dir, init = prepared
         planfile = self._planfile(job)
-        plan = await self.terraform.plan(project_dir, planfile, env, job.project.workspace)
+        plan = await self.terraform.plan(project_dir, planfile, env, job.project.workspace, output_log)
         seconds = init.duration_s + plan.duration_s
         if failed := _phase_failure("plan", plan, ok_codes=(0, 2)):
             return JobOutcome("failed", failed, plan.output, terraform_seconds=seconds)
@@ -222,21 +241,25 @@ class Worker:
                                        str(planfile), sha256_file(planfile), summary.has_changes))
         return JobOutcome("succeeded", summary.text, plan.output, summary.has_changes, seconds)
 
-    async def _apply(self, job: Job) -> JobOutcome:
+    async def _apply(self, job: Job, output_log: BinaryIO) -> JobOutcome:
         run = job.run
-        client = self.clients(run.repo)
-        pull = await asyncio.to_thread(client.get_pull_request, run.pull_number)
-        if reasons := await asyncio.to_thread(self._apply_refusals, client, pull, job):
+        if run.pull_number:
+            client = self.clients(run.repo)
+            pull = await asyncio.to_thread(client.get_pull_request, run.pull_number)
+            reasons = await asyncio.to_thread(self._apply_refusals, client, pull, job)
+        else:
+            reasons = self._api_apply_refusals(job)
+        if reasons:
             return JobOutcome("refused", "apply refused: " + "; ".join(reasons))
         plan = self.store.get_plan(job.project_key, run.pull_number)
-        assert plan is not None  # _apply_refusals checked it
+        assert plan is not None  # the refusals checked it
         # Checked out and initialised again: the working dir may have been used for another SHA.
-        prepared = await self._prepare(job, self.config.terraform.apply_env)
+        env = self.config.terraform.apply_env
+        prepared = await self._prepare(job, env, output_log)
         if isinstance(prepared, JobOutcome):
             return prepared
         project_dir, init = prepared
-        env = self.config.terraform.apply_env
-        result = await self.terraform.apply(project_dir, Path(plan.planfile), env)
+        result = await self.terraform.apply(project_dir, Path(plan.planfile), env, log=output_log)
         if failed := _phase_failure("apply", result):
             return JobOutcome("failed", failed, result.output)
         self.store.delete_plan(job.project_key, run.pull_number)
@@ -260,6 +283,21 @@ class Worker:
             return ["this repository is not in the deploybot policy"]
         return apply_blockers(client, self.store, repo_policy, pull, job.project)
 
+    def _api_apply_refusals(self, job: Job) -> list[str]:
+        """Why an apply started from the trigger API must not run: its plan and its approval."""
+        plan = self.store.get_plan(job.project_key, 0)
+        if plan is None or plan.head_sha != job.run.head_sha:
+            return [f"there is no saved plan of {job.project.label} for {job.run.head_sha[:8]}"]
+        if not Path(plan.planfile).is_file() or sha256_file(Path(plan.planfile)) != plan.sha256:
+            return ["the saved plan file is missing or was changed — plan again"]
+        if job.run.trigger == "api-merge":
+            return []  # planned just now from a commit on the default branch
+        plan_job = self.store.api_plan_job(job.project_key, job.run.head_sha)
+        decision = self.store.decision(plan_job.run.id) if plan_job else None
+        if decision is None or decision["state"] != "approved":
+            return ["the plan has not been approved"]
+        return []
+
     def _clean(self, text: str) -> str:
         return redact(strip_ansi(text), self.config.secrets())
 
@@ -269,6 +307,9 @@ class Worker:
         if not self.store.claim_run_report(run.id):
             return
         jobs = self.store.run_jobs(run.id)
+        if not run.pull_number:
+            await asyncio.to_thread(self.notify_api_run, run, jobs)
+            return
         outcomes = [
             ProjectOutcome(
                 label=job.project.label,
