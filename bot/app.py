@@ -18,17 +18,20 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 import handlers
-from bot import github_webhook, gitlab_webhook
+from bot import github_webhook, gitlab_webhook, trigger_api
+from bot.api_runs import ApiRuns
+from bot.ci_auth import HmacVerifier, OidcVerifier
 from bot.config import Config
 from bot.dispatcher import Dispatcher
 from bot.git import RepoCache
 from bot.github_client import GitHubApp
 from bot.github_webhook import InvalidSignature, MalformedPayload, load_body
-from bot.gitlab_client import GitLabClient
+from bot.gitlab_client import GitLabClient, lookup_gitlab_repo
+from bot.slack import MESSAGE_KINDS, SlackNotifier, render_run_message
 from bot.models import CommentEvent, Event, Repo
-from bot.store import Delivery, Store, repo_key
+from bot.store import Delivery, Job, Run, Store, repo_key
 from bot.terraform import Terraform, TerraformSettings, find_terraform
-from bot.vcs import VCSClient
+from bot.vcs import ForgeError, VCSClient
 from bot.worker import Worker
 from handlers.context import HandlerContext
 from policies.policy import Policy, load_policy_file
@@ -41,7 +44,16 @@ class Forge:
     """One configured forge: how to reach a repository's API, and the bot's own name there."""
 
     client_for: Callable[[Repo], VCSClient]
+    lookup_repo: Callable[[str], Repo]  # a repository by full name, for runs no webhook announced
     bot_login: str
+
+
+def _slack_notifier(config: Config) -> SlackNotifier | None:
+    slack = config.slack
+    if not (slack.webhook_url or slack.bot_token):
+        return None
+    return SlackNotifier(webhook_url=slack.webhook_url.reveal() or None, bot_token=slack.bot_token.reveal() or None,
+                         channel=slack.channel or None, api_url=slack.api_url)
 
 
 def configured_forges(config: Config) -> dict[str, Forge]:
@@ -49,11 +61,13 @@ def configured_forges(config: Config) -> dict[str, Forge]:
     forges: dict[str, Forge] = {}
     if config.github.enabled:
         app = GitHubApp(config.github.api_url, config.github.app_id, config.github.private_key.reveal())
-        forges[github_webhook.FORGE] = Forge(app.client, config.github.bot_login)
+        forges[github_webhook.FORGE] = Forge(app.client, app.lookup_repo, config.github.bot_login)
     if config.gitlab.enabled:
         url, token = config.gitlab.url, config.gitlab.token.reveal()
         forges[gitlab_webhook.FORGE] = Forge(
-            lambda repo: GitLabClient(url, token, repo), config.gitlab.bot_username)
+            lambda repo: GitLabClient(url, token, repo),
+            lambda full_name: lookup_gitlab_repo(url, token, full_name),
+            config.gitlab.bot_username)
     return forges
 
 
@@ -79,14 +93,67 @@ class Deploybot:
             apply_timeout=tf.apply_timeout,
         ))
         self.worker = Worker(config, self.store, self.policy, self.client_for, self.repo_cache,
-                             self.terraform)
+                             self.terraform, notify_api_run=self.notify_api_run)
+        self.oidc = OidcVerifier(self.policy.callers, replay=self.store.first_use)
+        self.hmac = HmacVerifier(self.policy.callers, replay=self.store.first_use)
+        self.slack = _slack_notifier(config)
+        self.api_runs = ApiRuns(
+            store=self.store, policy=self.policy,
+            lookup_repo=lambda forge, name: self._forge(forge).lookup_repo(name),
+            client_for=self.client_for,
+            default_forge=next(iter(self.forges), github_webhook.FORGE),
+            wake_workers=lambda: self._call_in_loop(self.worker.wake),
+            cancel_run=lambda run_id: self._call_in_loop(self.worker.report_run, run_id),
+        )
         self.dispatcher = Dispatcher(self.store, handlers.router, self.context_for)
         self.deliveries: Counter[tuple[str, str, str]] = Counter()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def client_for(self, repo: Repo) -> VCSClient:
         """The forge client for a repository."""
-        return self.forges[repo.forge].client_for(repo)
+        return self._forge(repo.forge).client_for(repo)
+
+    def _forge(self, name: str) -> Forge:
+        if name not in self.forges:
+            raise ForgeError(f"{name} is not configured on this server")
+        return self.forges[name]
+
+    def job_log(self, job_id: int) -> str:
+        """A running job's output so far, as users may see it."""
+        path = self.worker.log_path(job_id)
+        return self.worker.clean(path.read_text(errors="replace")) if path.exists() else ""
+
+    def _run_url(self, run_id: int) -> str:
+        return f"{self.config.server.public_url.rstrip('/')}/api/v1/runs/{run_id}"
+
+    def notify_api_run(self, run: Run, jobs: list[Job]) -> None:
+        """Tell Slack how a run from the trigger API ended (plans with changes get buttons)."""
+        if self.slack is None:
+            return
+        job = jobs[0]
+        outcome = job.result.get("outcome")
+        if job.status == "succeeded":
+            kind = "plan_ready" if run.command == "plan" and job.result.get("has_changes") else (
+                "applied" if run.command == "apply" else "no_changes")
+        elif outcome == "rejected":
+            return  # the rejection was announced when it was made
+        else:
+            kind = "failed"
+        if kind not in MESSAGE_KINDS:
+            return
+        self.slack.notify(render_run_message(
+            kind, run_id=run.id, run_url=self._run_url(run.id), repo=run.repo.full_name,
+            project=job.project.label, sha=run.head_sha, command=run.command,
+            summary=job.result.get("summary", "")))
+
+    def notify_decision(self, run_id: int, outcome: str, login: str) -> None:
+        """Tell Slack who approved or rejected a plan."""
+        if self.slack is None:
+            return
+        job = self.store.run_jobs(run_id)[0]
+        self.slack.notify(render_run_message(
+            outcome, run_id=run_id, run_url=self._run_url(run_id), repo=job.run.repo.full_name,
+            project=job.project.label, sha=job.run.head_sha, by=login))
 
     def context_for(self, delivery: Delivery, event: Event) -> HandlerContext:
         """What the handlers of one delivery may use."""
@@ -275,6 +342,11 @@ def create_app(config: Config, policy: Policy | None = None) -> Starlette:
     app = Starlette(
         routes=[
             Route("/webhooks/{forge:str}", webhook_endpoint, methods=["POST"]),
+            Route("/api/v1/runs", trigger_api.create_run, methods=["POST"]),
+            Route("/api/v1/runs/{run_id:int}", trigger_api.get_run),
+            Route("/api/v1/runs/{run_id:int}/log", trigger_api.run_log),
+            Route("/api/v1/openapi.json", trigger_api.openapi),
+            Route("/slack/interactions", trigger_api.slack_interaction, methods=["POST"]),
             Route("/healthz", healthz),
             Route("/metrics", metrics),
         ],

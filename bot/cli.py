@@ -25,10 +25,20 @@ def main(argv: list[str] | None = None) -> int:
     sandbox.add_argument("--forge", choices=["github", "gitlab"], default="github",
                          help="which local forge to run the trial on")
 
+    # Every argument after `run` goes to bot.run_cli as is: its usage errors exit 1, never 2
+    # (2 means "changes present"), and `deploybot run --help` is its own help.
+    run = commands.add_parser("run", add_help=False, prefix_chars="\0",
+                              help="plan or apply through a deploybot server, for CI jobs (see `deploybot run --help`)")
+    run.add_argument("run_args", nargs=argparse.REMAINDER)
+
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args.config, args.log_level)
+        if args.command == "run":
+            from bot.run_cli import main as run_main
+
+            return run_main(args.run_args)
         from bot.sandbox import run_sandbox
 
         return run_sandbox(args.dir, keep=args.keep, forge_name=args.forge)

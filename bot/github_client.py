@@ -122,6 +122,37 @@ class GitHubApp:
         """Close the HTTP connection pool."""
         self._http.close()
 
+    def lookup_repo(self, full_name: str) -> Repo:
+        """A repository the App is installed on, by name: for runs no webhook announced."""
+        path = "/".join(_quote(part) for part in full_name.split("/"))
+        installation = self._app_get(f"/repos/{path}/installation")
+        try:
+            installation_id = int(installation["id"])
+        except (KeyError, TypeError, ValueError):
+            raise ForgeError("GitHub answered the installation lookup with an unexpected body") from None
+        token = self.installation_token(installation_id)
+        try:
+            response = self._http.get(f"{self.api_url}/repos/{path}", headers={"Authorization": f"token {token}"})
+        except httpx.HTTPError as exc:
+            raise ForgeError(f"could not reach GitHub at {self.api_url}: {type(exc).__name__}") from None
+        if response.status_code != 200:
+            raise ForgeError(f"GitHub has no repository {full_name}: {response.status_code} "
+                             f"{_error_message(response)}", status=response.status_code)
+        data = response.json()
+        return Repo(forge="github", full_name=data["full_name"], clone_url=data["clone_url"],
+                    default_branch=data["default_branch"], installation_id=installation_id)
+
+    def _app_get(self, path: str) -> dict:
+        """A GET authenticated as the App itself (JWT)."""
+        try:
+            response = self._http.get(f"{self.api_url}{path}", headers={"Authorization": f"Bearer {self.jwt()}"})
+        except httpx.HTTPError as exc:
+            raise ForgeError(f"could not reach GitHub at {self.api_url}: {type(exc).__name__}") from None
+        if response.status_code != 200:
+            raise ForgeError(f"GitHub answered {path}: {response.status_code} {_error_message(response)}",
+                             status=response.status_code)
+        return response.json()
+
     def _fetch_token(self, installation_id: int) -> _Token:
         url = f"{self.api_url}/app/installations/{int(installation_id)}/access_tokens"
         try:
@@ -323,6 +354,23 @@ class GitHubClient:
         """Whether the base branch has commits the PR head does not contain."""
         with _api(f"comparing {pull.base_ref} with {pull.head_sha[:12]} on {self.repo.full_name}"):
             return self._repo.compare(pull.base_ref, pull.head_sha).behind_by > 0
+
+    def commit_sha(self, ref: str) -> str | None:
+        """The commit a branch, tag, ref or SHA names in this repository, or None."""
+        try:
+            with _api(f"resolving {ref} in {self.repo.full_name}"):
+                # Not PyGithub's get_commit: with lazy objects it would echo the ref back unresolved.
+                return str(self._request("GET", f"/commits/{_quote(ref.removeprefix('refs/heads/'))}")["sha"])
+        except ForgeError as exc:
+            if exc.status in (404, 422):
+                return None
+            raise
+
+    def is_on_default_branch(self, sha: str) -> bool:
+        """Whether the commit is (an ancestor of) the head of the default branch."""
+        with _api(f"comparing {sha[:12]} with {self.repo.default_branch} on {self.repo.full_name}"):
+            status = self._repo.compare(sha, self.repo.default_branch).status
+        return status in ("identical", "ahead")
 
     def read_file(self, ref: str, path: str) -> str | None:
         """A file's text at a ref, or None if there is no file there."""

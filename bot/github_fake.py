@@ -19,25 +19,17 @@ import hashlib
 import hmac
 import json
 import secrets
-import socket
 import string
-import subprocess
-import threading
 import time
-import uuid
-import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import jwt
-import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.applications import Starlette
@@ -47,7 +39,10 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bot.local_forge import Delivery, RequestRecord  # noqa: F401  (re-exported: records tests read)
+from bot.local_forge import LocalForge, RequestLog, branch_heads, commit_info, count_commits, git, git_bytes
+from bot.local_forge import merge_commit, merge_conflicts, raw_changes, rev_parse, stable_id
 
 DOCS_URL = "https://docs.github.com/rest"
 PERMISSION_LEVELS = ("none", "read", "triage", "write", "maintain", "admin")
@@ -70,26 +65,6 @@ TOKEN_PERMISSIONS = {
 }
 PAYLOAD_TEMPLATE_REPO = "Codertocat/Hello-World"
 PAYLOAD_TEMPLATE_HEAD_SHA = "ec26c3e57ca3a959ca5aad62de7213c562f8c821"
-
-
-class RequestRecord(NamedTuple):
-    """One API request the fake answered."""
-
-    method: str
-    path: str
-    status: int
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """One webhook delivery; `status` is 0 when the receiver could not be reached."""
-
-    event: str
-    action: str
-    delivery_id: str
-    status: int
-    body: bytes = field(repr=False)
-    redelivery: bool = False
 
 
 @dataclass
@@ -175,8 +150,10 @@ class _ApiError(Exception):
         self.errors = errors
 
 
-class FakeGitHub:
+class FakeGitHub(LocalForge):
     """In-memory GitHub with a real HTTP API; see the module docstring."""
+
+    _thread_name = "fake-github"
 
     def __init__(
         self,
@@ -186,6 +163,7 @@ class FakeGitHub:
         app_slug: str = "deploybot",
         token_lifetime: float = 3600.0,
     ) -> None:
+        super().__init__()
         if private_key_pem is None:
             key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
             private_key_pem = key.private_bytes(
@@ -205,9 +183,7 @@ class FakeGitHub:
             .decode()
         )
         self.token_lifetime = token_lifetime  # seconds; tests shorten it to exercise refresh
-        self.url: str | None = None
 
-        self._lock = threading.RLock()
         self._repos: dict[str, _Repo] = {}
         self._installations: dict[int, set[str]] = {}
         self._tokens: dict[str, tuple[int, float]] = {}  # token -> (installation id, expiry)
@@ -215,65 +191,16 @@ class FakeGitHub:
         self._comments: dict[int, _Comment] = {}
         self._reviews: dict[int, _Review] = {}
         self._ids = iter(range(1000, 10**9))
-        self._requests: list[RequestRecord] = []
-        self._deliveries: list[Delivery] = []
-        self._webhook: tuple[str, bytes] | None = None
         self._templates = {
             name: json.loads(resources.files("bot").joinpath("payloads", f"{name}.json").read_text())
             for name in ("pull_request", "issue_comment", "pull_request_review")
         }
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._socket: socket.socket | None = None
-        self._http = httpx.Client(timeout=10.0)  # GitHub gives a receiver ten seconds too
 
         self.app = Starlette(
             routes=self._routes(),
-            middleware=[Middleware(_RequestLog, record=self._record_request)],
+            middleware=[Middleware(RequestLog, record=self._record_request)],
             exception_handlers={_ApiError: _api_error, HTTPException: _http_error},
         )
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def start(self) -> str:
-        """Serve on a free port of 127.0.0.1 in a background thread; return the base URL."""
-        if self._server is not None:
-            raise RuntimeError("FakeGitHub is already running")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # lets asyncio set TCP_NODELAY
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        config = uvicorn.Config(self.app, log_config=None, log_level="warning", access_log=False, lifespan="off")
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="fake-github", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                sock.close()
-                raise RuntimeError("FakeGitHub's HTTP server did not start")
-            time.sleep(0.01)
-        self._server, self._thread, self._socket = server, thread, sock
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        return self.url
-
-    def stop(self) -> None:
-        """Stop the HTTP server and close connections."""
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(timeout=10)
-        if self._socket is not None:
-            self._socket.close()
-        self._server = self._thread = self._socket = None
-        self._http.close()
-
-    def __enter__(self) -> FakeGitHub:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"FakeGitHub(app_id={self.app_id}, url={self.url!r})"
@@ -288,9 +215,9 @@ class FakeGitHub:
     def add_repo(self, full_name: str, git_dir: str | Path, default_branch: str = "main") -> None:
         """Register a repository backed by a real bare git repository."""
         git_dir = Path(git_dir).resolve()
-        _git(git_dir, "rev-parse", "--git-dir")  # fails early on a path that is not a repository
+        git(git_dir, "rev-parse", "--git-dir")  # fails early on a path that is not a repository
         with self._lock:
-            self._repos[full_name] = _Repo(full_name, git_dir, default_branch, id=_stable_id(full_name))
+            self._repos[full_name] = _Repo(full_name, git_dir, default_branch, id=stable_id(full_name))
 
     def set_permission(self, repo: str, user: str, level: str) -> None:
         """Give a user a role on a repository (none/read/triage/write/maintain/admin)."""
@@ -344,11 +271,8 @@ class FakeGitHub:
         """Open a pull request from a branch of the bare repository; return its number."""
         with self._lock:
             git_dir = self._repo(repo).git_dir
-        head_sha = _rev_parse(git_dir, f"refs/heads/{head_ref}")
-        base_sha = _rev_parse(git_dir, f"refs/heads/{base_ref}")
-        if head_sha is None or base_sha is None:
-            raise ValueError(f"{repo} has no branch {head_ref if head_sha is None else base_ref!r}")
-        files, commits = _diff(git_dir, base_sha, head_sha), _count_commits(git_dir, base_sha, head_sha)
+        head_sha, base_sha = branch_heads(git_dir, head_ref, base_ref, repo)
+        files, commits = _diff(git_dir, base_sha, head_sha), count_commits(git_dir, base_sha, head_sha)
         with self._lock:
             state = self._repo(repo)
             number = state.next_number
@@ -372,7 +296,7 @@ class FakeGitHub:
                 updated_at=now,
             )
             state.pulls[number] = pull
-            _git(git_dir, "update-ref", f"refs/pull/{number}/head", head_sha)
+            git(git_dir, "update-ref", f"refs/pull/{number}/head", head_sha)
             payload = self._pull_request_event("opened", state, pull, sender=author)
         self._deliver("pull_request", payload)
         return number
@@ -382,16 +306,16 @@ class FakeGitHub:
         with self._lock:
             state, pull = self._repo(repo), self._pull(repo, number)
             git_dir, head_ref, base_ref = state.git_dir, pull.head_ref, pull.base_ref
-        head_sha = _rev_parse(git_dir, f"refs/heads/{head_ref}")
-        base_sha = _rev_parse(git_dir, f"refs/heads/{base_ref}")
-        if head_sha is None or base_sha is None:
-            raise ValueError(f"{repo} lost a branch of pull request #{number}")
-        files, commits = _diff(git_dir, base_sha, head_sha), _count_commits(git_dir, base_sha, head_sha)
+        try:
+            head_sha, base_sha = branch_heads(git_dir, head_ref, base_ref, repo)
+        except ValueError:
+            raise ValueError(f"{repo} lost a branch of pull request #{number}") from None
+        files, commits = _diff(git_dir, base_sha, head_sha), count_commits(git_dir, base_sha, head_sha)
         with self._lock:
             before = pull.head_sha
             pull.head_sha, pull.base_sha, pull.files, pull.commits = head_sha, base_sha, files, commits
             pull.updated_at = _now()
-            _git(git_dir, "update-ref", f"refs/pull/{number}/head", head_sha)
+            git(git_dir, "update-ref", f"refs/pull/{number}/head", head_sha)
             payload = self._pull_request_event("synchronize", state, pull, sender=pull.author)
             payload["before"], payload["after"] = before, head_sha
         return self._deliver("pull_request", payload)
@@ -468,8 +392,12 @@ class FakeGitHub:
         with self._lock:
             state, pull = self._repo(repo), self._pull(repo, number)
             git_dir, base_ref, head_sha, author = state.git_dir, pull.base_ref, pull.head_sha, pull.author
-        merge_sha = _merge_commit(
-            git_dir, base_ref, head_sha, f"Merge pull request #{number} from {author}/{pull.head_ref}"
+        merge_sha = merge_commit(
+            git_dir,
+            base_ref,
+            head_sha,
+            f"Merge pull request #{number} from {author}/{pull.head_ref}",
+            committer=("GitHub", "noreply@github.com"),
         )
         with self._lock:
             now = _now()
@@ -485,33 +413,11 @@ class FakeGitHub:
         with self._lock:
             self._webhook = (url, secret.encode())
 
-    @property
-    def deliveries(self) -> list[Delivery]:
-        """Every webhook sent so far, oldest first."""
-        with self._lock:
-            return list(self._deliveries)
+    def _action(self, payload: dict[str, Any]) -> str:
+        return str(payload.get("action", ""))
 
-    def redeliver(self, delivery_id: str) -> int:
-        """Send a past delivery again, same body and delivery id (as GitHub's "Redeliver" does)."""
-        with self._lock:
-            original = next((d for d in self._deliveries if d.delivery_id == delivery_id), None)
-        if original is None:
-            raise KeyError(f"no delivery {delivery_id}")
-        return self._send(original.event, original.action, original.body, delivery_id, redelivery=True)
-
-    def _deliver(self, event: str, payload: dict[str, Any]) -> int | None:
-        # Called without the lock held: the receiver may call back into this fake before answering.
-        if self._webhook is None:
-            return None
-        body = json.dumps(payload).encode()
-        return self._send(event, str(payload.get("action", "")), body, str(uuid.uuid4()))
-
-    def _send(self, event: str, action: str, body: bytes, delivery_id: str, redelivery: bool = False) -> int:
-        with self._lock:
-            if self._webhook is None:
-                raise RuntimeError("no webhook is set")
-            url, secret = self._webhook
-        headers = {
+    def _webhook_headers(self, secret: bytes, event: str, body: bytes, delivery_id: str) -> dict[str, str]:
+        return {
             "Content-Type": "application/json",
             "User-Agent": "GitHub-Hookshot/fake",
             "X-GitHub-Event": event,
@@ -522,21 +428,8 @@ class FakeGitHub:
             "X-Hub-Signature": "sha1=" + hmac.new(secret, body, hashlib.sha1).hexdigest(),
             "X-Hub-Signature-256": "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest(),
         }
-        try:
-            status = self._http.post(url, content=body, headers=headers).status_code
-        except httpx.HTTPError:
-            status = 0  # GitHub records "couldn't deliver" the same way: no response code
-        with self._lock:
-            self._deliveries.append(Delivery(event, action, delivery_id, status, body, redelivery))
-        return status
 
     # -- records for assertions ---------------------------------------------------------------
-
-    @property
-    def requests(self) -> list[RequestRecord]:
-        """Every API request answered so far: (method, path, status)."""
-        with self._lock:
-            return list(self._requests)
 
     def comments(self, repo: str, number: int) -> list[dict[str, Any]]:
         """The live comments on a pull request, oldest first: id, user, body."""
@@ -618,7 +511,7 @@ class FakeGitHub:
             return pull.mergeable_override
         if pull.merged:
             return None, "unknown"
-        if _conflicts(repo.git_dir, pull.base_ref, pull.head_sha):
+        if merge_conflicts(repo.git_dir, pull.base_ref, pull.head_sha):
             return False, "dirty"
         if pull.draft:
             return True, "draft"
@@ -667,7 +560,7 @@ class FakeGitHub:
         user = self._rewrite(self._templates["pull_request"]["sender"], "", (("Codertocat", login),))
         user.update(
             login=login,
-            id=_stable_id(login),
+            id=stable_id(login),
             node_id=_node_id("U", login),
             type=kind or ("Bot" if login.endswith("[bot]") else "User"),
         )
@@ -675,7 +568,7 @@ class FakeGitHub:
 
     def _org_json(self, login: str) -> dict[str, Any]:
         org = self._rewrite(self._templates["pull_request"]["organization"], "", (("Octocoders", login),))
-        org.update(login=login, id=_stable_id(login), node_id=_node_id("O", login))
+        org.update(login=login, id=stable_id(login), node_id=_node_id("O", login))
         return org
 
     def _repo_json(self, repo: _Repo, full_name: str | None = None) -> dict[str, Any]:
@@ -685,7 +578,7 @@ class FakeGitHub:
         data = self._rewrite(self._templates["pull_request"]["repository"], full_name)
         fork = full_name != repo.full_name
         data.update(
-            id=_stable_id(full_name),
+            id=stable_id(full_name),
             node_id=_node_id("R", full_name),
             name=name,
             full_name=full_name,
@@ -775,7 +668,7 @@ class FakeGitHub:
         pr_html = f"{self._api_url}/{repo.full_name}/pull/{n}"
         data.update(
             html_url=pr_html,
-            id=_stable_id(f"issue:{repo.full_name}#{n}"),
+            id=stable_id(f"issue:{repo.full_name}#{n}"),
             node_id=_node_id("I", f"{repo.full_name}#{n}"),
             number=pull.number,
             title=pull.title,
@@ -917,14 +810,13 @@ class FakeGitHub:
                 self._required_status_checks,
                 methods=["GET"],
             ),
+            Route(f"{repo}/commits/{{ref:path}}", self._get_commit, methods=["GET"]),
             Route(f"{repo}/compare/{{basehead:path}}", self._compare, methods=["GET"]),
+            Route(f"{repo}/installation", self._repo_installation, methods=["GET"]),
+            Route(repo, self._get_repo, methods=["GET"]),
             Route(f"{repo}/contents/{{path:path}}", self._get_contents, methods=["GET"]),
             Route("/orgs/{org}/teams/{slug}/memberships/{user}", self._team_membership, methods=["GET"]),
         ]
-
-    def _record_request(self, method: str, path: str, status: int) -> None:
-        with self._lock:
-            self._requests.append(RequestRecord(method, path, status))
 
     def _check_jwt(self, request: Request) -> None:
         """Accept only an RS256 App JWT signed by this app's key, as GitHub does."""
@@ -1003,23 +895,16 @@ class FakeGitHub:
     def _list_files(self, request: Request) -> Response:
         repo, pull = self._request_pull(request)
         base = f"{self._api_url}/repos/{repo.full_name}"
-        items = []
         with self._lock:
-            for f in pull.files[:3000]:  # GitHub lists at most 3000 files of a pull request
-                item = {
-                    "sha": f.sha,
-                    "filename": f.filename,
-                    "status": f.status,
-                    "additions": f.additions,
-                    "deletions": f.deletions,
-                    "changes": f.additions + f.deletions,
-                    "blob_url": f"{self._api_url}/{repo.full_name}/blob/{pull.head_sha}/{f.filename}",
-                    "raw_url": f"{self._api_url}/{repo.full_name}/raw/{pull.head_sha}/{f.filename}",
-                    "contents_url": f"{base}/contents/{f.filename}?ref={pull.head_sha}",
-                }
-                if f.previous_filename:
-                    item["previous_filename"] = f.previous_filename
-                items.append(item)
+            items = [
+                _file_json(
+                    f,
+                    blob_url=f"{self._api_url}/{repo.full_name}/blob/{pull.head_sha}/{f.filename}",
+                    raw_url=f"{self._api_url}/{repo.full_name}/raw/{pull.head_sha}/{f.filename}",
+                    contents_url=f"{base}/contents/{f.filename}?ref={pull.head_sha}",
+                )
+                for f in pull.files[:3000]  # GitHub lists at most 3000 files of a pull request
+            ]
         return _paginated(request, items)
 
     def _list_reviews(self, request: Request) -> Response:
@@ -1061,7 +946,7 @@ class FakeGitHub:
             raise _invalid("Status", "state", "state is not included in the list")
         if len(description) > STATUS_DESCRIPTION_MAX_LENGTH:
             raise _invalid("Status", "description", "description is too long (maximum is 140 characters)")
-        full_sha = _rev_parse(repo.git_dir, sha)
+        full_sha = rev_parse(repo.git_dir, sha)
         if full_sha is None or full_sha != sha.lower():
             raise _ApiError(422, f"No commit found for SHA: {sha}")
         with self._lock:
@@ -1071,7 +956,7 @@ class FakeGitHub:
             return JSONResponse(self._status_json(repo, status), status_code=201)
 
     def _resolve(self, repo: _Repo, ref: str) -> str:
-        sha = _rev_parse(repo.git_dir, ref)
+        sha = rev_parse(repo.git_dir, ref)
         if sha is None:
             raise _ApiError(422, f"No commit found for SHA: {ref}")
         return sha
@@ -1168,24 +1053,50 @@ class FakeGitHub:
             }
         )
 
+    def _repo_installation(self, request: Request) -> Response:
+        """GET /repos/{owner}/{repo}/installation, as the App (JWT)."""
+        self._check_jwt(request)
+        full_name = f"{request.path_params['owner']}/{request.path_params['name']}"
+        with self._lock:
+            for installation_id, repos in self._installations.items():
+                if full_name in repos and full_name in self._repos:
+                    return JSONResponse({"id": installation_id, "app_id": self.app_id,
+                                         "target_type": "Organization", "repository_selection": "selected",
+                                         "account": {"login": full_name.split("/")[0]}})
+        raise _ApiError(404, "Not Found")
+
+    def _get_repo(self, request: Request) -> Response:
+        repo = self._authorized_repo(request)
+        with self._lock:
+            return JSONResponse(self._repo_json(repo))
+
+    def _get_commit(self, request: Request) -> Response:
+        """GET /repos/{owner}/{repo}/commits/{ref}: a branch, tag or SHA (422 for none)."""
+        repo = self._authorized_repo(request)
+        ref = request.path_params["ref"]
+        sha = rev_parse(repo.git_dir, ref) if not ref.startswith("-") else None
+        if sha is None:
+            raise _ApiError(422, f"No commit found for SHA: {ref}")
+        return JSONResponse(self._commit_json(repo, sha))
+
     def _compare(self, request: Request) -> Response:
         repo = self._authorized_repo(request)
         base_ref, dots, head_ref = request.path_params["basehead"].partition("...")
         if not dots:
             raise _ApiError(404, "Not Found")
-        base, head = _rev_parse(repo.git_dir, base_ref), _rev_parse(repo.git_dir, head_ref)
+        base, head = rev_parse(repo.git_dir, base_ref), rev_parse(repo.git_dir, head_ref)
         if base is None or head is None:
             raise _ApiError(404, "Not Found")
-        merge_base = _git(repo.git_dir, "merge-base", base, head, check=False).strip()
+        merge_base = git(repo.git_dir, "merge-base", base, head, check=False).strip()
         if not merge_base:
             raise _ApiError(404, f"No common ancestor between {base_ref} and {head_ref}.")
         behind, ahead = (
-            int(x) for x in _git(repo.git_dir, "rev-list", "--left-right", "--count", f"{base}...{head}").split()
+            int(x) for x in git(repo.git_dir, "rev-list", "--left-right", "--count", f"{base}...{head}").split()
         )
         status = (
             "identical" if ahead == behind == 0 else "ahead" if behind == 0 else "behind" if ahead == 0 else "diverged"
         )
-        commits = _git(repo.git_dir, "rev-list", "--reverse", "--max-count=250", f"{base}..{head}").split()
+        commits = git(repo.git_dir, "rev-list", "--reverse", "--max-count=250", f"{base}..{head}").split()
         api, web = f"{self._api_url}/repos/{repo.full_name}", f"{self._api_url}/{repo.full_name}"
         return JSONResponse(
             {
@@ -1201,26 +1112,13 @@ class FakeGitHub:
                 "behind_by": behind,
                 "total_commits": ahead,
                 "commits": [self._commit_json(repo, sha) for sha in commits],
-                "files": [
-                    {
-                        "sha": f.sha,
-                        "filename": f.filename,
-                        "status": f.status,
-                        "additions": f.additions,
-                        "deletions": f.deletions,
-                        "changes": f.additions + f.deletions,
-                    }
-                    | ({"previous_filename": f.previous_filename} if f.previous_filename else {})
-                    for f in _diff(repo.git_dir, base, head)
-                ],
+                "files": [_file_json(f) for f in _diff(repo.git_dir, base, head)],
             }
         )
 
     def _commit_json(self, repo: _Repo, sha: str) -> dict[str, Any]:
-        fields = _git(
-            repo.git_dir, "show", "-s", "--format=%H%x00%T%x00%P%x00%an%x00%ae%x00%aI%x00%cn%x00%ce%x00%cI%x00%B", sha
-        )
-        sha, tree, parents, an, ae, ad, cn, ce, cd, message = fields.split("\x00", 9)
+        info = commit_info(repo.git_dir, sha)
+        sha, tree = info.sha, info.tree
         api, web = f"{self._api_url}/repos/{repo.full_name}", f"{self._api_url}/{repo.full_name}"
         return {
             "sha": sha,
@@ -1229,9 +1127,9 @@ class FakeGitHub:
             "html_url": f"{web}/commit/{sha}",
             "comments_url": f"{api}/commits/{sha}/comments",
             "commit": {
-                "author": {"name": an, "email": ae, "date": ad},
-                "committer": {"name": cn, "email": ce, "date": cd},
-                "message": message.strip(),
+                "author": {"name": info.author_name, "email": info.author_email, "date": info.authored_date},
+                "committer": {"name": info.committer_name, "email": info.committer_email, "date": info.committed_date},
+                "message": info.message,
                 "tree": {"sha": tree, "url": f"{api}/git/trees/{tree}"},
                 "url": f"{api}/git/commits/{sha}",
                 "comment_count": 0,
@@ -1240,7 +1138,7 @@ class FakeGitHub:
             "author": None,
             "committer": None,
             "parents": [
-                {"sha": p, "url": f"{api}/commits/{p}", "html_url": f"{web}/commit/{p}"} for p in parents.split()
+                {"sha": p, "url": f"{api}/commits/{p}", "html_url": f"{web}/commit/{p}"} for p in info.parents
             ],
         }
 
@@ -1248,13 +1146,13 @@ class FakeGitHub:
         repo = self._authorized_repo(request)
         path = request.path_params["path"].strip("/")
         ref = request.query_params.get("ref") or repo.default_branch
-        commit = _rev_parse(repo.git_dir, ref)
+        commit = rev_parse(repo.git_dir, ref)
         if commit is None:
             raise _ApiError(404, f"No commit found for the ref {ref}")
-        kind = _git(repo.git_dir, "cat-file", "-t", f"{commit}:{path}", check=False).strip()
+        kind = git(repo.git_dir, "cat-file", "-t", f"{commit}:{path}", check=False).strip()
         if kind == "blob":
-            blob = _git_bytes(repo.git_dir, "cat-file", "blob", f"{commit}:{path}")
-            sha = _git(repo.git_dir, "rev-parse", f"{commit}:{path}").strip()
+            blob = git_bytes(repo.git_dir, "cat-file", "blob", f"{commit}:{path}")
+            sha = git(repo.git_dir, "rev-parse", f"{commit}:{path}").strip()
             data = self._content_entry(repo, ref, path, "file", sha, len(blob))
             encoded = base64.b64encode(blob).decode()
             # GitHub wraps the base64 text at 60 characters a line.
@@ -1263,7 +1161,7 @@ class FakeGitHub:
             )
             return JSONResponse(data)
         if kind == "tree":
-            listing = _git(repo.git_dir, "ls-tree", "-z", "--long", f"{commit}:{path}" if path else commit)
+            listing = git(repo.git_dir, "ls-tree", "-z", "--long", f"{commit}:{path}" if path else commit)
             entries = []
             for line in filter(None, listing.split("\x00")):
                 meta, name = line.split("\t", 1)
@@ -1307,8 +1205,8 @@ class FakeGitHub:
         role, state = membership
         return JSONResponse(
             {
-                "url": f"{self._api_url}/organizations/{_stable_id(org)}/team/"
-                f"{_stable_id(org + '/' + slug)}/memberships/{user}",
+                "url": f"{self._api_url}/organizations/{stable_id(org)}/team/"
+                f"{stable_id(org + '/' + slug)}/memberships/{user}",
                 "role": role,
                 "state": state,
             }
@@ -1316,35 +1214,6 @@ class FakeGitHub:
 
 
 # -- HTTP plumbing ---------------------------------------------------------------------------
-
-
-class _RequestLog:
-    """ASGI middleware that records (method, path, status) of every request."""
-
-    def __init__(self, app: ASGIApp, record: Any) -> None:
-        self.app = app
-        self.record = record
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        recorded = False
-
-        async def send_recording(message: Message) -> None:
-            nonlocal recorded
-            if message["type"] == "http.response.start":
-                # Record before the client can see the answer, so a test reading the log right
-                # after its call returns always finds the request there.
-                self.record(scope["method"], scope["path"], message["status"])
-                recorded = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_recording)
-        finally:
-            if not recorded:
-                self.record(scope["method"], scope["path"], 500)
 
 
 def _error(status: int, message: str, errors: list[dict[str, Any]] | None = None) -> JSONResponse:
@@ -1372,6 +1241,22 @@ def _invalid(resource: str, field: str, message: str | None = None) -> _ApiError
     if message:
         error["message"] = message
     return _ApiError(422, "Validation Failed", [error])
+
+
+def _file_json(f: _File, **links: str) -> dict[str, Any]:
+    """A changed file as GitHub lists it; the pull request's file list adds its `links` (blob_url, …)."""
+    item: dict[str, Any] = {
+        "sha": f.sha,
+        "filename": f.filename,
+        "status": f.status,
+        "additions": f.additions,
+        "deletions": f.deletions,
+        "changes": f.additions + f.deletions,
+        **links,
+    }
+    if f.previous_filename:
+        item["previous_filename"] = f.previous_filename
+    return item
 
 
 def _comment_body(data: dict[str, Any]) -> str:
@@ -1426,29 +1311,9 @@ def _page(request: Request, items: list[Any]) -> tuple[list[Any], dict[str, str]
 # -- git -------------------------------------------------------------------------------------
 
 
-def _git_bytes(git_dir: Path, *args: str, check: bool = True) -> bytes:
-    result = subprocess.run(["git", "--git-dir", str(git_dir), *args], capture_output=True, check=False)
-    if check and result.returncode != 0:
-        raise RuntimeError(f"git {' '.join(args)} failed: {result.stderr.decode(errors='replace').strip()}")
-    return result.stdout
-
-
-def _git(git_dir: Path, *args: str, check: bool = True) -> str:
-    return _git_bytes(git_dir, *args, check=check).decode()
-
-
-def _rev_parse(git_dir: Path, ref: str) -> str | None:
-    """The commit a ref or SHA names, or None."""
-    if not ref or ref.startswith("-"):
-        return None
-    out = _git(git_dir, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False).strip()
-    return out or None
-
-
 def _diff(git_dir: Path, base: str, head: str) -> list[_File]:
     """The files a pull request changes: `git diff base...head`, renames detected, as GitHub shows them."""
-    raw = _git(git_dir, "diff", "--raw", "-z", "--no-abbrev", "-M", f"{base}...{head}").split("\x00")
-    numstat = _git(git_dir, "diff", "--numstat", "-z", "-M", f"{base}...{head}").split("\x00")
+    numstat = git(git_dir, "diff", "--numstat", "-z", "-M", f"{base}...{head}").split("\x00")
     counts: dict[str, tuple[int, int]] = {}
     i = 0
     while i < len(numstat) and numstat[i]:
@@ -1458,66 +1323,14 @@ def _diff(git_dir: Path, base: str, head: str) -> list[_File]:
         else:
             i += 1
         counts[path] = (int(added) if added != "-" else 0, int(deleted) if deleted != "-" else 0)
-    files: list[_File] = []
     words = {"A": "added", "D": "removed", "M": "modified", "R": "renamed", "C": "copied", "T": "changed"}
-    i = 0
-    while i < len(raw) and raw[i].startswith(":"):
-        _old_mode, _new_mode, old_sha, new_sha, letter = raw[i][1:].split()
-        if letter[0] in "RC":
-            previous, path, i = raw[i + 1], raw[i + 2], i + 3
-        else:
-            previous, path, i = None, raw[i + 1], i + 2
-        added, deleted = counts.get(path, (0, 0))
-        sha = old_sha if letter[0] == "D" else new_sha
-        files.append(_File(path, words.get(letter[0], "modified"), sha, added, deleted, previous))
+    files: list[_File] = []
+    for change in raw_changes(git_dir, f"{base}...{head}"):
+        added, deleted = counts.get(change.new_path, (0, 0))
+        sha = change.old_sha if change.letter == "D" else change.new_sha
+        previous = change.old_path if change.letter in "RC" else None
+        files.append(_File(change.new_path, words.get(change.letter, "modified"), sha, added, deleted, previous))
     return files
-
-
-def _count_commits(git_dir: Path, base: str, head: str) -> int:
-    return int(_git(git_dir, "rev-list", "--count", f"{base}..{head}").strip())
-
-
-def _conflicts(git_dir: Path, base_ref: str, head: str) -> bool:
-    base = _rev_parse(git_dir, f"refs/heads/{base_ref}")
-    if base is None:
-        return False
-    result = subprocess.run(
-        ["git", "--git-dir", str(git_dir), "merge-tree", "--write-tree", base, head], capture_output=True, check=False
-    )
-    return result.returncode == 1
-
-
-def _merge_commit(git_dir: Path, base_ref: str, head: str, message: str) -> str | None:
-    """Merge head into the base branch like GitHub's merge button; None if git cannot."""
-    base = _rev_parse(git_dir, f"refs/heads/{base_ref}")
-    if base is None:
-        return None
-    merged = subprocess.run(
-        ["git", "--git-dir", str(git_dir), "merge-tree", "--write-tree", base, head],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if merged.returncode != 0:
-        return None
-    tree = merged.stdout.split("\n", 1)[0].strip()
-    sha = _git(
-        git_dir,
-        "-c",
-        "user.name=GitHub",
-        "-c",
-        "user.email=noreply@github.com",
-        "commit-tree",
-        tree,
-        "-p",
-        base,
-        "-p",
-        head,
-        "-m",
-        message,
-    ).strip()
-    _git(git_dir, "update-ref", f"refs/heads/{base_ref}", sha, base)
-    return sha
 
 
 # -- small helpers ---------------------------------------------------------------------------
@@ -1525,11 +1338,6 @@ def _merge_commit(git_dir: Path, base_ref: str, head: str, message: str) -> str 
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _stable_id(name: str) -> int:
-    """A positive id that stays the same for a name across runs."""
-    return zlib.crc32(name.encode()) % 10**8 + 1
 
 
 def _node_id(kind: str, name: str) -> str:

@@ -9,11 +9,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from bot.models import CommentEvent, Event, PullRequest, PullRequestEvent, Repo, ReviewEvent
 
 FORGE = "github"
+
+Parser = Callable[[dict[str, Any]], Event | None]
 
 
 class InvalidSignature(Exception):
@@ -51,7 +54,15 @@ def load_body(body: bytes) -> dict[str, Any]:
 
 def parse_event(event_name: str, payload: dict[str, Any]) -> Event | None:
     """The domain event a webhook stands for, or None if the bot ignores it."""
-    parser = _PARSERS.get(event_name)
+    return parse_with(_PARSERS, event_name, payload)
+
+
+def parse_with(parsers: Mapping[str, Parser], event_name: str, payload: dict[str, Any]) -> Event | None:
+    """Run the event's parser (None for an event not listed); a payload it cannot read is a MalformedPayload.
+
+    The one dispatch both forges' `parse_event` use.
+    """
+    parser = parsers.get(event_name)
     if parser is None:
         return None
     try:
@@ -137,7 +148,7 @@ def _pull_request_review(payload: dict[str, Any]) -> ReviewEvent | None:
     )
 
 
-_PARSERS: dict[str, Callable[[dict[str, Any]], Event | None]] = {
+_PARSERS: dict[str, Parser] = {
     "pull_request": _pull_request,
     "issue_comment": _issue_comment,
     "pull_request_review": _pull_request_review,

@@ -333,6 +333,29 @@ class GitLabClient:
 
     # -- repository ----------------------------------------------------------------------------
 
+    def lookup_repo(self) -> Repo:
+        """This project as a Repo (clone URL, default branch): for runs no webhook announced."""
+        with self._api(f"looking up {self.repo.full_name}"):
+            data = self._gl.projects.get(self.repo.full_name).attributes
+        return Repo(forge="gitlab", full_name=str(data["path_with_namespace"]),
+                    clone_url=str(data["http_url_to_repo"]), default_branch=str(data["default_branch"]))
+
+    def commit_sha(self, ref: str) -> str | None:
+        """The commit a branch, tag, ref or SHA names in this project, or None."""
+        try:
+            with self._api(f"resolving {ref} in {self.repo.full_name}"):
+                return str(self._project.commits.get(ref.removeprefix("refs/heads/")).id)
+        except ForgeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def is_on_default_branch(self, sha: str) -> bool:
+        """Whether the commit is (an ancestor of) the head of the default branch."""
+        with self._api(f"comparing {sha[:12]} with {self.repo.default_branch} on {self.repo.full_name}"):
+            comparison = self._project.repository_compare(self.repo.default_branch, sha)
+        return not comparison["commits"]  # nothing in sha that the default branch lacks
+
     def read_file(self, ref: str, path: str) -> str | None:
         """A file's text at a ref, or None if there is no file there."""
         try:
@@ -437,3 +460,9 @@ def _error_text(message: Any) -> str:
 
 def _quote(segment: str) -> str:
     return urllib.parse.quote(segment, safe="")
+
+
+def lookup_gitlab_repo(url: str, token: str, full_name: str) -> Repo:
+    """A project by path, as a Repo."""
+    probe = Repo(forge="gitlab", full_name=full_name, clone_url="", default_branch="")
+    return GitLabClient(url, token, probe).lookup_repo()

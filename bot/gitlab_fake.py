@@ -28,31 +28,27 @@ import hmac
 import json
 import re
 import secrets
-import socket
 import string
-import subprocess
-import threading
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
-from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
-import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bot.local_forge import Delivery, RequestRecord  # noqa: F401  (re-exported: records tests read)
+from bot.local_forge import LocalForge, RequestLog, branch_heads, commit_info, count_commits, git, git_bytes
+from bot.local_forge import merge_commit, merge_conflicts, raw_changes, raw_path, rev_parse, stable_id
 
 API_PREFIX = "/api/v4"
 FAKE_VERSION = "18.0.0-fake"
@@ -76,29 +72,6 @@ DETAILED_MERGE_STATUSES = frozenset({
 STATE_IDS = {"opened": 1, "closed": 2, "merged": 3, "locked": 4}
 APPROVED_NOTE = "approved this merge request"
 UNAPPROVED_NOTE = "unapproved this merge request"
-
-
-class RequestRecord(NamedTuple):
-    """One API request the fake answered; `path` as sent, percent-encoding and all."""
-
-    method: str
-    path: str
-    status: int
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """One webhook delivery; `status` is 0 when the receiver could not be reached.
-
-    `delivery_id` is the `Idempotency-Key`, which a redelivery repeats.
-    """
-
-    event: str
-    action: str
-    delivery_id: str
-    status: int
-    body: bytes = field(repr=False)
-    redelivery: bool = False
 
 
 @dataclass
@@ -224,19 +197,20 @@ class _ApiError(Exception):
 Handler = Callable[[Request, dict[str, Any], dict[str, Any]], Response]
 
 
-class FakeGitLab:
+class FakeGitLab(LocalForge):
     """In-memory GitLab with a real HTTP API; see the module docstring."""
 
+    _thread_name = "fake-gitlab"
+
     def __init__(self, *, bot_username: str = "deploybot", token: str | None = None) -> None:
+        super().__init__()
         self.bot_username = bot_username
         self.token = token or "glpat-" + "".join(
             secrets.choice(string.ascii_letters + string.digits + "-_") for _ in range(20)
         )
         # Whether GET .../approvals reports `approved_by[].approved_at` (GitLab 18.4 and later).
         self.report_approval_times = True
-        self.url: str | None = None
 
-        self._lock = threading.RLock()
         self._users: dict[int, _User] = {}
         self._projects: dict[int, _Project] = {}
         self._groups: dict[str, dict[int, tuple[int, str]]] = {}  # full path -> user id -> (level, membership state)
@@ -244,66 +218,17 @@ class FakeGitLab:
         self._ids = iter(range(1000, 10**9))
         self._user_ids = iter(range(2, 10**9))
         self._last_time = datetime.fromtimestamp(0, UTC)
-        self._requests: list[RequestRecord] = []
-        self._deliveries: list[Delivery] = []
-        self._webhook: tuple[str, str, str | None] | None = None  # url, secret token, signing token
         self._templates = {
             name: json.loads(resources.files("bot").joinpath("payloads", f"gitlab_{name}.json").read_text())
             for name in ("merge_request", "note")
         }
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._socket: socket.socket | None = None
-        self._http = httpx.Client(timeout=10.0)  # GitLab's default webhook timeout is 10 seconds
         self.bot_user_id = self.add_user(bot_username, name="deploybot")
 
         self.app = Starlette(
             routes=[Route(API_PREFIX + "/{rest:path}", self._dispatch, methods=["GET", "POST", "PUT", "DELETE"])],
-            middleware=[Middleware(_RequestLog, record=self._record_request)],
+            middleware=[Middleware(RequestLog, record=self._record_request, raw_path=True)],
         )
         self._routes: list[tuple[str, tuple[str, ...], Handler]] = self._route_table()
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def start(self) -> str:
-        """Serve on a free port of 127.0.0.1 in a background thread; return the base URL."""
-        if self._server is not None:
-            raise RuntimeError("FakeGitLab is already running")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        config = uvicorn.Config(self.app, log_config=None, log_level="warning", access_log=False, lifespan="off")
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="fake-gitlab", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                sock.close()
-                raise RuntimeError("FakeGitLab's HTTP server did not start")
-            time.sleep(0.01)
-        self._server, self._thread, self._socket = server, thread, sock
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        return self.url
-
-    def stop(self) -> None:
-        """Stop the HTTP server and close connections."""
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(timeout=10)
-        if self._socket is not None:
-            self._socket.close()
-        self._server = self._thread = self._socket = None
-        self._http.close()
-
-    def __enter__(self) -> FakeGitLab:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"FakeGitLab(bot_username={self.bot_username!r}, url={self.url!r})"
@@ -324,10 +249,10 @@ class FakeGitLab:
         if path_with_namespace.strip("/") != path_with_namespace or "//" in path_with_namespace:
             raise ValueError(f"not a project path: {path_with_namespace!r}")
         git_dir = Path(git_dir).resolve()
-        _git(git_dir, "rev-parse", "--git-dir")  # fails early on a path that is not a repository
+        git(git_dir, "rev-parse", "--git-dir")  # fails early on a path that is not a repository
         with self._lock:
             project = _Project(
-                _stable_id(path_with_namespace), path_with_namespace, git_dir, default_branch, self._now(),
+                stable_id(path_with_namespace), path_with_namespace, git_dir, default_branch, self._now(),
                 approvals_required=approvals_required, reset_approvals_on_push=reset_approvals_on_push,
                 pipeline_must_succeed=pipeline_must_succeed,
             )
@@ -426,10 +351,10 @@ class FakeGitLab:
             now = self._now()
             mr = _MergeRequest(
                 next(self._ids), iid, title, description, author_id, source_branch, target_branch,
-                _stable_id(f"{author}/{state.name}") if fork else state.id, draft, now, now, [version],
+                stable_id(f"{author}/{state.name}") if fork else state.id, draft, now, now, [version],
             )
             state.merge_requests[iid] = mr
-            _git(git_dir, "update-ref", f"refs/merge-requests/{iid}/head", version.head_sha)
+            git(git_dir, "update-ref", f"refs/merge-requests/{iid}/head", version.head_sha)
             payload = self._merge_request_hook("open", state, mr, actor=author_id)
         self._deliver("Merge Request Hook", payload)
         return iid
@@ -448,12 +373,12 @@ class FakeGitLab:
         with self._lock:
             actor = self.add_user(user) if user else mr.author_id
             previous_update = mr.updated_at
-            added = int(_git(git_dir, "rev-list", "--count", f"{before}..{version.head_sha}").strip() or 0)
+            added = count_commits(git_dir, before, version.head_sha)
             mr.versions.append(version)
             mr.updated_at = version.created_at
             if state.reset_approvals_on_push:
                 mr.approvals.clear()
-            _git(git_dir, "update-ref", f"refs/merge-requests/{iid}/head", version.head_sha)
+            git(git_dir, "update-ref", f"refs/merge-requests/{iid}/head", version.head_sha)
             self._add_note(state, mr, actor, f"added {added} commit{'s' if added != 1 else ''}", system=True)
             payload = self._merge_request_hook("update", state, mr, actor=actor)
             payload["object_attributes"]["oldrev"] = before  # GitLab's mark of an update that brought code
@@ -544,7 +469,7 @@ class FakeGitLab:
             git_dir, target, head = state.git_dir, mr.target_branch, mr.head.head_sha
             message = (f"Merge branch '{mr.source_branch}' into '{target}'\n\n{mr.title}\n\n"
                        f"See merge request {state.path}!{iid}")
-        merge_sha = _merge_commit(git_dir, target, head, message)
+        merge_sha = merge_commit(git_dir, target, head, message, committer=("GitLab", "noreply@gitlab.example.com"))
         with self._lock:
             actor = self.add_user(user)
             now = self._now()
@@ -558,35 +483,16 @@ class FakeGitLab:
     def set_webhook(self, url: str, secret: str, signing_token: str | None = None) -> None:
         """Send every event from now on to `url` with `X-Gitlab-Token: secret` (and signed, given a signing token)."""
         with self._lock:
-            self._webhook = (url, secret, signing_token)
+            self._webhook = (url, (secret, signing_token))
 
-    @property
-    def deliveries(self) -> list[Delivery]:
-        """Every webhook sent so far, oldest first."""
-        with self._lock:
-            return list(self._deliveries)
+    def _action(self, payload: dict[str, Any]) -> str:
+        return str(payload.get("object_attributes", {}).get("action", ""))
 
-    def redeliver(self, delivery_id: str) -> int:
-        """Resend a past delivery: same body and `Idempotency-Key`, new UUID headers (as GitLab's "Resend request")."""
-        with self._lock:
-            original = next((d for d in self._deliveries if d.delivery_id == delivery_id), None)
-        if original is None:
-            raise KeyError(f"no delivery {delivery_id}")
-        return self._send(original.event, original.action, original.body, delivery_id, redelivery=True)
-
-    def _deliver(self, event: str, payload: dict[str, Any]) -> int | None:
-        # Called without the lock held: the receiver may call back into this fake before answering.
-        if self._webhook is None:
-            return None
-        body = json.dumps(payload).encode()
-        action = str(payload.get("object_attributes", {}).get("action", ""))
-        return self._send(event, action, body, str(uuid.uuid4()))
-
-    def _send(self, event: str, action: str, body: bytes, delivery_id: str, redelivery: bool = False) -> int:
-        with self._lock:
-            if self._webhook is None:
-                raise RuntimeError("no webhook is set")
-            url, secret, signing_token = self._webhook
+    def _webhook_headers(
+        self, key: tuple[str, str | None], event: str, body: bytes, delivery_id: str
+    ) -> dict[str, str]:
+        # A redelivery ("Resend request") repeats the Idempotency-Key but gets new UUID headers.
+        secret, signing_token = key
         headers = {
             "Content-Type": "application/json",
             "User-Agent": f"GitLab/{FAKE_VERSION}",
@@ -605,21 +511,9 @@ class FakeGitLab:
             headers["webhook-id"] = delivery_id
             headers["webhook-timestamp"] = str(timestamp)
             headers["webhook-signature"] = "v1," + base64.b64encode(digest).decode()
-        try:
-            status = self._http.post(url, content=body, headers=headers).status_code
-        except httpx.HTTPError:
-            status = 0
-        with self._lock:
-            self._deliveries.append(Delivery(event, action, delivery_id, status, body, redelivery))
-        return status
+        return headers
 
     # -- records for assertions ---------------------------------------------------------------
-
-    @property
-    def requests(self) -> list[RequestRecord]:
-        """Every API request answered so far: (method, path, status)."""
-        with self._lock:
-            return list(self._requests)
 
     def comments(self, project: str, iid: int) -> list[dict[str, Any]]:
         """The user notes on a merge request (not GitLab's system notes), oldest first: id, user, body."""
@@ -692,7 +586,7 @@ class FakeGitLab:
     ) -> _Status:
         now = self._now()
         status = _Status(next(self._ids), sha, ref, name, state, description, target_url, author_id,
-                         pipeline_id=_stable_id(f"pipeline:{project.id}:{sha}"), created_at=now)
+                         pipeline_id=stable_id(f"pipeline:{project.id}:{sha}"), created_at=now)
         _stamp(status, now)
         project.statuses.append(status)
         return status
@@ -705,11 +599,8 @@ class FakeGitLab:
         return max(project.approvals_required - len(approvers), 0)
 
     def _make_version(self, git_dir: Path, source: str, target: str) -> _Version:
-        head = _rev_parse(git_dir, f"refs/heads/{source}")
-        base = _rev_parse(git_dir, f"refs/heads/{target}")
-        if head is None or base is None:
-            raise ValueError(f"the repository has no branch {source if head is None else target!r}")
-        merge_base = _git(git_dir, "merge-base", base, head, check=False).strip() or base
+        head, base = branch_heads(git_dir, source, target, "the repository")
+        merge_base = git(git_dir, "merge-base", base, head, check=False).strip() or base
         # diff_refs: base_sha is the merge base, start_sha the target branch's head at the time.
         return _Version(next(self._ids), head, merge_base, base, self._now(), _diff(git_dir, merge_base, head))
 
@@ -734,7 +625,7 @@ class FakeGitLab:
         return "mergeable"
 
     def _has_conflicts(self, project: _Project, mr: _MergeRequest) -> bool:
-        return mr.state == "opened" and _conflicts(project.git_dir, mr.target_branch, mr.head.head_sha)
+        return mr.state == "opened" and merge_conflicts(project.git_dir, mr.target_branch, mr.head.head_sha)
 
     # -- JSON shapes ---------------------------------------------------------------------------
 
@@ -769,7 +660,7 @@ class FakeGitLab:
         path, pid = project.path, project.id
         if source_fork_of is not None:
             path = f"{source_fork_of}/{project.name}"
-            pid = _stable_id(path)
+            pid = stable_id(path)
         web = self._web_url(path)
         # A fork's repository is not reachable here: its commits exist only as refs/merge-requests/N/head.
         clone = f"{web}.git" if source_fork_of is not None else f"file://{project.git_dir}"
@@ -794,14 +685,14 @@ class FakeGitLab:
         }
 
     def _hook_commit(self, project: _Project, sha: str) -> dict[str, Any]:
-        info = _commit_info(project.git_dir, sha)
+        info = commit_info(project.git_dir, sha)
         return {
             "id": sha,
-            "message": info["message"],
-            "title": info["title"],
-            "timestamp": info["authored_date"],
+            "message": info.message + "\n",
+            "title": info.title,
+            "timestamp": info.authored_date,
             "url": self._web_url(f"{project.path}/-/commit/{sha}"),
-            "author": {"name": info["author_name"], "email": info["author_email"]},
+            "author": {"name": info.author_name, "email": info.author_email},
         }
 
     def _source_project(self, project: _Project, mr: _MergeRequest) -> dict[str, Any]:
@@ -932,13 +823,9 @@ class FakeGitLab:
         }
         return {key: values[key] for key in template}
 
-    def _mr_json(self, project: _Project, mr: _MergeRequest, diverged: bool = False) -> dict[str, Any]:
-        """A merge request as GET /projects/:id/merge_requests/:iid returns it."""
-        detailed = self._detailed_merge_status(project, mr)
-        conflicts = self._has_conflicts(project, mr)
-        head = mr.head
-        notes = sum(1 for n in self._notes.values() if (n.project_id, n.iid) == (project.id, mr.iid) and not n.system)
-        data: dict[str, Any] = {
+    def _mr_basics(self, project: _Project, mr: _MergeRequest) -> dict[str, Any]:
+        """The fields a merge request and its approvals both begin with."""
+        return {
             "id": mr.id,
             "iid": mr.iid,
             "project_id": project.id,
@@ -947,6 +834,16 @@ class FakeGitLab:
             "state": mr.state,
             "created_at": _api_time(mr.created_at),
             "updated_at": _api_time(mr.updated_at),
+        }
+
+    def _mr_json(self, project: _Project, mr: _MergeRequest, diverged: bool = False) -> dict[str, Any]:
+        """A merge request as GET /projects/:id/merge_requests/:iid returns it."""
+        detailed = self._detailed_merge_status(project, mr)
+        conflicts = self._has_conflicts(project, mr)
+        head = mr.head
+        notes = sum(1 for n in self._notes.values() if (n.project_id, n.iid) == (project.id, mr.iid) and not n.system)
+        data: dict[str, Any] = {
+            **self._mr_basics(project, mr),
             "merged_by": self._user_json(mr.merged_by_id) if mr.merged_by_id else None,
             "merge_user": self._user_json(mr.merged_by_id) if mr.merged_by_id else None,
             "merged_at": _api_time(mr.merged_at),
@@ -1004,9 +901,8 @@ class FakeGitLab:
             "user": {"can_merge": True},
         }
         if diverged:
-            base = _rev_parse(project.git_dir, f"refs/heads/{mr.target_branch}")
-            count = _git(project.git_dir, "rev-list", "--count", f"{head.head_sha}..{base}").strip() if base else "0"
-            data["diverged_commits_count"] = int(count or 0)
+            base = rev_parse(project.git_dir, f"refs/heads/{mr.target_branch}")
+            data["diverged_commits_count"] = count_commits(project.git_dir, head.head_sha, base) if base else 0
         return data
 
     def _status_json(self, status: _Status) -> dict[str, Any]:
@@ -1065,7 +961,7 @@ class FakeGitLab:
             "http_url_to_repo": hook["git_http_url"],
             "web_url": hook["web_url"],
             "visibility": "private",
-            "namespace": {"id": _stable_id(namespace), "name": namespace.rsplit("/", 1)[-1], "path":
+            "namespace": {"id": stable_id(namespace), "name": namespace.rsplit("/", 1)[-1], "path":
                           namespace.rsplit("/", 1)[-1], "kind": "group", "full_path": namespace},
             "only_allow_merge_if_pipeline_succeeds": project.pipeline_must_succeed,
             "approvals_before_merge": project.approvals_required,
@@ -1099,6 +995,7 @@ class FakeGitLab:
             ("PUT", (*mr, "notes", "{note_id:int}"), self._update_note),
             ("POST", ("projects", "{project}", "statuses", "{sha}"), self._create_status),
             ("GET", ("projects", "{project}", "repository", "commits", "{sha}", "statuses"), self._list_statuses),
+            ("GET", ("projects", "{project}", "repository", "commits", "{sha}"), self._get_commit),
             ("GET", ("projects", "{project}", "repository", "compare"), self._compare),
             ("GET", ("projects", "{project}", "repository", "files", "{file_path}", "raw"), self._raw_file),
             ("GET", ("projects", "{project}", "members", "all", "{user_id:int}"), self._project_member),
@@ -1107,8 +1004,7 @@ class FakeGitLab:
 
     async def _dispatch(self, request: Request) -> Response:
         """Route on the raw path, so `group%2Fsub%2Frepo` stays one segment as it does in GitLab."""
-        raw = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
-        segments = raw.split("?", 1)[0][len(API_PREFIX) + 1:].split("/")
+        segments = raw_path(request.scope)[len(API_PREFIX) + 1:].split("/")
         try:
             self._authenticate(request)
             handler, params = self._match(request.method, segments)
@@ -1129,10 +1025,6 @@ class FakeGitLab:
         if path_matched:
             raise _ApiError(405, "405 Not Allowed", key="error")
         raise _ApiError(404, "404 Not Found", key="error")
-
-    def _record_request(self, method: str, path: str, status: int) -> None:
-        with self._lock:
-            self._requests.append(RequestRecord(method, path, status))
 
     def _authenticate(self, request: Request) -> None:
         token = request.headers.get("private-token")
@@ -1183,13 +1075,7 @@ class FakeGitLab:
         _, mr = self._request_mr(params)
         with self._lock:
             files = list(mr.head.files)
-        items = [
-            {"diff": f.diff, "new_path": f.new_path, "old_path": f.old_path, "a_mode": f.a_mode, "b_mode": f.b_mode,
-             "new_file": f.new_file, "renamed_file": f.renamed_file, "deleted_file": f.deleted_file,
-             "generated_file": False}
-            for f in files
-        ]
-        return _paginated(request, data, items)
+        return _paginated(request, data, [_diff_json(f) for f in files])
 
     def _list_versions(self, request: Request, params: dict[str, Any], data: dict[str, Any]) -> Response:
         _, mr = self._request_mr(params)
@@ -1214,14 +1100,7 @@ class FakeGitLab:
                 approved_by.append(entry)
             left = self._approvals_left(project, mr)
             body = {
-                "id": mr.id,
-                "iid": mr.iid,
-                "project_id": project.id,
-                "title": mr.title,
-                "description": mr.description,
-                "state": mr.state,
-                "created_at": _api_time(mr.created_at),
-                "updated_at": _api_time(mr.updated_at),
+                **self._mr_basics(project, mr),
                 "merge_status": "can_be_merged",
                 "approved": left == 0,
                 "approvals_required": project.approvals_required,
@@ -1284,7 +1163,7 @@ class FakeGitLab:
             raise _ApiError(400, "state is missing", key="error")
         if state not in STATUS_STATES:
             raise _ApiError(400, "state does not have a valid value", key="error")
-        sha = _rev_parse(project.git_dir, params["sha"])
+        sha = rev_parse(project.git_dir, params["sha"])
         if sha is None:
             raise _ApiError(404, "404 Commit Not Found")
         name = data.get("name") or data.get("context") or "default"
@@ -1315,7 +1194,7 @@ class FakeGitLab:
 
     def _list_statuses(self, request: Request, params: dict[str, Any], data: dict[str, Any]) -> Response:
         project = self._request_project(params)
-        sha = _rev_parse(project.git_dir, params["sha"])
+        sha = rev_parse(project.git_dir, params["sha"])
         if sha is None:
             raise _ApiError(404, "404 Commit Not Found")
         with self._lock:
@@ -1333,19 +1212,14 @@ class FakeGitLab:
         for key in ("from", "to"):
             if not data.get(key):
                 raise _ApiError(400, f"{key} is missing", key="error")
-        start, end = _rev_parse(project.git_dir, data["from"]), _rev_parse(project.git_dir, data["to"])
+        start, end = rev_parse(project.git_dir, data["from"]), rev_parse(project.git_dir, data["to"])
         if start is None or end is None:
             raise _ApiError(404, "404 Ref Not Found")
         straight = _truthy(data.get("straight"))
-        base = start if straight else (_git(project.git_dir, "merge-base", start, end, check=False).strip() or start)
-        shas = _git(project.git_dir, "rev-list", "--reverse", f"{base}..{end}").split()
+        base = start if straight else (git(project.git_dir, "merge-base", start, end, check=False).strip() or start)
+        shas = git(project.git_dir, "rev-list", "--reverse", f"{base}..{end}").split()
         commits = [self._commit_json(project, sha) for sha in shas]
-        diffs = [
-            {"diff": f.diff, "new_path": f.new_path, "old_path": f.old_path, "a_mode": f.a_mode, "b_mode": f.b_mode,
-             "new_file": f.new_file, "renamed_file": f.renamed_file, "deleted_file": f.deleted_file,
-             "generated_file": False}
-            for f in _diff(project.git_dir, base, end)
-        ]
+        diffs = [_diff_json(f) for f in _diff(project.git_dir, base, end)]
         return JSONResponse({
             "commit": commits[-1] if commits else None,
             "commits": commits,
@@ -1355,21 +1229,29 @@ class FakeGitLab:
             "web_url": self._web_url(f"{project.path}/-/compare/{start}...{end}"),
         })
 
+    def _get_commit(self, request: Request, params: dict[str, Any], data: dict[str, Any]) -> Response:
+        """GET .../repository/commits/:sha — a SHA, branch or tag name."""
+        project = self._request_project(params)
+        sha = rev_parse(project.git_dir, unquote(params["sha"]))
+        if sha is None:
+            raise _ApiError(404, "404 Commit Not Found")
+        return JSONResponse(self._commit_json(project, sha))
+
     def _commit_json(self, project: _Project, sha: str) -> dict[str, Any]:
-        info = _commit_info(project.git_dir, sha)
+        info = commit_info(project.git_dir, sha)
         return {
             "id": sha,
             "short_id": sha[:8],
-            "created_at": info["committed_date"],
-            "parent_ids": info["parent_ids"],
-            "title": info["title"],
-            "message": info["message"],
-            "author_name": info["author_name"],
-            "author_email": info["author_email"],
-            "authored_date": info["authored_date"],
-            "committer_name": info["committer_name"],
-            "committer_email": info["committer_email"],
-            "committed_date": info["committed_date"],
+            "created_at": info.committed_date,
+            "parent_ids": info.parents,
+            "title": info.title,
+            "message": info.message + "\n",
+            "author_name": info.author_name,
+            "author_email": info.author_email,
+            "authored_date": info.authored_date,
+            "committer_name": info.committer_name,
+            "committer_email": info.committer_email,
+            "committed_date": info.committed_date,
             "trailers": {},
             "extended_trailers": {},
             "web_url": self._web_url(f"{project.path}/-/commit/{sha}"),
@@ -1379,12 +1261,12 @@ class FakeGitLab:
         project = self._request_project(params)
         path = params["file_path"]
         ref = data.get("ref") or project.default_branch
-        commit = _rev_parse(project.git_dir, ref)
+        commit = rev_parse(project.git_dir, ref)
         if commit is None:
             raise _ApiError(404, "404 Commit Not Found")
-        if _git(project.git_dir, "cat-file", "-t", f"{commit}:{path}", check=False).strip() != "blob":
+        if git(project.git_dir, "cat-file", "-t", f"{commit}:{path}", check=False).strip() != "blob":
             raise _ApiError(404, "404 File Not Found")
-        blob = _git_bytes(project.git_dir, "cat-file", "blob", f"{commit}:{path}")
+        blob = git_bytes(project.git_dir, "cat-file", "blob", f"{commit}:{path}")
         return Response(blob, media_type="text/plain; charset=utf-8", headers={
             "X-Gitlab-File-Path": path, "X-Gitlab-Ref": ref, "X-Gitlab-Size": str(len(blob)),
             "X-Gitlab-Commit-Id": commit,
@@ -1413,7 +1295,7 @@ class FakeGitLab:
     def _group_member(self, request: Request, params: dict[str, Any], data: dict[str, Any]) -> Response:
         ref, user_id = params["group"], params["user_id"]
         with self._lock:
-            path = next((p for p in self._groups if p.lower() == ref.lower() or str(_stable_id(p)) == ref), None)
+            path = next((p for p in self._groups if p.lower() == ref.lower() or str(stable_id(p)) == ref), None)
             if path is None:
                 raise _ApiError(404, "404 Group Not Found")
             membership = self._membership(_self_and_ancestors(path), None, user_id)
@@ -1423,35 +1305,6 @@ class FakeGitLab:
 
 
 # -- HTTP plumbing ---------------------------------------------------------------------------
-
-
-class _RequestLog:
-    """ASGI middleware that records (method, raw path, status) of every request."""
-
-    def __init__(self, app: ASGIApp, record: Any) -> None:
-        self.app = app
-        self.record = record
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope.get("raw_path", scope["path"].encode()).decode("latin-1").split("?", 1)[0]
-        recorded = False
-
-        async def send_recording(message: Message) -> None:
-            nonlocal recorded
-            if message["type"] == "http.response.start":
-                # Record before the client sees the answer, so a test reading the log finds it.
-                self.record(scope["method"], path, message["status"])
-                recorded = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_recording)
-        finally:
-            if not recorded:
-                self.record(scope["method"], path, 500)
 
 
 def _match_segments(pattern: tuple[str, ...], segments: list[str]) -> dict[str, Any] | None:
@@ -1512,8 +1365,7 @@ def _paginated(request: Request, data: Mapping[str, Any], items: list[Any]) -> J
         "X-Prev-Page": str(page - 1) if page > 1 else "",
     }
     # Starlette's request.url is built from the decoded path; links must keep group%2Fproject encoded.
-    raw_path = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1").split("?", 1)[0]
-    base = f"{request.url.scheme}://{request.url.netloc}{raw_path}"
+    base = f"{request.url.scheme}://{request.url.netloc}{raw_path(request.scope)}"
     query = dict(parse_qsl(request.url.query, keep_blank_values=True))
     links = []
     for rel, target in (("prev", page - 1), ("next", page + 1), ("first", 1), ("last", total_pages)):
@@ -1526,6 +1378,12 @@ def _paginated(request: Request, data: Mapping[str, Any], items: list[Any]) -> J
 
 def _truthy(value: Any) -> bool:
     return value is True or str(value).lower() in ("true", "1", "yes")
+
+
+def _diff_json(f: _Diff) -> dict[str, Any]:
+    return {"diff": f.diff, "new_path": f.new_path, "old_path": f.old_path, "a_mode": f.a_mode, "b_mode": f.b_mode,
+            "new_file": f.new_file, "renamed_file": f.renamed_file, "deleted_file": f.deleted_file,
+            "generated_file": False}
 
 
 def _shape(template: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
@@ -1554,99 +1412,25 @@ def _stamp(status: _Status, now: datetime) -> None:
 # -- git -------------------------------------------------------------------------------------
 
 
-def _git_bytes(git_dir: Path, *args: str, check: bool = True) -> bytes:
-    result = subprocess.run(["git", "--git-dir", str(git_dir), *args], capture_output=True, check=False)
-    if check and result.returncode != 0:
-        raise RuntimeError(f"git {' '.join(args)} failed: {result.stderr.decode(errors='replace').strip()}")
-    return result.stdout
-
-
-def _git(git_dir: Path, *args: str, check: bool = True) -> str:
-    return _git_bytes(git_dir, *args, check=check).decode()
-
-
-def _rev_parse(git_dir: Path, ref: str) -> str | None:
-    """The commit a ref or SHA names, or None."""
-    if not ref or ref.startswith("-"):
-        return None
-    out = _git(git_dir, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False).strip()
-    return out or None
-
-
 def _diff(git_dir: Path, base: str, head: str) -> list[_Diff]:
     """The files between two commits as GitLab's diff objects: renames detected, each with its patch text."""
-    raw = _git(git_dir, "diff", "--raw", "-z", "--no-abbrev", "-M", base, head).split("\x00")
-    patch = _git(git_dir, "diff", "--no-color", "--no-ext-diff", "-M", base, head)
+    patch = git(git_dir, "diff", "--no-color", "--no-ext-diff", "-M", base, head)
     chunks = re.split(r"^diff --git ", patch, flags=re.MULTILINE)[1:]
     files: list[_Diff] = []
-    i = 0
-    while i < len(raw) and raw[i].startswith(":"):
-        old_mode, new_mode, _old_sha, _new_sha, letter = raw[i][1:].split()
-        if letter[0] in "RC":
-            old_path, new_path, i = raw[i + 1], raw[i + 2], i + 3
-        else:
-            old_path = new_path = raw[i + 1]
-            i += 2
-        chunk = chunks[len(files)] if len(files) < len(chunks) else ""
+    for n, change in enumerate(raw_changes(git_dir, base, head)):
+        chunk = chunks[n] if n < len(chunks) else ""
         hunk = chunk.find("\n@@")
         files.append(_Diff(
-            old_path=old_path,
-            new_path=new_path,
-            a_mode="0" if set(old_mode) == {"0"} else old_mode,
-            b_mode="0" if set(new_mode) == {"0"} else new_mode,
-            new_file=letter[0] == "A",
-            renamed_file=letter[0] == "R",
-            deleted_file=letter[0] == "D",
+            old_path=change.old_path,
+            new_path=change.new_path,
+            a_mode="0" if set(change.old_mode) == {"0"} else change.old_mode,
+            b_mode="0" if set(change.new_mode) == {"0"} else change.new_mode,
+            new_file=change.letter == "A",
+            renamed_file=change.letter == "R",
+            deleted_file=change.letter == "D",
             diff=chunk[hunk + 1:] if hunk >= 0 else "",
         ))
     return files
-
-
-def _commit_info(git_dir: Path, sha: str) -> dict[str, Any]:
-    fields = _git(git_dir, "show", "-s", "--format=%H%x00%P%x00%an%x00%ae%x00%aI%x00%cn%x00%ce%x00%cI%x00%B", sha)
-    sha, parents, an, ae, ad, cn, ce, cd, message = fields.split("\x00", 8)
-    message = message.strip() + "\n"
-    return {
-        "parent_ids": parents.split(),
-        "author_name": an,
-        "author_email": ae,
-        "authored_date": ad,
-        "committer_name": cn,
-        "committer_email": ce,
-        "committed_date": cd,
-        "message": message,
-        "title": message.split("\n", 1)[0],
-    }
-
-
-def _conflicts(git_dir: Path, target: str, head: str) -> bool:
-    base = _rev_parse(git_dir, f"refs/heads/{target}")
-    if base is None:
-        return False
-    result = subprocess.run(
-        ["git", "--git-dir", str(git_dir), "merge-tree", "--write-tree", base, head], capture_output=True, check=False
-    )
-    return result.returncode == 1
-
-
-def _merge_commit(git_dir: Path, target: str, head: str, message: str) -> str | None:
-    """Merge head into the target branch like GitLab's merge button; None if git cannot."""
-    base = _rev_parse(git_dir, f"refs/heads/{target}")
-    if base is None:
-        return None
-    merged = subprocess.run(
-        ["git", "--git-dir", str(git_dir), "merge-tree", "--write-tree", base, head],
-        capture_output=True, text=True, check=False,
-    )
-    if merged.returncode != 0:
-        return None
-    tree = merged.stdout.split("\n", 1)[0].strip()
-    sha = _git(
-        git_dir, "-c", "user.name=GitLab", "-c", "user.email=noreply@gitlab.example.com",
-        "commit-tree", tree, "-p", base, "-p", head, "-m", message,
-    ).strip()
-    _git(git_dir, "update-ref", f"refs/heads/{target}", sha, base)
-    return sha
 
 
 # -- small helpers ---------------------------------------------------------------------------
@@ -1665,11 +1449,6 @@ def _hook_time(moment: datetime) -> str:
 def _note_time(moment: datetime) -> str:
     """Note webhook timestamps, as in GitLab's example: "2015-05-17 18:21:36 UTC"."""
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _stable_id(name: str) -> int:
-    """A positive id that stays the same for a name across runs."""
-    return zlib.crc32(name.encode()) % 10**8 + 1
 
 
 def encoded_path(path: str) -> str:

@@ -49,10 +49,10 @@ import base64
 import binascii
 import hashlib
 import hmac
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from bot.github_webhook import InvalidSignature, MalformedPayload, load_body
+from bot.github_webhook import InvalidSignature, MalformedPayload, Parser, load_body, parse_with
 from bot.models import CommentEvent, Event, PullRequest, PullRequestEvent, Repo, ReviewEvent
 
 __all__ = [
@@ -157,13 +157,7 @@ def delivery_id(headers: Mapping[str, str]) -> str | None:
 
 def parse_event(event_name: str, payload: dict[str, Any]) -> Event | None:
     """The domain event a webhook stands for, or None if the bot ignores it."""
-    parser = _PARSERS.get(event_name)
-    if parser is None:
-        return None
-    try:
-        return parser(payload)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise MalformedPayload(f"{event_name} payload lacks {exc}") from None
+    return parse_with(_PARSERS, event_name, payload)
 
 
 def _repo(payload: dict[str, Any]) -> Repo:
@@ -275,7 +269,7 @@ def _note(payload: dict[str, Any]) -> CommentEvent | None:
     )
 
 
-_PARSERS: dict[str, Callable[[dict[str, Any]], Event | None]] = {
+_PARSERS: dict[str, Parser] = {
     MERGE_REQUEST_HOOK: _merge_request,
     NOTE_HOOK: _note,
 }

@@ -171,8 +171,9 @@ def project_files(state_dir: Path, sizes: dict[str, str]) -> dict[str, str]:
     return files
 
 
-def write_config(root: Path, forge: SandboxForge, policy: dict, **terraform: object) -> Path:
-    """Write a policy file and a config file for the forge; return the config path."""
+def write_config(root: Path, forge: SandboxForge, policy: dict, extra: dict | None = None,
+                 **terraform: object) -> Path:
+    """Write a policy file and a config file for the forge (plus `extra` sections); return its path."""
     (root / "policy.yaml").write_text(yaml.safe_dump(policy, sort_keys=False))
     cli_config = make_null_provider_mirror(root / "terraform-mirror")
     port = free_port()
@@ -183,6 +184,7 @@ def write_config(root: Path, forge: SandboxForge, policy: dict, **terraform: obj
         "terraform": {"binary": find_terraform(), "cli_config_file": str(cli_config),
                       "plugin_cache_dir": str(root / "plugin-cache"), **terraform},
         "policy_file": str(root / "policy.yaml"),
+        **(extra or {}),
     }
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

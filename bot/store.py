@@ -251,8 +251,13 @@ class Store:
         trigger: str,
         requested_by: str,
         projects: list[Project],
+        job_status: str = "queued",
     ) -> Run | None:
-        """Queue one job per project as one run; None if a run with this key exists."""
+        """Queue one job per project as one run; None if a run with this key exists.
+
+        `job_status` "waiting" keeps the jobs out of the queue until released.
+        """
+        assert job_status in ("queued", "waiting")
         now = time.time()
         with self._tx() as db:
             cursor = db.execute(
@@ -267,8 +272,8 @@ class Store:
             for project in projects:
                 db.execute(
                     "INSERT INTO jobs (run_id, project, project_key, status, created_at)"
-                    " VALUES (?, ?, ?, 'queued', ?)",
-                    (run_id, json.dumps(asdict(project)), project_key(repo, project), now),
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (run_id, json.dumps(asdict(project)), project_key(repo, project), job_status, now),
                 )
         return Run(run_id, repo, pull_number, head_sha, command, trigger, requested_by)
 
@@ -456,10 +461,6 @@ class Store:
 
     # Runs started from the trigger API ---------------------------------------------
 
-    def get_job(self, job_id: int) -> Job | None:
-        jobs = self._jobs("jobs.id = ?", (job_id,))
-        return jobs[0] if jobs else None
-
     def api_plan_job(self, key: str, sha: str) -> Job | None:
         """The newest successful plan of a project at a SHA started from the trigger API."""
         jobs = self._jobs(
@@ -468,12 +469,6 @@ class Store:
             (key, sha),
         )
         return jobs[-1] if jobs else None
-
-    def hold_job(self, job_id: int) -> None:
-        """Keep a queued job out of the queue until `release_job` (an apply awaiting approval)."""
-        with self._lock:
-            self._db.execute("UPDATE jobs SET status = 'waiting' WHERE id = ? AND status = 'queued'",
-                             (job_id,))
 
     def release_job(self, job_id: int) -> bool:
         with self._lock:

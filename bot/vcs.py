@@ -47,6 +47,12 @@ class VCSClient(Protocol):
     def is_behind_base(self, pull: PullRequest) -> bool:
         """Whether the base branch has commits the PR head does not contain."""
 
+    def commit_sha(self, ref: str) -> str | None:
+        """The commit a branch, tag, ref or SHA names in this repository, or None."""
+
+    def is_on_default_branch(self, sha: str) -> bool:
+        """Whether the commit is (an ancestor of) the head of the default branch."""
+
     def read_file(self, ref: str, path: str) -> str | None:
         """A file's text at a ref, or None if it does not exist."""
 

@@ -107,6 +107,12 @@ class Worker:
         for run in {job.run.id: job.run for job in jobs}.values():
             asyncio.create_task(self._report_if_done(run))
 
+    def report_run(self, run_id: int) -> None:
+        """Report a run whose jobs ended outside the worker (an apply whose plan was rejected)."""
+        jobs = self.store.run_jobs(run_id)
+        if jobs:
+            asyncio.create_task(self._report_if_done(jobs[0].run))
+
     async def _recover(self) -> None:
         for job in self.store.jobs_with_status("running"):
             if job.run.command == "apply":
@@ -160,8 +166,8 @@ class Worker:
                  job.project.label, job.run.repo.full_name, job.run.pull_number, status,
                  outcome.summary, outcome.terraform_seconds)
         result = outcome.as_result()
-        result["output"] = self._clean(result["output"])
-        result["summary"] = self._clean(result["summary"])
+        result["output"] = self.clean(result["output"])
+        result["summary"] = self.clean(result["summary"])
         self.store.finish_job(job.id, status, result)
         if job.run.command == "plan":
             await self._set_status(job.run.repo, job.run.head_sha, plan_context(job.project.label),
@@ -298,7 +304,8 @@ class Worker:
             return ["the plan has not been approved"]
         return []
 
-    def _clean(self, text: str) -> str:
+    def clean(self, text: str) -> str:
+        """Output as users may see it: no colour codes, no secrets of the bot."""
         return redact(strip_ansi(text), self.config.secrets())
 
     # Reporting ------------------------------------------------------------------

@@ -24,6 +24,8 @@ Shape::
             workspace: default           # default "default"
             autoplan: ["*.tf*", "../modules/**/*.tf"]   # globs relative to dir
 
+    callers: [...]                       # who may call the trigger API; see policies.callers
+
 Defaults and rules:
 
 - ``plan`` omitted: anyone with ``write`` permission may plan. ``apply`` omitted:
@@ -56,12 +58,15 @@ import os
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from bot.models import Project
 from policies.autoplan import normalize_dir, resolve_glob
+
+if TYPE_CHECKING:
+    from policies.callers import Caller
 
 
 class PolicyError(ValueError):
@@ -128,6 +133,7 @@ class Policy:
     """The whole policy file; repos are keyed by lower-cased full name."""
 
     repos: dict[str, RepoPolicy]
+    callers: tuple[Caller, ...] = ()  # trigger API callers (policies.callers); none: nobody
 
     def repo(self, full_name: str) -> RepoPolicy | None:
         """The policy for a repo, or None if it is not allow-listed (names are case-insensitive)."""
@@ -233,7 +239,7 @@ def load_policy(text: str) -> Policy:
         raise PolicyError(f"invalid YAML: {e}") from None
     if not isinstance(data, dict):
         raise PolicyError("the policy must be a mapping with a `repos` key")
-    _no_unknown_keys(data, ("repos",), "")
+    _no_unknown_keys(data, ("repos", "callers"), "")
     if "repos" not in data:
         raise PolicyError("repos: required")
     repos_raw = _expect(data["repos"], dict, "repos", "a mapping of repo full names")
@@ -245,7 +251,10 @@ def load_policy(text: str) -> Policy:
         if key in repos:
             raise PolicyError(f"repos.{name}: listed twice (repo names are case-insensitive)")
         repos[key] = _repo(name, raw, f"repos.{name}")
-    return Policy(repos)
+    from policies.callers import parse_callers  # here: policies.callers imports this module
+
+    callers = parse_callers(data["callers"], path="callers", repos=repos) if "callers" in data else ()
+    return Policy(repos, callers)
 
 
 def _repo(name: str, raw: Any, path: str) -> RepoPolicy:

@@ -58,3 +58,12 @@ def make_git_repo(tmp_path: Path) -> Callable[[str], GitRepo]:
 def git_repo(make_git_repo: Callable[[str], GitRepo]) -> GitRepo:
     """One fresh GitRepo with no commits yet."""
     return make_git_repo("repo")
+
+
+@pytest.fixture
+def repo_dirs(tmp_path: Path) -> tuple[Path, Path]:
+    """The forge client tests' bare repository (`main`, and a `feature` branch that edits, renames
+    and adds files) and its clone; see `tests.forge_support`."""
+    from tests.forge_support import make_repo_dirs
+
+    return make_repo_dirs(tmp_path)

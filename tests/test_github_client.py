@@ -7,13 +7,10 @@ import hashlib
 import hmac
 import json
 import logging
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import httpx
 import jwt
@@ -25,6 +22,7 @@ from bot.github_client import GitHubApp, GitHubClient
 from bot.github_fake import FakeGitHub
 from bot.models import Repo
 from bot.vcs import ForgeError
+from tests.forge_support import Received, commit, git, push_to_feature, webhook_receiver
 
 APP_ID = 42
 INSTALLATION = 7
@@ -42,52 +40,6 @@ def _pem() -> str:
 @pytest.fixture(scope="module")
 def app_key() -> str:
     return _pem()
-
-
-def git(cwd: Path, *args: str) -> str:
-    result = subprocess.run(
-        ["git", "-c", "user.name=Test", "-c", "user.email=test@example.com", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return result.stdout.strip()
-
-
-def commit(work: Path, files: dict[str, str | None], message: str) -> str:
-    """Write (or, for None, delete) files in the clone, commit and return the new SHA."""
-    for name, text in files.items():
-        path = work / name
-        if text is None:
-            git(work, "rm", "-q", name)
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        git(work, "add", name)
-    git(work, "commit", "-q", "-m", message)
-    return git(work, "rev-parse", "HEAD")
-
-
-@pytest.fixture
-def repo_dirs(tmp_path: Path) -> tuple[Path, Path]:
-    """A bare repository with `main` and a `feature` branch that edits, renames and adds files."""
-    bare, work = tmp_path / "infra.git", tmp_path / "work"
-    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(bare)], check=True)
-    subprocess.run(["git", "clone", "-q", str(bare), str(work)], check=True, capture_output=True)
-    git(work, "checkout", "-q", "-b", "main")
-    commit(
-        work,
-        {"main.tf": 'resource "null_resource" "a" {}\n', "old.tf": "# old\n" * 20, "modules/net/main.tf": "# net\n"},
-        "initial",
-    )
-    git(work, "push", "-q", "origin", "main")
-    git(work, "checkout", "-q", "-b", "feature")
-    git(work, "mv", "old.tf", "new.tf")
-    commit(work, {"main.tf": 'resource "null_resource" "b" {}\n', "env/prod.tf": "# prod\n"}, "change")
-    git(work, "push", "-q", "origin", "feature")
-    git(work, "checkout", "-q", "main")
-    return bare, work
 
 
 @pytest.fixture
@@ -263,10 +215,7 @@ def test_changed_files_follow_pagination(fake: FakeGitHub, client: GitHubClient,
 
 def test_synchronize_picks_up_new_commits(fake: FakeGitHub, client: GitHubClient, repo_dirs: tuple[Path, Path]) -> None:
     number = fake.open_pull(REPO, "feature")
-    work = repo_dirs[1]
-    git(work, "checkout", "-q", "feature")
-    new_head = commit(work, {"env/stage.tf": "# stage\n"}, "stage")
-    git(work, "push", "-q", "origin", "feature")
+    new_head = push_to_feature(repo_dirs[1], {"env/stage.tf": "# stage\n"}, "stage")
     fake.synchronize(REPO, number)
     assert client.get_pull_request(number).head_sha == new_head
     assert "env/stage.tf" in client.changed_files(number)
@@ -449,29 +398,10 @@ def test_fake_answers_like_github_to_bad_requests(fake: FakeGitHub, app: GitHubA
 # -- webhooks ----------------------------------------------------------------------------------
 
 
-class _Receiver(BaseHTTPRequestHandler):
-    received: list[tuple[dict[str, str], bytes]]
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
-        self.send_response(202)
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def receiver() -> Iterator[tuple[str, list[tuple[dict[str, str], bytes]]]]:
-    received: list[tuple[dict[str, str], bytes]] = []
-    handler = type("Handler", (_Receiver,), {"received": received})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/webhooks/github", received
-    server.shutdown()
-    server.server_close()
+def receiver() -> Iterator[tuple[str, Received]]:
+    with webhook_receiver("/webhooks/github") as served:
+        yield served
 
 
 def fixture_keys(name: str) -> set[str]:

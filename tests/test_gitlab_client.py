@@ -6,10 +6,8 @@ import base64
 import json
 import logging
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -22,56 +20,11 @@ from bot.gitlab_webhook import InvalidSignature, delivery_id, parse_event, verif
 from bot.models import CommentEvent, PullRequestEvent, Repo, ReviewEvent
 from bot.vcs import ForgeError
 from policies.apply_requirements import approving_users
+from tests.forge_support import Received, commit, git, push_to_feature, webhook_receiver
 
 PROJECT = "acme/platform/infra"  # nested: group/subgroup/project
 ENCODED = "acme%2Fplatform%2Finfra"
 FIXTURES = Path(__file__).parent / "fixtures" / "gitlab"
-
-
-def git(cwd: Path, *args: str) -> str:
-    result = subprocess.run(
-        ["git", "-c", "user.name=Test", "-c", "user.email=test@example.com", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return result.stdout.strip()
-
-
-def commit(work: Path, files: dict[str, str | None], message: str) -> str:
-    """Write (or, for None, delete) files in the clone, commit and return the new SHA."""
-    for name, text in files.items():
-        path = work / name
-        if text is None:
-            git(work, "rm", "-q", name)
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        git(work, "add", name)
-    git(work, "commit", "-q", "-m", message)
-    return git(work, "rev-parse", "HEAD")
-
-
-@pytest.fixture
-def repo_dirs(tmp_path: Path) -> tuple[Path, Path]:
-    """A bare repository with `main` and a `feature` branch that edits, renames and adds files."""
-    bare, work = tmp_path / "infra.git", tmp_path / "work"
-    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(bare)], check=True)
-    subprocess.run(["git", "clone", "-q", str(bare), str(work)], check=True, capture_output=True)
-    git(work, "checkout", "-q", "-b", "main")
-    commit(
-        work,
-        {"main.tf": 'resource "null_resource" "a" {}\n', "old.tf": "# old\n" * 20, "modules/net/main.tf": "# net\n"},
-        "initial",
-    )
-    git(work, "push", "-q", "origin", "main")
-    git(work, "checkout", "-q", "-b", "feature")
-    git(work, "mv", "old.tf", "new.tf")
-    commit(work, {"main.tf": 'resource "null_resource" "b" {}\n', "env/prod.tf": "# prod\n"}, "change")
-    git(work, "push", "-q", "origin", "feature")
-    git(work, "checkout", "-q", "main")
-    return bare, work
 
 
 @pytest.fixture
@@ -90,14 +43,6 @@ def client(fake: FakeGitLab, repo_dirs: tuple[Path, Path]) -> Iterator[GitLabCli
     gitlab_client = GitLabClient(fake.url or "", fake.token, repo_model(repo_dirs), mergeable_retry_delay=0.01)
     yield gitlab_client
     gitlab_client.close()
-
-
-def push_to_feature(work: Path, files: dict[str, str | None], message: str) -> str:
-    git(work, "checkout", "-q", "feature")
-    sha = commit(work, files, message)
-    git(work, "push", "-q", "origin", "feature")
-    git(work, "checkout", "-q", "main")
-    return sha
 
 
 def requests_to(fake: FakeGitLab, suffix: str) -> list[int]:
@@ -508,29 +453,10 @@ def test_nested_project_addressed_by_numeric_id(fake: FakeGitLab, repo_dirs: tup
 # -- webhooks -------------------------------------------------------------------------------------
 
 
-class _Receiver(BaseHTTPRequestHandler):
-    received: list[tuple[dict[str, str], bytes]]
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
-        self.send_response(202)
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def receiver() -> Iterator[tuple[str, list[tuple[dict[str, str], bytes]]]]:
-    received: list[tuple[dict[str, str], bytes]] = []
-    handler = type("Handler", (_Receiver,), {"received": received})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/webhooks/gitlab", received
-    server.shutdown()
-    server.server_close()
+def receiver() -> Iterator[tuple[str, Received]]:
+    with webhook_receiver("/webhooks/gitlab") as served:
+        yield served
 
 
 def keys(name: str, *path: str) -> set[str]:

@@ -29,7 +29,7 @@ class World:
     """One repository on the local GitHub, the bot serving it, and helpers to act and wait."""
 
     def __init__(self, root: Path, policy: dict | None = None, in_process: bool = True,
-                 forge: str = "github", **terraform: Any) -> None:
+                 forge: str = "github", extra_config: dict | None = None, **terraform: Any) -> None:
         self.root = root
         self.state_dir = root / "state"
         self.state_dir.mkdir(parents=True)
@@ -39,7 +39,7 @@ class World:
         self.forge: SandboxForge = FORGES[forge]()
         self.forge.start(self.repo.bare)
         self.policy = copy.deepcopy(policy or TEST_POLICY)
-        self.config_path = write_config(root, self.forge, self.policy, **terraform)
+        self.config_path = write_config(root, self.forge, self.policy, extra_config, **terraform)
         self.in_process = in_process
         self.server: BotServer | None = None
         self.process: subprocess.Popen | None = None

@@ -1,0 +1,227 @@
+"""Runs asked for by CI servers through the trigger API, and the approvals they wait for.
+
+Deny by default: a caller names a repo, a ref and a project; the policy must
+grant exactly that; the bot resolves the ref itself on the forge and fetches the
+code from there. Nothing else a caller sends (no arguments, no environment, no
+code) reaches terraform.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from bot.apply_gate import may
+from bot.ci_auth import sha_claim_matches
+from bot.models import Project, Repo
+from bot.store import FINISHED, Job, Store, project_key
+from bot.vcs import ForgeError, VCSClient
+from policies.callers import Caller, authorize_trigger
+from policies.policy import Policy, select_projects
+
+RUN_FIELDS = ("repo", "forge", "ref", "sha", "project", "dir", "workspace", "command")
+_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+class ApiError(Exception):
+    """A refusal the API answers with `status` and a message safe to show the caller."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What a CI server may ask for: nothing but these fields."""
+
+    repo: str
+    command: str
+    ref: str | None = None
+    sha: str | None = None
+    project: str | None = None
+    dir: str | None = None
+    workspace: str | None = None
+    forge: str | None = None
+
+
+def parse_run_request(body: bytes) -> RunRequest:
+    """Validate a `POST /api/v1/runs` body; raise ApiError(400) for anything else."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, ValueError):
+        raise ApiError(400, "the body is not JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    unknown = sorted(set(data) - set(RUN_FIELDS))
+    if unknown:
+        raise ApiError(400, f"unknown field(s): {', '.join(unknown)[:200]}; accepted: {', '.join(RUN_FIELDS)}")
+    for name, value in data.items():
+        if value is not None and not isinstance(value, str):
+            raise ApiError(400, f"{name} must be a string")
+    request = RunRequest(**{k: v for k, v in data.items() if v not in (None, "")})
+    if not getattr(request, "repo", None):
+        raise ApiError(400, "repo is required")
+    if request.command not in ("plan", "apply"):
+        raise ApiError(400, "command must be plan or apply")
+    if not (request.ref or request.sha):
+        raise ApiError(400, "give ref or sha")
+    if request.sha and not _SHA.fullmatch(request.sha):
+        raise ApiError(400, "sha must be a full 40-character commit SHA")
+    if not (request.project or request.dir):
+        raise ApiError(400, "give project, or dir (and workspace)")
+    return request
+
+
+def full_ref(ref: str | None) -> str | None:
+    """`main` means the branch `refs/heads/main`."""
+    if ref is None or ref.startswith("refs/"):
+        return ref
+    return f"refs/heads/{ref}"
+
+
+@dataclass
+class ApiRuns:
+    """The trigger API's decisions, with the forge and store at hand (blocking: run in a thread)."""
+
+    store: Store
+    policy: Policy
+    lookup_repo: Callable[[str, str], Repo]  # (forge, full name) -> Repo, from the forge API
+    client_for: Callable[[Repo], VCSClient]
+    default_forge: str
+    wake_workers: Callable[[], None]
+    cancel_run: Callable[[int], None]  # report a run whose waiting job was rejected
+
+    def start(self, caller: Caller, claims: dict[str, Any], request: RunRequest) -> dict[str, Any]:
+        """Queue the run the caller asked for, or raise ApiError saying why not."""
+        audit = dict(actor=f"caller:{caller.name}", action=f"api-{request.command}", repo=request.repo)
+        try:
+            run_id, status = self._start(caller, claims, request, audit)
+        except ApiError as exc:
+            self.store.audit(outcome="refused", detail=str(exc), **audit)
+            raise
+        self.store.audit(outcome=status, detail=f"run {run_id}", **audit)
+        return {"id": run_id, "status": status}
+
+    def _start(self, caller: Caller, claims: dict[str, Any], request: RunRequest,
+               audit: dict[str, str]) -> tuple[int, str]:
+        repo_policy = self.policy.repo(request.repo)
+        if repo_policy is None:
+            raise ApiError(403, f"{request.repo} is not allow-listed")
+        projects = select_projects(repo_policy, name=request.project, dir=request.dir,
+                                   workspace=request.workspace)
+        if len(projects) != 1:
+            raise ApiError(400, "the request must name exactly one allow-listed project")
+        project = projects[0]
+        audit["project"] = project.label
+        ref = full_ref(request.ref)
+        # GitHub's `ref` claim is a full ref; GitLab's is short, with the full one in `ref_path`.
+        token_ref = full_ref(claims.get("ref_path") or claims.get("ref"))
+        if ref and token_ref and token_ref != ref:
+            raise ApiError(403, "the token was issued for another ref")
+        if reason := authorize_trigger(caller, request.repo, project, request.command, ref):
+            raise ApiError(403, reason)
+        forge = request.forge or self.default_forge
+        try:
+            repo = self.lookup_repo(forge, request.repo)
+            client = self.client_for(repo)
+            sha = self._resolve(client, ref, request.sha)
+        except ForgeError as exc:
+            raise ApiError(502, f"the forge could not be asked: {exc}") from None
+        audit["sha"] = sha
+        if claims and "sha" in claims and not sha_claim_matches(claims, sha):
+            raise ApiError(403, "the token was issued for another commit")
+        key = f"api:{uuid.uuid4()}"
+        if request.command == "plan":
+            run = self.store.add_run(key, repo, 0, sha, "plan", "api", caller.name, [project])
+            assert run is not None
+            self.wake_workers()
+            return run.id, "queued"
+        return self._start_apply(key, caller, repo, client, sha, project,
+                                 repo_policy.apply_on_merge)
+
+    def _resolve(self, client: VCSClient, ref: str | None, sha: str | None) -> str:
+        resolved = client.commit_sha(ref or sha or "")
+        if resolved is None:
+            raise ApiError(404, f"{ref or sha} does not exist in the repository")
+        if sha and resolved != sha:
+            raise ApiError(409, f"{ref} is at {resolved[:8]}, not at {sha[:8]}")
+        return resolved
+
+    def _start_apply(self, key: str, caller: Caller, repo: Repo, client: VCSClient, sha: str,
+                     project: Project, apply_on_merge: bool) -> tuple[int, str]:
+        plan_job = self.store.api_plan_job(project_key(repo, project), sha)
+        if plan_job is not None:
+            decision = self.store.decision(plan_job.run.id)
+            if decision is not None and decision["state"] == "rejected":
+                raise ApiError(409, f"the plan of {sha[:8]} (run {plan_job.run.id}) was rejected")
+            approved = decision is not None
+            run = self.store.add_run(key, repo, 0, sha, "apply", "api", caller.name, [project],
+                                     job_status="queued" if approved else "waiting")
+            assert run is not None
+            if approved:
+                self.wake_workers()
+            return run.id, "queued" if approved else "awaiting_approval"
+        if apply_on_merge and client.is_on_default_branch(sha):
+            run = self.store.add_run(key, repo, 0, sha, "apply", "api-merge", caller.name, [project])
+            assert run is not None
+            self.wake_workers()
+            return run.id, "queued"
+        raise ApiError(409, f"there is no plan of {project.label} at {sha[:8]}: run plan first")
+
+    def decide(self, run_id: int, approve: bool, login: str, via: str) -> str:
+        """Approve or reject a plan run as `login`; return what happened, or raise ApiError."""
+        jobs = self.store.run_jobs(run_id)
+        if not jobs or jobs[0].run.trigger != "api" or jobs[0].run.command != "plan":
+            raise ApiError(404, f"run {run_id} is not a plan started from the trigger API")
+        job = jobs[0]
+        action = "approve" if approve else "reject"
+        audit = dict(actor=f"{via}:{login}", action=action, repo=job.run.repo.full_name,
+                     project=job.project.label, sha=job.run.head_sha)
+        repo_policy = self.policy.repo(job.run.repo.full_name)
+        if job.status != "succeeded" or not job.result.get("has_changes"):
+            self.store.audit(outcome="refused", detail="nothing to approve", **audit)
+            raise ApiError(409, f"run {run_id} has no plan with changes to {action}")
+        if repo_policy is None or not may(self.client_for(job.run.repo), login, repo_policy.approvers):
+            self.store.audit(outcome="refused", detail="not an approver", **audit)
+            raise ApiError(403, f"{login} is not an approver of {job.run.repo.full_name}")
+        if not self.store.decide(run_id, approve, login, via):
+            raise ApiError(409, f"run {run_id} was already decided: {self.store.decision(run_id)['state']}")
+        self.store.audit(outcome="approved" if approve else "rejected", detail=f"run {run_id}", **audit)
+        for waiting in self.store.waiting_jobs(job.project_key, job.run.head_sha):
+            if approve:
+                self.store.release_job(waiting.id)
+            else:
+                self.store.finish_job(waiting.id, "cancelled", {
+                    "outcome": "rejected", "summary": f"the plan was rejected by {login}", "output": ""})
+                self.cancel_run(waiting.run.id)
+        if approve:
+            self.wake_workers()
+        return "approved" if approve else "rejected"
+
+
+def run_view(store: Store, job: Job, output: str) -> dict[str, Any]:
+    """How `GET /api/v1/runs/{id}` shows a run."""
+    status = {"waiting": "awaiting_approval"}.get(job.status, job.status)
+    outcome = job.result.get("outcome")
+    if job.status in FINISHED and outcome in ("refused", "rejected"):
+        status = outcome
+    decision = store.decision(job.run.id) if job.run.command == "plan" else None
+    if job.run.command == "apply" and job.status == "waiting":
+        decision = {"state": "pending"}
+    return {
+        "id": job.run.id,
+        "repo": job.run.repo.full_name,
+        "sha": job.run.head_sha,
+        "project": job.project.label,
+        "command": job.run.command,
+        "requested_by": job.run.requested_by,
+        "status": status,
+        "summary": job.result.get("summary", ""),
+        "has_changes": bool(job.result.get("has_changes")),
+        "output": output,
+        "approval": decision,
+    }

@@ -1,0 +1,360 @@
+"""What the local forge fakes (`bot.github_fake`, `bot.gitlab_fake`) share.
+
+`LocalForge` is their base class. It serves the subclass's Starlette app (`self.app`)
+over real HTTP on a free port of 127.0.0.1 (a `ServerThread`), logs every API request
+it answers (`requests`, via the `RequestLog` middleware) and keeps the books on webhook
+deliveries (`deliveries`, `redeliver`). A subclass says how to read a payload's action
+(`_action`) and which headers a delivery carries (`_webhook_headers`).
+
+The git helpers below read and write the real bare repositories the fakes stand on.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ClassVar, NamedTuple, Self
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class RequestRecord(NamedTuple):
+    """One API request a fake answered (FakeGitLab logs the path as sent, percent-encoding and all)."""
+
+    method: str
+    path: str
+    status: int
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One webhook delivery; `status` is 0 when the receiver could not be reached.
+
+    A redelivery repeats `delivery_id` (GitHub's `X-GitHub-Delivery`, GitLab's `Idempotency-Key`).
+    """
+
+    event: str
+    action: str
+    delivery_id: str
+    status: int
+    body: bytes = field(repr=False)
+    redelivery: bool = False
+
+
+class ServerThread:
+    """An ASGI app served over HTTP on a free port of 127.0.0.1 by uvicorn, in a daemon thread."""
+
+    def __init__(self, app: ASGIApp, thread_name: str, owner: str) -> None:
+        self.app = app
+        self.thread_name = thread_name
+        self.owner = owner  # names the server in errors: "FakeGitHub's HTTP server did not start"
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+
+    def start(self) -> str:
+        """Serve in the background; return the base URL once the server has started."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # lets asyncio set TCP_NODELAY
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        config = uvicorn.Config(self.app, log_config=None, log_level="warning", access_log=False, lifespan="off")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=self.thread_name, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                sock.close()
+                raise RuntimeError(f"{self.owner}'s HTTP server did not start")
+            time.sleep(0.01)
+        self._server, self._thread, self._socket = server, thread, sock
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    def stop(self) -> None:
+        """Stop the server, wait for its thread and close the socket."""
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=10)
+        if self._socket is not None:
+            self._socket.close()
+        self._server = self._thread = self._socket = None
+
+
+class LocalForge:
+    """A forge fake's HTTP server thread, request log and webhook bookkeeping; see the module docstring."""
+
+    app: Starlette  # built by the subclass
+    _thread_name: ClassVar[str] = "fake-forge"
+
+    def __init__(self) -> None:
+        self.url: str | None = None
+        self._lock = threading.RLock()
+        self._requests: list[RequestRecord] = []
+        self._deliveries: list[Delivery] = []
+        self._webhook: tuple[str, Any] | None = None  # receiver URL, and what the subclass signs with
+        self._server: ServerThread | None = None
+        self._http = httpx.Client(timeout=10.0)  # GitHub and GitLab both give a receiver ten seconds
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> str:
+        """Serve on a free port of 127.0.0.1 in a background thread; return the base URL."""
+        if self._server is not None:
+            raise RuntimeError(f"{type(self).__name__} is already running")
+        server = ServerThread(self.app, self._thread_name, owner=type(self).__name__)
+        self.url = server.start()
+        self._server = server
+        return self.url
+
+    def stop(self) -> None:
+        """Stop the HTTP server and close connections."""
+        if self._server is not None:
+            self._server.stop()
+        self._server = None
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -- webhooks ----------------------------------------------------------------------------
+
+    @property
+    def deliveries(self) -> list[Delivery]:
+        """Every webhook sent so far, oldest first."""
+        with self._lock:
+            return list(self._deliveries)
+
+    def redeliver(self, delivery_id: str) -> int:
+        """Send a past delivery again, same body and delivery id (GitHub's "Redeliver", GitLab's "Resend request")."""
+        with self._lock:
+            original = next((d for d in self._deliveries if d.delivery_id == delivery_id), None)
+        if original is None:
+            raise KeyError(f"no delivery {delivery_id}")
+        return self._send(original.event, original.action, original.body, delivery_id, redelivery=True)
+
+    def _action(self, payload: dict[str, Any]) -> str:
+        """The action a payload reports (what `Delivery.action` records)."""
+        raise NotImplementedError
+
+    def _webhook_headers(self, key: Any, event: str, body: bytes, delivery_id: str) -> dict[str, str]:
+        """The headers of one delivery; `key` is what the subclass's `set_webhook` stored next to the URL."""
+        raise NotImplementedError
+
+    def _deliver(self, event: str, payload: dict[str, Any]) -> int | None:
+        # Called without the lock held: the receiver may call back into this fake before answering.
+        if self._webhook is None:
+            return None
+        body = json.dumps(payload).encode()
+        return self._send(event, self._action(payload), body, str(uuid.uuid4()))
+
+    def _send(self, event: str, action: str, body: bytes, delivery_id: str, redelivery: bool = False) -> int:
+        with self._lock:
+            if self._webhook is None:
+                raise RuntimeError("no webhook is set")
+            url, key = self._webhook
+        headers = self._webhook_headers(key, event, body, delivery_id)
+        try:
+            status = self._http.post(url, content=body, headers=headers).status_code
+        except httpx.HTTPError:
+            status = 0  # the forges record "couldn't deliver" the same way: no response code
+        with self._lock:
+            self._deliveries.append(Delivery(event, action, delivery_id, status, body, redelivery))
+        return status
+
+    # -- records for assertions ---------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[RequestRecord]:
+        """Every API request answered so far: (method, path, status)."""
+        with self._lock:
+            return list(self._requests)
+
+    def _record_request(self, method: str, path: str, status: int) -> None:
+        with self._lock:
+            self._requests.append(RequestRecord(method, path, status))
+
+
+# -- HTTP plumbing ---------------------------------------------------------------------------
+
+
+class RequestLog:
+    """ASGI middleware that records (method, path, status) of every request.
+
+    With `raw_path` the path is recorded as sent (percent-encoding kept), else as decoded.
+    """
+
+    def __init__(self, app: ASGIApp, record: Any, raw_path: bool = False) -> None:
+        self.app = app
+        self.record = record
+        self.raw_path = raw_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = raw_path(scope) if self.raw_path else scope["path"]
+        recorded = False
+
+        async def send_recording(message: Message) -> None:
+            nonlocal recorded
+            if message["type"] == "http.response.start":
+                # Record before the client can see the answer, so a test reading the log right
+                # after its call returns always finds the request there.
+                self.record(scope["method"], path, message["status"])
+                recorded = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_recording)
+        finally:
+            if not recorded:
+                self.record(scope["method"], path, 500)
+
+
+def raw_path(scope: Scope) -> str:
+    """The request path as sent, percent-encoding kept (`group%2Fproject` stays one segment), no query."""
+    return scope.get("raw_path", scope["path"].encode()).decode("latin-1").split("?", 1)[0]
+
+
+def stable_id(name: str) -> int:
+    """A positive id that stays the same for a name across runs."""
+    return zlib.crc32(name.encode()) % 10**8 + 1
+
+
+# -- git -------------------------------------------------------------------------------------
+
+
+def git_bytes(git_dir: Path, *args: str, check: bool = True) -> bytes:
+    result = subprocess.run(["git", "--git-dir", str(git_dir), *args], capture_output=True, check=False)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)} failed: {result.stderr.decode(errors='replace').strip()}")
+    return result.stdout
+
+
+def git(git_dir: Path, *args: str, check: bool = True) -> str:
+    return git_bytes(git_dir, *args, check=check).decode()
+
+
+def rev_parse(git_dir: Path, ref: str) -> str | None:
+    """The commit a ref or SHA names, or None."""
+    if not ref or ref.startswith("-"):
+        return None
+    out = git(git_dir, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False).strip()
+    return out or None
+
+
+def branch_heads(git_dir: Path, head_ref: str, base_ref: str, where: str) -> tuple[str, str]:
+    """The commits a head and a base branch point at; ValueError "{where} has no branch 'x'" if one is missing."""
+    head = rev_parse(git_dir, f"refs/heads/{head_ref}")
+    base = rev_parse(git_dir, f"refs/heads/{base_ref}")
+    if head is None or base is None:
+        raise ValueError(f"{where} has no branch {head_ref if head is None else base_ref!r}")
+    return head, base
+
+
+def count_commits(git_dir: Path, base: str, head: str) -> int:
+    """How many commits `head` has that `base` has not."""
+    return int(git(git_dir, "rev-list", "--count", f"{base}..{head}").strip())
+
+
+class RawChange(NamedTuple):
+    """One file of `git diff --raw`; a rename or copy names both paths, anything else the same path twice."""
+
+    old_mode: str
+    new_mode: str
+    old_sha: str
+    new_sha: str
+    letter: str  # git's status letter: A, D, M, R, C, T
+    old_path: str
+    new_path: str
+
+
+def raw_changes(git_dir: Path, *revisions: str) -> list[RawChange]:
+    """`git diff --raw` between revisions, renames detected, in git's order."""
+    raw = git(git_dir, "diff", "--raw", "-z", "--no-abbrev", "-M", *revisions).split("\x00")
+    changes: list[RawChange] = []
+    i = 0
+    while i < len(raw) and raw[i].startswith(":"):
+        old_mode, new_mode, old_sha, new_sha, status = raw[i][1:].split()
+        if status[0] in "RC":
+            old_path, new_path, i = raw[i + 1], raw[i + 2], i + 3
+        else:
+            old_path = new_path = raw[i + 1]
+            i += 2
+        changes.append(RawChange(old_mode, new_mode, old_sha, new_sha, status[0], old_path, new_path))
+    return changes
+
+
+class CommitInfo(NamedTuple):
+    sha: str
+    tree: str
+    parents: list[str]
+    author_name: str
+    author_email: str
+    authored_date: str  # ISO 8601, as git prints it
+    committer_name: str
+    committer_email: str
+    committed_date: str
+    message: str  # stripped of surrounding white space
+
+    @property
+    def title(self) -> str:
+        return self.message.split("\n", 1)[0]
+
+
+def commit_info(git_dir: Path, sha: str) -> CommitInfo:
+    fields = git(git_dir, "show", "-s", "--format=%H%x00%T%x00%P%x00%an%x00%ae%x00%aI%x00%cn%x00%ce%x00%cI%x00%B", sha)
+    sha, tree, parents, an, ae, ad, cn, ce, cd, message = fields.split("\x00", 9)
+    return CommitInfo(sha, tree, parents.split(), an, ae, ad, cn, ce, cd, message.strip())
+
+
+def _merge_tree(git_dir: Path, base: str, head: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        ["git", "--git-dir", str(git_dir), "merge-tree", "--write-tree", base, head], capture_output=True, check=False
+    )
+
+
+def merge_conflicts(git_dir: Path, base_ref: str, head: str) -> bool:
+    """Whether merging `head` into the branch `base_ref` conflicts."""
+    base = rev_parse(git_dir, f"refs/heads/{base_ref}")
+    if base is None:
+        return False
+    return _merge_tree(git_dir, base, head).returncode == 1
+
+
+def merge_commit(git_dir: Path, base_ref: str, head: str, message: str, committer: tuple[str, str]) -> str | None:
+    """Merge head into the branch `base_ref` like a forge's merge button, as `committer` (name, email).
+
+    Returns the merge commit, or None if git cannot make one.
+    """
+    base = rev_parse(git_dir, f"refs/heads/{base_ref}")
+    if base is None:
+        return None
+    merged = _merge_tree(git_dir, base, head)
+    if merged.returncode != 0:
+        return None
+    tree = merged.stdout.split(b"\n", 1)[0].strip().decode()
+    name, email = committer
+    sha = git(
+        git_dir, "-c", f"user.name={name}", "-c", f"user.email={email}",
+        "commit-tree", tree, "-p", base, "-p", head, "-m", message,
+    ).strip()
+    git(git_dir, "update-ref", f"refs/heads/{base_ref}", sha, base)
+    return sha

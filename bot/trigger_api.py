@@ -1,0 +1,222 @@
+"""HTTP endpoints of the trigger API and of Slack's Approve/Reject buttons."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from bot.api_runs import ApiError, parse_run_request, run_view
+from bot.ci_auth import CallerAuthError, authenticate
+from bot.github_webhook import InvalidSignature, MalformedPayload
+from bot.slack import parse_interaction, verify_slack_signature
+from bot.store import FINISHED
+
+if TYPE_CHECKING:
+    from bot.app import Deploybot
+
+MAX_API_BODY = 64 * 1024
+LOG_POLL_SECONDS = 0.2
+LOG_STREAM_LIMIT_SECONDS = 4 * 3600
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _body(request: Request, limit: int) -> bytes | None:
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return body
+
+
+async def _caller(bot: "Deploybot", request: Request, body: bytes):
+    """The authenticated caller and its token's claims; audited and raised as CallerAuthError."""
+    try:
+        return await asyncio.to_thread(authenticate, request.headers, request.method,
+                                       request.url.path, body, bot.oidc, bot.hmac)
+    except CallerAuthError as exc:
+        bot.store.audit(actor="unauthenticated", action=f"{request.method} {request.url.path}",
+                        outcome="refused", detail=str(exc))
+        raise
+
+
+async def create_run(request: Request) -> Response:
+    """POST /api/v1/runs: a plan or apply of one project of an allow-listed repo at a ref."""
+    bot: Deploybot = request.app.state.bot
+    body = await _body(request, MAX_API_BODY)
+    if body is None:
+        return _error(413, "body too large")
+    try:
+        caller, claims = await _caller(bot, request, body)
+        run_request = parse_run_request(body)
+        started = await asyncio.to_thread(bot.api_runs.start, caller, claims, run_request)
+    except (CallerAuthError, ApiError) as exc:
+        return _error(exc.status, str(exc))
+    url = f"{bot.config.server.public_url.rstrip('/')}/api/v1/runs/{started['id']}"
+    return JSONResponse({**started, "url": url, "log_url": f"{url}/log"}, status_code=201)
+
+
+def _job(bot: "Deploybot", request: Request):
+    jobs = bot.store.run_jobs(int(request.path_params["run_id"]))
+    if not jobs:
+        raise ApiError(404, "no such run")
+    return jobs[0]
+
+
+async def _authorized_job(request: Request):
+    """The run's job, if the caller may see runs of its repo."""
+    bot: Deploybot = request.app.state.bot
+    caller, _ = await _caller(bot, request, b"")
+    job = _job(bot, request)
+    if caller.grant(job.run.repo.full_name) is None:
+        raise ApiError(404, "no such run")  # runs of other repos do not exist for this caller
+    return job
+
+
+async def get_run(request: Request) -> Response:
+    """GET /api/v1/runs/{id}: status, summary and output."""
+    bot: Deploybot = request.app.state.bot
+    try:
+        job = await _authorized_job(request)
+    except (CallerAuthError, ApiError) as exc:
+        return _error(exc.status, str(exc))
+    output = job.result.get("output", "") if job.status in FINISHED else bot.job_log(job.id)
+    return JSONResponse(run_view(bot.store, job, output))
+
+
+async def run_log(request: Request) -> Response:
+    """GET /api/v1/runs/{id}/log: the output as terraform writes it, until the job ends."""
+    bot: Deploybot = request.app.state.bot
+    try:
+        job = await _authorized_job(request)
+    except (CallerAuthError, ApiError) as exc:
+        return _error(exc.status, str(exc))
+
+    async def stream() -> AsyncIterator[bytes]:
+        path = bot.worker.log_path(job.id)
+        offset, pending = 0, b""
+        deadline = time.monotonic() + LOG_STREAM_LIMIT_SECONDS
+        while time.monotonic() < deadline:
+            finished = bot.store.run_jobs(job.run.id)[0].status in FINISHED
+            data = path.read_bytes()[offset:] if path.exists() else b""
+            offset += len(data)
+            pending += data
+            # Whole lines only, so a secret is never split across two chunks unredacted.
+            complete, _, pending = pending.rpartition(b"\n")
+            if complete:
+                yield bot.worker.clean(complete.decode("utf-8", "replace") + "\n").encode()
+            if finished and not data:
+                if pending:
+                    yield bot.worker.clean(pending.decode("utf-8", "replace")).encode()
+                return
+            await asyncio.sleep(LOG_POLL_SECONDS)
+
+    return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")
+
+
+async def slack_interaction(request: Request) -> Response:
+    """POST /slack/interactions: an Approve or Reject click on a plan message."""
+    bot: Deploybot = request.app.state.bot
+    secret = bot.config.slack.signing_secret.reveal()
+    if not secret:
+        return _error(404, "Slack is not configured on this server")
+    body = await _body(request, MAX_API_BODY)
+    if body is None:
+        return _error(413, "body too large")
+    try:
+        verify_slack_signature(request.headers, body, secret, time.time())
+        decision = parse_interaction(body)
+    except InvalidSignature as exc:
+        bot.store.audit(actor="slack", action="interaction", outcome="refused", detail=str(exc))
+        return _error(401, str(exc))
+    except MalformedPayload as exc:
+        return _error(400, str(exc))
+    if decision is None:
+        return JSONResponse({"status": "ignored"})
+    login = bot.config.slack.users.get(decision.slack_user_id)
+    if login is None:
+        bot.store.audit(actor=f"slack:{decision.slack_user_id}", action="approve" if decision.approve else "reject",
+                        outcome="refused", detail="Slack user is not mapped to an approver")
+        return _error(403, "your Slack user is not an approver in deploybot's config")
+    try:
+        outcome = await asyncio.to_thread(bot.api_runs.decide, decision.run_id, decision.approve, login, "slack")
+    except ApiError as exc:
+        return _error(exc.status, str(exc))
+    await asyncio.to_thread(bot.notify_decision, decision.run_id, outcome, login)
+    return JSONResponse({"status": outcome, "run": decision.run_id})
+
+
+OPENAPI = {
+    "openapi": "3.1.0",
+    "info": {"title": "deploybot trigger API", "version": "1"},
+    "components": {
+        "securitySchemes": {
+            "oidc": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                     "description": "An OIDC token from GitHub Actions or GitLab CI, pinned by the policy's callers."},
+            "hmac": {"type": "apiKey", "in": "header", "name": "X-Deploybot-Signature",
+                     "description": "v1=HMAC-SHA256(key, METHOD\\nPATH\\nX-Deploybot-Timestamp\\nX-Deploybot-Nonce\\n"
+                                    "sha256hex(body)), with X-Deploybot-Key-Id naming the caller."},
+        },
+        "schemas": {
+            "RunRequest": {
+                "type": "object", "additionalProperties": False, "required": ["repo", "command"],
+                "properties": {
+                    "repo": {"type": "string", "example": "acme/infrastructure-live"},
+                    "forge": {"type": "string", "enum": ["github", "gitlab"]},
+                    "ref": {"type": "string", "example": "refs/heads/main"},
+                    "sha": {"type": "string", "pattern": "^[0-9a-f]{40}$"},
+                    "project": {"type": "string"}, "dir": {"type": "string"}, "workspace": {"type": "string"},
+                    "command": {"type": "string", "enum": ["plan", "apply"]},
+                },
+            },
+            "Run": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer"}, "repo": {"type": "string"}, "sha": {"type": "string"},
+                    "project": {"type": "string"}, "command": {"type": "string"},
+                    "requested_by": {"type": "string"},
+                    "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "cancelled",
+                                                          "interrupted", "refused", "awaiting_approval", "rejected"]},
+                    "summary": {"type": "string"}, "has_changes": {"type": "boolean"}, "output": {"type": "string"},
+                    "approval": {"type": ["object", "null"]},
+                },
+            },
+            "Error": {"type": "object", "properties": {"error": {"type": "string"}}},
+        },
+    },
+    "security": [{"oidc": []}, {"hmac": []}],
+    "paths": {
+        "/api/v1/runs": {"post": {
+            "summary": "Plan or apply one allow-listed project at a ref or commit",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RunRequest"}}}},
+            "responses": {str(code): {"description": text, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+                          for code, text, schema in [(201, "queued, or awaiting approval", "Run"),
+                                                     (400, "bad request", "Error"), (401, "not authenticated", "Error"),
+                                                     (403, "not allowed by the policy", "Error"),
+                                                     (404, "no such ref", "Error"), (409, "no approved plan", "Error")]},
+        }},
+        "/api/v1/runs/{id}": {"get": {
+            "summary": "A run's status, summary and output",
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}],
+            "responses": {"200": {"description": "the run", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Run"}}}},
+                          "404": {"description": "no such run"}},
+        }},
+        "/api/v1/runs/{id}/log": {"get": {
+            "summary": "The run's output, streamed as it is written",
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}],
+            "responses": {"200": {"description": "text/plain, until the run ends", "content": {"text/plain": {}}}},
+        }},
+    },
+}
+
+
+async def openapi(request: Request) -> Response:
+    """GET /api/v1/openapi.json."""
+    return JSONResponse(OPENAPI)

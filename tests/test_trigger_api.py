@@ -1,0 +1,164 @@
+"""The trigger API end to end: `deploybot run` against the real server, Slack approval, refusals."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from bot.ci_auth import hmac_signature
+from bot.sandbox import REPO, wait_for
+from tests.slack_fake import FakeSlack, interaction_body, sign_slack_request
+from tests.world import TEST_POLICY, World, staging_change
+
+SIGNING_SECRET = "slack-signing-secret-for-tests"
+KEY = "jenkins-hmac-key-0123456789abcdef"
+
+
+@pytest.fixture
+def slack() -> Iterator[FakeSlack]:
+    fake = FakeSlack()
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def world(tmp_path: Path, slack: FakeSlack) -> Iterator[World]:
+    key_file = tmp_path / "jenkins.key"
+    key_file.write_text(KEY)
+    policy = copy.deepcopy(TEST_POLICY)
+    policy["callers"] = [{
+        "name": "jenkins",
+        "hmac": {"key_file": str(key_file)},
+        "repos": {REPO: {"projects": ["staging"], "commands": ["plan", "apply"],
+                         "apply_refs": ["refs/heads/main"]}},
+    }]
+    world = World(tmp_path / "world", policy, extra_config={"slack": {
+        "signing_secret": SIGNING_SECRET, "webhook_url": slack.webhook_url,
+        "users": {"U_DAVE": "dave", "U_CAROL": "carol"},
+    }})
+    yield world
+    world.stop()
+
+
+def signed_headers(method: str, path: str, body: bytes, key: str = KEY, key_id: str = "jenkins",
+                   timestamp: float | None = None, nonce: str | None = None) -> dict[str, str]:
+    timestamp_text = str(int(timestamp if timestamp is not None else time.time()))
+    nonce = nonce or secrets.token_hex(16)
+    return {"X-Deploybot-Key-Id": key_id, "X-Deploybot-Timestamp": timestamp_text,
+            "X-Deploybot-Nonce": nonce, "Content-Type": "application/json",
+            "X-Deploybot-Signature": hmac_signature(key.encode(), method, path, timestamp_text, nonce, body)}
+
+
+def post_run(world: World, payload: dict, **sign) -> httpx.Response:
+    body = json.dumps(payload).encode()
+    return httpx.post(f"{world.url}/api/v1/runs", content=body,
+                      headers=signed_headers("POST", "/api/v1/runs", body, **sign), timeout=30)
+
+
+def cli(world: World, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {"PATH": os.environ["PATH"], "DEPLOYBOT_SERVER": world.url,
+           "DEPLOYBOT_HMAC_KEY_ID": "jenkins", "DEPLOYBOT_HMAC_KEY": KEY}
+    return subprocess.run([sys.executable, "-m", "bot.cli", "run", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def click(world: World, run_id: int, approve: bool, user_id: str, secret: str = SIGNING_SECRET) -> httpx.Response:
+    body = interaction_body(run_id, approve, user_id=user_id)
+    return httpx.post(f"{world.url}/slack/interactions", content=body,
+                      headers=sign_slack_request(body, secret, time.time()), timeout=30)
+
+
+def test_plan_from_ci_streams_output_and_exits_like_detailed_exitcode(world: World, slack: FakeSlack):
+    done = cli(world, "plan", "--repo", REPO, "--ref", "main", "--project", "staging")
+    assert done.returncode == 2, done.stderr
+    assert "Plan: 2 to add, 0 to change, 0 to destroy." in done.stdout
+    assert KEY not in done.stdout + done.stderr
+    message = wait_for(lambda: slack.webhook_posts, 30, "the plan-ready message")[0]
+    assert "Approve" in json.dumps(message) and "staging" in json.dumps(message)
+
+    assert world.state_resources("staging") == 0  # a plan changes nothing
+
+
+def test_apply_waits_for_slack_approval_then_applies_the_saved_plan(world: World, slack: FakeSlack):
+    plan = post_run(world, {"repo": REPO, "ref": "refs/heads/main", "project": "staging", "command": "plan"})
+    assert plan.status_code == 201, plan.text
+    plan_id = plan.json()["id"]
+    wait_for(lambda: slack.webhook_posts, 60, "the plan-ready message")
+
+    applying = subprocess.Popen(
+        [sys.executable, "-m", "bot.cli", "run", "apply", "--repo", REPO, "--ref", "main", "--project",
+         "staging", "--approval-timeout", "120"],
+        env={"PATH": os.environ["PATH"], "DEPLOYBOT_SERVER": world.url, "DEPLOYBOT_HMAC_KEY_ID": "jenkins",
+             "DEPLOYBOT_HMAC_KEY": KEY},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    assert applying.poll() is None, "apply must wait for the approval"
+    assert world.state_resources("staging") == 0
+
+    assert click(world, plan_id, True, "U_CAROL").status_code == 403  # mapped, but no approver
+    assert click(world, plan_id, True, "U_NOBODY").status_code == 403
+    assert click(world, plan_id, True, "U_DAVE", secret="forged").status_code == 401
+    approved = click(world, plan_id, True, "U_DAVE")
+    assert approved.status_code == 200 and approved.json()["status"] == "approved"
+
+    out, err = applying.communicate(timeout=120)
+    assert applying.returncode == 0, err
+    assert "Apply complete! Resources: 2 added" in out
+    assert world.state_resources("staging") == 2
+    assert click(world, plan_id, False, "U_DAVE").status_code == 409  # decided once
+
+
+def test_rejected_plan_is_never_applied(world: World):
+    plan_id = post_run(world, {"repo": REPO, "ref": "main", "project": "staging", "command": "plan"}).json()["id"]
+    wait_for(lambda: get_run(world, plan_id)["status"] == "succeeded", 60, "the plan")
+    apply = post_run(world, {"repo": REPO, "ref": "main", "project": "staging", "command": "apply"})
+    assert apply.status_code == 201 and apply.json()["status"] == "awaiting_approval"
+    assert click(world, plan_id, False, "U_DAVE").json()["status"] == "rejected"
+    wait_for(lambda: get_run(world, apply.json()["id"])["status"] == "rejected", 30, "the rejection")
+    again = post_run(world, {"repo": REPO, "ref": "main", "project": "staging", "command": "apply"})
+    assert again.status_code == 409 and "rejected" in again.json()["error"]
+    assert world.state_resources("staging") == 0
+
+
+def get_run(world: World, run_id: int) -> dict:
+    path = f"/api/v1/runs/{run_id}"
+    return httpx.get(f"{world.url}{path}", headers=signed_headers("GET", path, b""), timeout=30).json()
+
+
+def test_refusals_are_clear_and_audited(world: World):
+    base = {"repo": REPO, "ref": "main", "project": "staging", "command": "plan"}
+    assert post_run(world, base, key="wrong-key").status_code == 401
+    assert post_run(world, base, key_id="circleci").status_code == 401
+    assert post_run(world, base, timestamp=time.time() - 3600).status_code == 401
+    nonce = secrets.token_hex(16)
+    assert post_run(world, base, nonce=nonce).status_code == 201
+    assert post_run(world, base, nonce=nonce).status_code == 401  # replayed
+    assert post_run(world, {**base, "repo": "acme/other"}).status_code == 403
+    assert post_run(world, {**base, "project": "production"}).status_code == 403
+    assert post_run(world, {**base, "command": "apply", "ref": "feature"}).status_code == 403
+    assert post_run(world, {**base, "ref": "no-such-branch"}).status_code == 404
+    extra = post_run(world, {**base, "args": "-target=x"})
+    assert extra.status_code == 400 and "unknown field" in extra.json()["error"]
+    no_plan = post_run(world, {**base, "command": "apply", "sha": world.repo.sha("main"), "ref": "main"})
+    assert no_plan.status_code in (201, 409)
+    unsigned = httpx.post(f"{world.url}/api/v1/runs", json=base)
+    assert unsigned.status_code == 401
+    store = world.store()
+    try:
+        outcomes = [entry["outcome"] for entry in store.audit_entries()]
+    finally:
+        store.close()
+    assert outcomes.count("refused") >= 9
+    spec = httpx.get(f"{world.url}/api/v1/openapi.json").json()
+    assert "/api/v1/runs" in spec["paths"]
