@@ -24,9 +24,9 @@ from bot.ci_auth import HmacVerifier, OidcVerifier
 from bot.config import Config
 from bot.dispatcher import Dispatcher
 from bot.git import RepoCache
-from bot.github_client import GitHubApp
+from bot.github_client import GitHubApp, github_login_of
 from bot.github_webhook import InvalidSignature, MalformedPayload, load_body
-from bot.gitlab_client import GitLabClient, lookup_gitlab_repo
+from bot.gitlab_client import GitLabClient, gitlab_login_of, lookup_gitlab_repo
 from bot.slack import MESSAGE_KINDS, SlackNotifier, render_run_message
 from bot.models import CommentEvent, Event, Repo
 from bot.store import Delivery, Job, Run, Store, repo_key
@@ -45,6 +45,7 @@ class Forge:
 
     client_for: Callable[[Repo], VCSClient]
     lookup_repo: Callable[[str], Repo]  # a repository by full name, for runs no webhook announced
+    login_of: Callable[[str], str]  # whose own token this is: approvers prove who they are with it
     bot_login: str
 
 
@@ -61,12 +62,16 @@ def configured_forges(config: Config) -> dict[str, Forge]:
     forges: dict[str, Forge] = {}
     if config.github.enabled:
         app = GitHubApp(config.github.api_url, config.github.app_id, config.github.private_key.reveal())
-        forges[github_webhook.FORGE] = Forge(app.client, app.lookup_repo, config.github.bot_login)
+        api_url = config.github.api_url
+        forges[github_webhook.FORGE] = Forge(app.client, app.lookup_repo,
+                                             lambda token: github_login_of(api_url, token),
+                                             config.github.bot_login)
     if config.gitlab.enabled:
         url, token = config.gitlab.url, config.gitlab.token.reveal()
         forges[gitlab_webhook.FORGE] = Forge(
             lambda repo: GitLabClient(url, token, repo),
             lambda full_name: lookup_gitlab_repo(url, token, full_name),
+            lambda user_token: gitlab_login_of(url, user_token),
             config.gitlab.bot_username)
     return forges
 
@@ -99,7 +104,7 @@ class Deploybot:
         self.slack = _slack_notifier(config)
         self.api_runs = ApiRuns(
             store=self.store, policy=self.policy,
-            lookup_repo=lambda forge, name: self._forge(forge).lookup_repo(name),
+            lookup_repo=lambda forge, name: self.forge(forge).lookup_repo(name),
             client_for=self.client_for,
             default_forge=next(iter(self.forges), github_webhook.FORGE),
             wake_workers=lambda: self._call_in_loop(self.worker.wake),
@@ -111,9 +116,9 @@ class Deploybot:
 
     def client_for(self, repo: Repo) -> VCSClient:
         """The forge client for a repository."""
-        return self._forge(repo.forge).client_for(repo)
+        return self.forge(repo.forge).client_for(repo)
 
-    def _forge(self, name: str) -> Forge:
+    def forge(self, name: str) -> Forge:
         if name not in self.forges:
             raise ForgeError(f"{name} is not configured on this server")
         return self.forges[name]
@@ -345,6 +350,8 @@ def create_app(config: Config, policy: Policy | None = None) -> Starlette:
             Route("/api/v1/runs", trigger_api.create_run, methods=["POST"]),
             Route("/api/v1/runs/{run_id:int}", trigger_api.get_run),
             Route("/api/v1/runs/{run_id:int}/log", trigger_api.run_log),
+            Route("/api/v1/runs/{run_id:int}/approve", trigger_api.approve_run, methods=["POST"]),
+            Route("/api/v1/runs/{run_id:int}/reject", trigger_api.reject_run, methods=["POST"]),
             Route("/api/v1/openapi.json", trigger_api.openapi),
             Route("/slack/interactions", trigger_api.slack_interaction, methods=["POST"]),
             Route("/healthz", healthz),

@@ -451,3 +451,14 @@ def _quote(segment: str) -> str:
 
 def _iso(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else ""
+
+
+def github_login_of(api_url: str, token: str) -> str:
+    """Whose GitHub token this is (GET /user): how an approver proves who they are."""
+    try:
+        response = httpx.get(f"{api_url.rstrip('/')}/user", headers={"Authorization": f"token {token}"}, timeout=15)
+    except httpx.HTTPError as exc:
+        raise ForgeError(f"could not reach GitHub at {api_url}: {type(exc).__name__}") from None
+    if response.status_code != 200:
+        raise ForgeError(f"GitHub did not accept the token: {response.status_code}", status=response.status_code)
+    return str(response.json()["login"])

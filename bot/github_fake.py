@@ -187,6 +187,7 @@ class FakeGitHub(LocalForge):
         self._repos: dict[str, _Repo] = {}
         self._installations: dict[int, set[str]] = {}
         self._tokens: dict[str, tuple[int, float]] = {}  # token -> (installation id, expiry)
+        self._user_tokens: dict[str, str] = {}  # a user's own token -> login
         self._teams: dict[str, dict[str, tuple[str, str]]] = {}  # "org/slug" -> user -> (role, state)
         self._comments: dict[int, _Comment] = {}
         self._reviews: dict[int, _Review] = {}
@@ -816,7 +817,23 @@ class FakeGitHub(LocalForge):
             Route(repo, self._get_repo, methods=["GET"]),
             Route(f"{repo}/contents/{{path:path}}", self._get_contents, methods=["GET"]),
             Route("/orgs/{org}/teams/{slug}/memberships/{user}", self._team_membership, methods=["GET"]),
+            Route("/user", self._get_user, methods=["GET"]),
         ]
+
+    def user_token(self, login: str) -> str:
+        """A user's own OAuth token (it may only ask who it is: GET /user)."""
+        token = "gho_" + "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(36))
+        with self._lock:
+            self._user_tokens[token] = login
+        return token
+
+    def _get_user(self, request: Request) -> Response:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        with self._lock:
+            login = self._user_tokens.get(token) if scheme.lower() in ("token", "bearer") else None
+        if login is None:
+            raise _ApiError(401, "Requires authentication")
+        return JSONResponse({"login": login, "id": stable_id(login), "type": "User"})
 
     def _check_jwt(self, request: Request) -> None:
         """Accept only an RS256 App JWT signed by this app's key, as GitHub does."""

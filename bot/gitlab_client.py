@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import gitlab
+import httpx
 import requests
 from gitlab.exceptions import GitlabError
 
@@ -466,3 +467,14 @@ def lookup_gitlab_repo(url: str, token: str, full_name: str) -> Repo:
     """A project by path, as a Repo."""
     probe = Repo(forge="gitlab", full_name=full_name, clone_url="", default_branch="")
     return GitLabClient(url, token, probe).lookup_repo()
+
+
+def gitlab_login_of(url: str, token: str) -> str:
+    """Whose GitLab token this is (GET /user): how an approver proves who they are."""
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/api/v4/user", headers={"PRIVATE-TOKEN": token}, timeout=15)
+    except httpx.HTTPError as exc:
+        raise ForgeError(f"could not reach GitLab at {url}: {type(exc).__name__}") from None
+    if response.status_code != 200:
+        raise ForgeError(f"GitLab did not accept the token: {response.status_code}", status=response.status_code)
+    return str(response.json()["username"])

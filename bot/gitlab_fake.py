@@ -215,6 +215,7 @@ class FakeGitLab(LocalForge):
         self._projects: dict[int, _Project] = {}
         self._groups: dict[str, dict[int, tuple[int, str]]] = {}  # full path -> user id -> (level, membership state)
         self._notes: dict[int, _Note] = {}
+        self._user_tokens: dict[str, int] = {}  # personal access tokens -> user id
         self._ids = iter(range(1000, 10**9))
         self._user_ids = iter(range(2, 10**9))
         self._last_time = datetime.fromtimestamp(0, UTC)
@@ -1026,13 +1027,27 @@ class FakeGitLab(LocalForge):
             raise _ApiError(405, "405 Not Allowed", key="error")
         raise _ApiError(404, "404 Not Found", key="error")
 
+    def user_token(self, username: str) -> str:
+        """A personal access token of a user (scope read_user: it may only ask who it is)."""
+        token = "glpat-" + secrets.token_urlsafe(15)
+        with self._lock:
+            self._user_tokens[token] = self.add_user(username)
+        return token
+
     def _authenticate(self, request: Request) -> None:
         token = request.headers.get("private-token")
         if token is None:
             scheme, _, value = request.headers.get("authorization", "").partition(" ")
             token = value if scheme.lower() == "bearer" else None
-        if not token or not hmac.compare_digest(token.encode(), self.token.encode()):
-            raise _ApiError(401, "401 Unauthorized")
+        if token and hmac.compare_digest(token.encode(), self.token.encode()):
+            request.state.user_id = self.bot_user_id
+            return
+        with self._lock:
+            user_id = self._user_tokens.get(token or "")
+        if user_id is not None and raw_path(request.scope) == f"{API_PREFIX}/user":
+            request.state.user_id = user_id
+            return
+        raise _ApiError(401, "401 Unauthorized")
 
     def _request_project(self, params: dict[str, Any]) -> _Project:
         with self._lock:
@@ -1051,7 +1066,7 @@ class FakeGitLab(LocalForge):
 
     def _get_current_user(self, request: Request, params: dict[str, Any], data: dict[str, Any]) -> Response:
         with self._lock:
-            return JSONResponse(self._user_json(self.bot_user_id))
+            return JSONResponse(self._user_json(request.state.user_id))
 
     def _list_users(self, request: Request, params: dict[str, Any], data: dict[str, Any]) -> Response:
         username = data.get("username")

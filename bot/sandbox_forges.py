@@ -55,6 +55,7 @@ class SandboxForge(Protocol):
     def head(self, number: int) -> str: ...
     def delivery_ids(self) -> list[str]: ...
     def redeliver(self, delivery_id: str) -> int: ...
+    def user_token(self, user: str) -> str: ...
 
 
 class SandboxGitHub:
@@ -132,6 +133,10 @@ class SandboxGitHub:
 
     def redeliver(self, delivery_id: str) -> int:
         return self.fake.redeliver(delivery_id)
+
+    def user_token(self, user: str) -> str:
+        """A token of the user's own, as an approver would use to call the bot's API."""
+        return self.fake.user_token(user)
 
 
 class SandboxGitLab:
@@ -219,6 +224,10 @@ class SandboxGitLab:
 
     def redeliver(self, delivery_id: str) -> int:
         return self.fake.redeliver(delivery_id)
+
+    def user_token(self, user: str) -> str:
+        """A token of the user's own, as an approver would use to call the bot's API."""
+        return self.fake.user_token(user)
 
 
 FORGES: dict[str, type] = {"github": SandboxGitHub, "gitlab": SandboxGitLab}

@@ -14,6 +14,7 @@ from bot.ci_auth import CallerAuthError, authenticate
 from bot.github_webhook import InvalidSignature, MalformedPayload
 from bot.slack import parse_interaction, verify_slack_signature
 from bot.store import FINISHED
+from bot.vcs import ForgeError
 
 if TYPE_CHECKING:
     from bot.app import Deploybot
@@ -119,6 +120,39 @@ async def run_log(request: Request) -> Response:
             await asyncio.sleep(LOG_POLL_SECONDS)
 
     return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")
+
+
+async def _decide_with_forge_token(request: Request, approve: bool) -> Response:
+    """An approver decides on a plan run, proving who they are with their own forge token."""
+    bot: Deploybot = request.app.state.bot
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() not in ("token", "bearer") or not token.strip():
+        return _error(401, "send your own GitHub or GitLab token as `Authorization: token <token>`")
+    try:
+        job = _job(bot, request)
+        login = await asyncio.to_thread(bot.forge(job.run.repo.forge).login_of, token.strip())
+    except ApiError as exc:
+        return _error(exc.status, str(exc))
+    except ForgeError:
+        bot.store.audit(actor="unauthenticated", action="approve" if approve else "reject",
+                        outcome="refused", detail="the forge did not accept the token")
+        return _error(401, "the forge did not accept the token")
+    try:
+        outcome = await asyncio.to_thread(bot.api_runs.decide, job.run.id, approve, login, "api")
+    except ApiError as exc:
+        return _error(exc.status, str(exc))
+    await asyncio.to_thread(bot.notify_decision, job.run.id, outcome, login)
+    return JSONResponse({"status": outcome, "run": job.run.id, "by": login})
+
+
+async def approve_run(request: Request) -> Response:
+    """POST /api/v1/runs/{id}/approve."""
+    return await _decide_with_forge_token(request, approve=True)
+
+
+async def reject_run(request: Request) -> Response:
+    """POST /api/v1/runs/{id}/reject."""
+    return await _decide_with_forge_token(request, approve=False)
 
 
 async def slack_interaction(request: Request) -> Response:

@@ -17,6 +17,7 @@ import pytest
 
 from bot.ci_auth import hmac_signature
 from bot.sandbox import REPO, wait_for
+from bot.sandbox_forges import FORGES
 from tests.slack_fake import FakeSlack, interaction_body, sign_slack_request
 from tests.world import TEST_POLICY, World, staging_change
 
@@ -32,8 +33,8 @@ def slack() -> Iterator[FakeSlack]:
     fake.stop()
 
 
-@pytest.fixture
-def world(tmp_path: Path, slack: FakeSlack) -> Iterator[World]:
+@pytest.fixture(params=sorted(FORGES))
+def world(request: pytest.FixtureRequest, tmp_path: Path, slack: FakeSlack) -> Iterator[World]:
     key_file = tmp_path / "jenkins.key"
     key_file.write_text(KEY)
     policy = copy.deepcopy(TEST_POLICY)
@@ -43,7 +44,7 @@ def world(tmp_path: Path, slack: FakeSlack) -> Iterator[World]:
         "repos": {REPO: {"projects": ["staging"], "commands": ["plan", "apply"],
                          "apply_refs": ["refs/heads/main"]}},
     }]
-    world = World(tmp_path / "world", policy, extra_config={"slack": {
+    world = World(tmp_path / "world", policy, forge=request.param, extra_config={"slack": {
         "signing_secret": SIGNING_SECRET, "webhook_url": slack.webhook_url,
         "users": {"U_DAVE": "dave", "U_CAROL": "carol"},
     }})
@@ -162,3 +163,19 @@ def test_refusals_are_clear_and_audited(world: World):
     assert outcomes.count("refused") >= 9
     spec = httpx.get(f"{world.url}/api/v1/openapi.json").json()
     assert "/api/v1/runs" in spec["paths"]
+
+
+def test_api_approval_with_the_approvers_own_forge_token(world: World):
+    plan_id = post_run(world, {"repo": REPO, "ref": "main", "project": "staging", "command": "plan"}).json()["id"]
+    wait_for(lambda: get_run(world, plan_id)["status"] == "succeeded", 60, "the plan")
+    apply_id = post_run(world, {"repo": REPO, "ref": "main", "project": "staging", "command": "apply"}).json()["id"]
+    url = f"{world.url}/api/v1/runs/{plan_id}/approve"
+    assert httpx.post(url).status_code == 401
+    assert httpx.post(url, headers={"Authorization": "token not-a-real-token"}).status_code == 401
+    carol = httpx.post(url, headers={"Authorization": f"token {world.forge.user_token('carol')}"})
+    assert carol.status_code == 403 and "not an approver" in carol.json()["error"]
+    dave = httpx.post(url, headers={"Authorization": f"token {world.forge.user_token('dave')}"})
+    assert dave.status_code == 200 and dave.json() == {"status": "approved", "run": plan_id, "by": "dave"}
+    wait_for(lambda: get_run(world, apply_id)["status"] == "succeeded", 60, "the apply")
+    assert world.state_resources("staging") == 2
+    assert get_run(world, plan_id)["approval"]["by"] == "dave"
