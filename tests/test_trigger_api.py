@@ -19,6 +19,7 @@ from bot.ci_auth import hmac_signature
 from bot.sandbox import REPO, wait_for
 from bot.sandbox_forges import FORGES
 from tests.slack_fake import FakeSlack, interaction_body, sign_slack_request
+from tests.test_ci_auth import FakeIssuer, github_claims, rsa_key
 from tests.world import TEST_POLICY, World, staging_change
 
 SIGNING_SECRET = "slack-signing-secret-for-tests"
@@ -179,3 +180,53 @@ def test_api_approval_with_the_approvers_own_forge_token(world: World):
     wait_for(lambda: get_run(world, apply_id)["status"] == "succeeded", 60, "the apply")
     assert world.state_resources("staging") == 2
     assert get_run(world, plan_id)["approval"]["by"] == "dave"
+
+
+@pytest.fixture
+def oidc_world(tmp_path: Path) -> Iterator[tuple[World, FakeIssuer]]:
+    issuer = FakeIssuer()
+    issuer.add_rsa_key("k1")
+    policy = copy.deepcopy(TEST_POLICY)
+    policy["callers"] = [{
+        "name": "github-actions",
+        "oidc": {"issuer": issuer.url, "audience": "deploybot",
+                 "claims": {"repository": REPO, "repository_id": "123456", "ref": "refs/heads/main"}},
+        "repos": {REPO: {"projects": ["staging"], "commands": ["plan"]}},
+    }]
+    world = World(tmp_path / "world", policy)
+    yield world, issuer
+    world.stop()
+    issuer.close()
+
+
+def test_oidc_callers_are_verified_against_the_issuer_and_pinned_claims(oidc_world):
+    world, issuer = oidc_world
+    sha = world.repo.sha("main")
+    body = {"repo": REPO, "ref": "refs/heads/main", "project": "staging", "command": "plan"}
+
+    def post(token: str) -> httpx.Response:
+        return httpx.post(f"{world.url}/api/v1/runs", json=body, headers={"Authorization": f"Bearer {token}"})
+
+    forged = issuer.mint(github_claims(issuer.url, sha=sha), key=rsa_key("attacker"))
+    assert post(forged).status_code == 401
+    assert post(issuer.mint(github_claims(issuer.url, sha=sha, aud="someone-else"))).status_code == 401
+    assert post(issuer.mint(github_claims(issuer.url, sha=sha, exp=int(time.time()) - 120))).status_code == 401
+    other_repo = issuer.mint(github_claims(issuer.url, sha=sha, repository="mallory/infra", repository_id="666"))
+    assert post(other_repo).status_code == 401
+    other_commit = post(issuer.mint(github_claims(issuer.url, sha="0" * 40)))
+    assert other_commit.status_code == 403 and "another commit" in other_commit.json()["error"]
+
+    token = issuer.mint(github_claims(issuer.url, sha=sha))
+    started = post(token)
+    assert started.status_code == 201, started.text
+    assert post(token).status_code == 401  # a token starts one run
+    run = httpx.get(f"{world.url}/api/v1/runs/{started.json()['id']}", headers={"Authorization": f"Bearer {token}"})
+    assert run.status_code == 200 and run.json()["sha"] == sha
+
+    store = world.store()
+    try:
+        refused = [e for e in store.audit_entries() if e["outcome"] == "refused"]
+    finally:
+        store.close()
+    assert len(refused) >= 5
+    assert any("signature" in e["detail"] for e in refused)
