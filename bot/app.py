@@ -197,7 +197,7 @@ class Deploybot:
 
     async def stop(self) -> None:
         await self.dispatcher.stop()
-        await self.worker.stop()
+        await self.worker.stop(self.config.server.shutdown_grace)
         self.store.close()
 
 
@@ -353,6 +353,7 @@ def create_app(config: Config, policy: Policy | None = None) -> Starlette:
             Route("/api/v1/runs/{run_id:int}/approve", trigger_api.approve_run, methods=["POST"]),
             Route("/api/v1/runs/{run_id:int}/reject", trigger_api.reject_run, methods=["POST"]),
             Route("/api/v1/openapi.json", trigger_api.openapi),
+            Route("/api/v1/audit", trigger_api.audit_log),
             Route("/slack/interactions", trigger_api.slack_interaction, methods=["POST"]),
             Route("/healthz", healthz),
             Route("/metrics", metrics),

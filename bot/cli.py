@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from bot.config import ConfigError, load_config
@@ -31,10 +32,17 @@ def main(argv: list[str] | None = None) -> int:
                               help="plan or apply through a deploybot server, for CI jobs (see `deploybot run --help`)")
     run.add_argument("run_args", nargs=argparse.REMAINDER)
 
+    audit = commands.add_parser("audit", help="print the server's audit log (admin token in $DEPLOYBOT_ADMIN_TOKEN)")
+    audit.add_argument("--server", default=os.environ.get("DEPLOYBOT_SERVER"),
+                       help="the deploybot URL (default: $DEPLOYBOT_SERVER)")
+    audit.add_argument("--limit", type=int, default=100, help="how many of the newest entries")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args.config, args.log_level)
+        if args.command == "audit":
+            return _audit(args.server, args.limit)
         if args.command == "run":
             from bot.run_cli import main as run_main
 
@@ -45,6 +53,31 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PolicyError) as exc:
         print(f"deploybot: {exc}", file=sys.stderr)
         return 2
+
+
+def _audit(server: str | None, limit: int) -> int:
+    import datetime
+
+    import httpx
+
+    token = os.environ.get("DEPLOYBOT_ADMIN_TOKEN", "")
+    if not server or not token:
+        print("deploybot audit: give --server (or $DEPLOYBOT_SERVER) and $DEPLOYBOT_ADMIN_TOKEN", file=sys.stderr)
+        return 1
+    try:
+        response = httpx.get(f"{server.rstrip('/')}/api/v1/audit", params={"limit": limit},
+                             headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    except httpx.HTTPError as exc:
+        print(f"deploybot audit: cannot reach {server}: {type(exc).__name__}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        print(f"deploybot audit: {response.status_code} {response.text[:200]}", file=sys.stderr)
+        return 1
+    for entry in reversed(response.json()["entries"]):
+        when = datetime.datetime.fromtimestamp(entry["at"], datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        where = " ".join(x for x in (entry["repo"], entry["project"], entry["sha"][:8]) if x)
+        print(f"{when}  {entry['actor']:<24} {entry['action']:<10} {entry['outcome']:<12} {where}  {entry['detail']}")
+    return 0
 
 
 def _serve(config_path: str | None, log_level: str) -> int:

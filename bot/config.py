@@ -55,6 +55,8 @@ class ServerConfig:
     data_dir: Path = Path("data")
     database_url: str = ""  # empty: SQLite in the data dir
     max_body_bytes: int = 25 * 1024 * 1024
+    admin_token: Secret = field(default_factory=lambda: Secret(""))  # reads GET /api/v1/audit
+    shutdown_grace: float = 300  # seconds a running apply may take to finish after SIGTERM
 
     @property
     def database_path(self) -> Path:
@@ -127,7 +129,8 @@ class Config:
 
     def secrets(self) -> list[str]:
         """Every secret value, so output shown to users can be redacted."""
-        values = [self.github.private_key.reveal(), self.github.webhook_secret.reveal(),
+        values = [self.server.admin_token.reveal(), self.github.private_key.reveal(),
+                  self.github.webhook_secret.reveal(),
                   self.gitlab.token.reveal(), self.gitlab.webhook_secret.reveal(),
                   self.gitlab.signing_token.reveal(), self.slack.signing_secret.reveal(),
                   self.slack.webhook_url.reveal(), self.slack.bot_token.reveal()]

@@ -184,8 +184,9 @@ def write_config(root: Path, forge: SandboxForge, policy: dict, extra: dict | No
         "terraform": {"binary": find_terraform(), "cli_config_file": str(cli_config),
                       "plugin_cache_dir": str(root / "plugin-cache"), **terraform},
         "policy_file": str(root / "policy.yaml"),
-        **(extra or {}),
     }
+    for section, values in (extra or {}).items():
+        config.setdefault(section, {}).update(values)
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from typing import TYPE_CHECKING, AsyncIterator
 
@@ -153,6 +154,20 @@ async def approve_run(request: Request) -> Response:
 async def reject_run(request: Request) -> Response:
     """POST /api/v1/runs/{id}/reject."""
     return await _decide_with_forge_token(request, approve=False)
+
+
+async def audit_log(request: Request) -> Response:
+    """GET /api/v1/audit?limit=N: the newest audit entries, for admins (the admin token)."""
+    bot: Deploybot = request.app.state.bot
+    expected = bot.config.server.admin_token.reveal()
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if not expected or scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
+        return _error(401, "the audit log needs the admin token")
+    try:
+        limit = min(max(int(request.query_params.get("limit", "100")), 1), 10_000)
+    except ValueError:
+        return _error(400, "limit must be a number")
+    return JSONResponse({"entries": bot.store.audit_entries(limit)})
 
 
 async def slack_interaction(request: Request) -> Response:

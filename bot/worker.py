@@ -72,6 +72,7 @@ class Worker:
         self._wake = asyncio.Event()
         self._stopping = False
         self._running: dict[int, tuple[Job, asyncio.Task]] = {}
+        self._stopped_by_shutdown: set[int] = set()  # jobs cancelled because the server stops
         self._loops: list[asyncio.Task] = []
 
     # Lifecycle ------------------------------------------------------------------
@@ -84,11 +85,24 @@ class Worker:
             for i in range(self.config.terraform.parallelism)
         ]
 
-    async def stop(self) -> None:
-        """Stop taking jobs and wait for the running ones to end."""
+    async def stop(self, grace: float) -> None:
+        """Stop taking jobs: running plans go back to the queue for the next start, running
+        applies get `grace` seconds to finish and are then stopped and reported interrupted."""
         self._stopping = True
         self._wake.set()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        for job, task in list(self._running.values()):
+            if job.run.command == "plan":
+                self._stopped_by_shutdown.add(job.id)
+                task.cancel()
+        if not self._loops:
+            return
+        _, pending = await asyncio.wait(self._loops, timeout=grace)
+        if pending:
+            log.warning("%d apply(s) still running after %.0fs; stopping them", len(self._running), grace)
+            for job, task in list(self._running.values()):
+                self._stopped_by_shutdown.add(job.id)
+                task.cancel()
+            await asyncio.wait(self._loops)
 
     def wake(self) -> None:
         """Tell idle loops that a job was queued."""
@@ -117,6 +131,8 @@ class Worker:
         for job in self.store.jobs_with_status("running"):
             if job.run.command == "apply":
                 self.store.finish_job(job.id, "interrupted", JobOutcome("failed", INTERRUPTED).as_result())
+                self.store.audit(job.run.requested_by, "apply", "interrupted", job.run.repo.full_name,
+                                 job.project.label, job.run.head_sha, f"run {job.run.id}")
                 await self._report_if_done(job.run)
             else:
                 self.store.requeue_job(job.id)
@@ -156,7 +172,14 @@ class Worker:
         except asyncio.CancelledError:
             if not task.cancelled():
                 raise
-            outcome, status = JobOutcome("failed", "cancelled"), "cancelled"
+            if job.id in self._stopped_by_shutdown:
+                if job.run.command == "plan":
+                    self.store.requeue_job(job.id)  # planned again after the restart
+                    self._running.pop(job.id, None)
+                    return
+                outcome, status = JobOutcome("failed", INTERRUPTED), "interrupted"
+            else:
+                outcome, status = JobOutcome("failed", "cancelled"), "cancelled"
         except Exception:  # the comment says what failed; the traceback stays in our log
             log.exception("job %s failed unexpectedly", job.id)
             outcome, status = JobOutcome("failed", "internal error: see the deploybot log"), "failed"
@@ -169,6 +192,11 @@ class Worker:
         result["output"] = self.clean(result["output"])
         result["summary"] = self.clean(result["summary"])
         self.store.finish_job(job.id, status, result)
+        run = job.run
+        self.store.audit(run.requested_by, run.command, result.get("outcome") if status == "failed" else status,
+                         run.repo.full_name, job.project.label, run.head_sha,
+                         f"{run.trigger} run {run.id}" + (f" on #{run.pull_number}" if run.pull_number else "")
+                         + f": {result['summary']}")
         if job.run.command == "plan":
             await self._set_status(job.run.repo, job.run.head_sha, plan_context(job.project.label),
                                    "success" if status == "succeeded" else "failure", result["summary"])

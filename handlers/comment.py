@@ -69,6 +69,8 @@ def comment_created(event: CommentEvent, ctx: HandlerContext) -> None:
         return
     command = COMMANDS[parsed.name]
     if not may(ctx.client, event.author, command.allowed(policy)):
+        ctx.store.audit(event.author, parsed.name, "refused", pull.repo.full_name, sha=pull.head_sha,
+                        detail="not allowed by the policy")
         reply(ctx, pull.number, NOT_ALLOWED.format(user=event.author, command=parsed.name))
         return
     projects = _selected(ctx, policy, pull, parsed)
@@ -119,6 +121,8 @@ def apply(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Comma
 def approve(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Command,
             projects: list[Project], user: str) -> None:
     if user.lower() == pull.author.lower():
+        ctx.store.audit(user, "approve", "refused", pull.repo.full_name, sha=pull.head_sha,
+                        detail="the author cannot approve")
         reply(ctx, pull.number, SELF_APPROVAL.format(user=user))
         return
     if _has_filters(cmd):
@@ -128,6 +132,7 @@ def approve(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Com
     else:
         ctx.store.add_approval(pull.repo, pull.number, user, pull.head_sha, None)
         what = "every project"
+    ctx.store.audit(user, "approve", "approved", pull.repo.full_name, what, pull.head_sha)
     reply(ctx, pull.number, APPROVED.format(user=user, what=what, sha=pull.head_sha[:8]))
     refresh_apply_status(ctx, policy, pull, user)
 
@@ -141,6 +146,8 @@ def unlock(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Comm
             freed.append(project.label)
         ctx.store.delete_plan(key, pull.number)
     what = ", ".join(f"`{label}`" for label in freed)
+    ctx.store.audit(user, "unlock", "unlocked" if freed else "nothing locked", pull.repo.full_name,
+                    ", ".join(freed), pull.head_sha)
     everything = "the selected projects" if _has_filters(cmd) else "this pull request's projects"
     reply(ctx, pull.number, UNLOCKED.format(what=what) if freed else NOTHING_LOCKED.format(what=everything))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import signal
 import time
 from pathlib import Path
 
@@ -74,5 +75,53 @@ def test_apply_cut_off_by_a_crash_is_reported_not_rerun(tmp_path: Path):
         finally:
             store.close()
         assert world.wait_status(number, "deploybot/apply", "failure")
+    finally:
+        world.stop()
+
+
+def terminate(world: World) -> None:
+    """SIGTERM the bot process, as ECS stops a task, and wait for it to exit.
+
+    uvicorn shuts down gracefully, then re-raises the signal, so the exit status is -SIGTERM.
+    """
+    assert world.process is not None
+    world.process.send_signal(signal.SIGTERM)
+    assert world.process.wait(timeout=90) in (0, -signal.SIGTERM)
+
+
+def test_sigterm_lets_a_running_apply_finish(tmp_path: Path):
+    world = World(tmp_path, in_process=False, extra_config={"server": {"shutdown_grace": 60}})
+    try:
+        files = staging_change(world)
+        files["staging/slow.tf"] = SLOW_APPLY
+        number = world.open_pr("slow", files)
+        world.wait_comment(number, "**deploybot plan**")
+        world.forge.approve(number, "dave")
+        world.comment(number, "bob", "deploybot apply")
+        wait_for(lambda: running_job(world, "apply"), 60, "the apply to start")
+        time.sleep(1)
+        terminate(world)
+        assert "`staging`: applied" in world.wait_comment(number, "**deploybot apply**", timeout=5)
+        assert world.state_resources("staging") == 3
+    finally:
+        world.stop()
+
+
+def test_sigterm_puts_running_plans_back_in_the_queue(tmp_path: Path):
+    world = World(tmp_path, in_process=False, parallelism=1)
+    try:
+        module = (world.repo.work / "modules/app/main.tf").read_text()
+        number = world.open_pr("module", {"modules/app/main.tf": module + "\n# touched\n"})
+        wait_for(lambda: running_job(world, "plan"), 60, "a plan to start")
+        terminate(world)
+        store = world.store()
+        try:
+            assert not store.jobs_with_status("running")
+            assert len(store.jobs_with_status("queued")) >= 1
+        finally:
+            store.close()
+        world.start_bot()
+        comment = world.wait_comment(number, "**deploybot plan**")
+        assert "`staging`: +2 ~0 -0" in comment and "`production`: +2 ~0 -0" in comment
     finally:
         world.stop()
