@@ -24,6 +24,7 @@ from tests.world import TEST_POLICY, World, staging_change
 
 SIGNING_SECRET = "slack-signing-secret-for-tests"
 KEY = "jenkins-hmac-key-0123456789abcdef"
+ADMIN_TOKEN = "admin-token-for-the-audit-log"
 
 
 @pytest.fixture
@@ -45,10 +46,11 @@ def world(request: pytest.FixtureRequest, tmp_path: Path, slack: FakeSlack) -> I
         "repos": {REPO: {"projects": ["staging"], "commands": ["plan", "apply"],
                          "apply_refs": ["refs/heads/main"]}},
     }]
-    world = World(tmp_path / "world", policy, forge=request.param, extra_config={"slack": {
-        "signing_secret": SIGNING_SECRET, "webhook_url": slack.webhook_url,
-        "users": {"U_DAVE": "dave", "U_CAROL": "carol"},
-    }})
+    world = World(tmp_path / "world", policy, forge=request.param, extra_config={
+        "slack": {"signing_secret": SIGNING_SECRET, "webhook_url": slack.webhook_url,
+                  "users": {"U_DAVE": "dave", "U_CAROL": "carol"}},
+        "server": {"admin_token": ADMIN_TOKEN},
+    })
     yield world
     world.stop()
 
@@ -230,3 +232,19 @@ def test_oidc_callers_are_verified_against_the_issuer_and_pinned_claims(oidc_wor
         store.close()
     assert len(refused) >= 5
     assert any("signature" in e["detail"] for e in refused)
+
+
+def test_audit_log_is_for_admins_and_readable_from_the_cli(world: World):
+    assert post_run(world, {"repo": REPO, "ref": "main", "project": "production", "command": "plan"}).status_code == 403
+    url = f"{world.url}/api/v1/audit"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    entries = httpx.get(url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()["entries"]
+    refusal = entries[0]
+    assert (refusal["actor"], refusal["action"], refusal["outcome"]) == ("caller:jenkins", "api-plan", "refused")
+    assert "production" in refusal["detail"]
+    done = subprocess.run([sys.executable, "-m", "bot.cli", "audit", "--server", world.url, "--limit", "5"],
+                          env={"PATH": os.environ["PATH"], "DEPLOYBOT_ADMIN_TOKEN": ADMIN_TOKEN},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "caller:jenkins" in done.stdout and "refused" in done.stdout
