@@ -7,14 +7,14 @@ import contextlib
 import functools
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import handlers
@@ -24,6 +24,7 @@ from bot.ci_auth import HmacVerifier, OidcVerifier
 from bot.config import Config
 from bot.dispatcher import Dispatcher
 from bot.git import RepoCache
+from bot.metrics import Metrics
 from bot.github_client import GitHubApp, github_login_of
 from bot.github_webhook import InvalidSignature, MalformedPayload, load_body
 from bot.gitlab_client import GitLabClient, gitlab_login_of, lookup_gitlab_repo
@@ -85,6 +86,7 @@ class Deploybot:
         data_dir = config.server.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(config.server.database_path)
+        self.metrics = Metrics(self.store)
         self.forges = configured_forges(config)
         self.repo_cache = RepoCache(data_dir / "git")
         tf = config.terraform
@@ -98,7 +100,7 @@ class Deploybot:
             apply_timeout=tf.apply_timeout,
         ))
         self.worker = Worker(config, self.store, self.policy, self.client_for, self.repo_cache,
-                             self.terraform, notify_api_run=self.notify_api_run)
+                             self.terraform, self.metrics, notify_api_run=self.notify_api_run)
         self.oidc = OidcVerifier(self.policy.callers, replay=self.store.first_use)
         self.hmac = HmacVerifier(self.policy.callers, replay=self.store.first_use)
         self.slack = _slack_notifier(config)
@@ -110,8 +112,7 @@ class Deploybot:
             wake_workers=lambda: self._call_in_loop(self.worker.wake),
             cancel_run=lambda run_id: self._call_in_loop(self.worker.report_run, run_id),
         )
-        self.dispatcher = Dispatcher(self.store, handlers.router, self.context_for)
-        self.deliveries: Counter[tuple[str, str, str]] = Counter()
+        self.dispatcher = Dispatcher(self.store, handlers.router, self.context_for, self.metrics)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def client_for(self, repo: Repo) -> VCSClient:
@@ -309,7 +310,7 @@ async def webhook_endpoint(request: Request) -> Response:
 
 
 def _count(bot: Deploybot, forge: str, event: str, outcome: str) -> None:
-    bot.deliveries[(forge, event, outcome)] += 1
+    bot.metrics.deliveries.labels(forge, event[:64], outcome).inc()
 
 
 async def healthz(request: Request) -> Response:
@@ -319,17 +320,7 @@ async def healthz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     bot: Deploybot = request.app.state.bot
-    lines = ["# TYPE deploybot_deliveries_total counter"]
-    for (forge, event, outcome), count in sorted(bot.deliveries.items()):
-        labels = f'forge="{forge}",event="{_label(event)}",outcome="{outcome}"'
-        lines.append(f"deploybot_deliveries_total{{{labels}}} {count}")
-    lines += ["# TYPE deploybot_queue_depth gauge", f"deploybot_queue_depth {bot.store.queue_depth()}"]
-    return PlainTextResponse("\n".join(lines) + "\n")
-
-
-def _label(value: str) -> str:
-    """A Prometheus label value: event names come from request headers."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")[:64]
+    return Response(bot.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 def create_app(config: Config, policy: Policy | None = None) -> Starlette:

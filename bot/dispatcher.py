@@ -7,6 +7,7 @@ import logging
 from typing import Callable
 
 from bot import github_webhook, gitlab_webhook
+from bot.metrics import Metrics
 from bot.models import Event
 from bot.store import Delivery, Store
 from bot.vcs import ForgeError
@@ -36,10 +37,12 @@ class Dispatcher:
         store: Store,
         router: Router,
         context_for: Callable[[Delivery, Event], HandlerContext],
+        metrics: Metrics,
     ) -> None:
         self.store = store
         self.router = router
         self.context_for = context_for
+        self.metrics = metrics
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task | None = None
@@ -77,6 +80,7 @@ class Dispatcher:
                 ctx = self.context_for(delivery, event)
                 await asyncio.to_thread(self.router.dispatch, event, ctx)
         except ForgeError as exc:
+            self.metrics.forge_errors.labels(delivery.forge).inc()
             error = f"forge API error: {exc}"
         except Exception as exc:  # one bad delivery must not stop the others
             log.exception("delivery %s (%s) failed", delivery.id, delivery.event)

@@ -430,6 +430,10 @@ class Store:
 
     # Locks ------------------------------------------------------------------
 
+    def lock_count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM locks").fetchone()[0]
+
     def try_lock(self, key: str, repo: Repo, pull_number: int, holder: str) -> LockAttempt:
         """Lock a project for a PR; a PR that already holds it keeps it."""
         with self._tx() as db:

@@ -19,6 +19,7 @@ from bot.apply_gate import apply_blockers
 from bot.comments import ProjectOutcome, redact, render_run_comment, strip_ansi
 from bot.config import Config
 from bot.git import GitError, RepoCache
+from bot.metrics import Metrics
 from bot.models import PullRequest, Repo
 from bot.statuses import plan_context, report_aggregate_statuses
 from bot.store import Job, Run, SavedPlan, Store, repo_key
@@ -60,6 +61,7 @@ class Worker:
         clients: ClientFactory,
         repo_cache: RepoCache,
         terraform: Terraform,
+        metrics: Metrics,
         notify_api_run: Callable[[Run, list[Job]], None] = lambda run, jobs: None,
     ) -> None:
         self.config = config
@@ -68,6 +70,7 @@ class Worker:
         self.clients = clients
         self.repo_cache = repo_cache
         self.terraform = terraform
+        self.metrics = metrics
         self.notify_api_run = notify_api_run  # runs from the trigger API have no PR to comment on
         self._wake = asyncio.Event()
         self._stopping = False
@@ -164,6 +167,7 @@ class Worker:
             await self._run_logged_job(job, output_log)
 
     async def _run_logged_job(self, job: Job, output_log: BinaryIO) -> None:
+        started = time.monotonic()
         task = asyncio.create_task(self._execute(job, output_log))
         self._running[job.id] = (job, task)
         try:
@@ -189,6 +193,8 @@ class Worker:
                  job.project.label, job.run.repo.full_name, job.run.pull_number, status,
                  outcome.summary, outcome.terraform_seconds)
         result = outcome.as_result()
+        self.metrics.job_seconds.labels(job.run.command, result["outcome"] if status == "failed" else status
+                                        ).observe(time.monotonic() - started)
         result["output"] = self.clean(result["output"])
         result["summary"] = self.clean(result["summary"])
         self.store.finish_job(job.id, status, result)
@@ -365,6 +371,7 @@ class Worker:
                 await asyncio.to_thread(client.create_comment, run.pull_number, body)
             await asyncio.to_thread(report_aggregate_statuses, client, self.store, run)
         except ForgeError as exc:
+            self.metrics.forge_errors.labels(run.repo.forge).inc()
             log.error("could not report run %s on %s#%s: %s", run.id, run.repo.full_name,
                       run.pull_number, exc)
 
@@ -373,6 +380,7 @@ class Worker:
         try:
             await asyncio.to_thread(client.set_status, sha, context, state, description)
         except ForgeError as exc:
+            self.metrics.forge_errors.labels(repo.forge).inc()
             log.error("could not set status %s on %s@%s: %s", context, repo.full_name, sha[:8], exc)
 
 

@@ -66,7 +66,9 @@ def test_webhook_intake_answers_bad_input_with_4xx(make_world: MakeWorld):
     assert post_webhook(world, event, huge).status_code == 413
     assert httpx.post(f"{world.url}/webhooks/bitbucket", content=b"{}").status_code == 404
     metrics = httpx.get(f"{world.url}/metrics").text
-    assert f'forge="{world.forge.name}",event="unverified",outcome="unauthorized"}} 2' in metrics
+    assert (f'deploybot_deliveries_total{{event="unverified",forge="{world.forge.name}",'
+            f'outcome="unauthorized"}} 2.0') in metrics
+    assert "deploybot_queue_depth 0.0" in metrics and "deploybot_locks 0.0" in metrics
     if world.forge.name == "github":
         assert post_webhook(world, "ping", b'{"zen": "hi"}').status_code == 200
 
@@ -85,6 +87,9 @@ def test_autoplan_plans_only_changed_projects_once(make_world: MakeWorld):
     assert statuses["deploybot/plan: staging"] == ("success", "+2 ~0 -0")
     assert statuses["deploybot/apply"][0] == "pending"
     assert "deploybot/plan: production" not in statuses
+    metrics = httpx.get(f"{world.url}/metrics").text
+    assert 'deploybot_job_duration_seconds_count{command="plan",outcome="succeeded"} 1.0' in metrics
+    assert "deploybot_locks 1.0" in metrics
 
     # GitHub redelivers the same delivery: acknowledged, but nothing runs twice.
     first = world.forge.delivery_ids()[0]
