@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
@@ -84,12 +83,14 @@ def _serve(config_path: str | None, log_level: str) -> int:
     import uvicorn
 
     from bot.app import create_app
+    from bot.logs import configure_logging
 
     config = load_config(config_path)
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(log_level, config.secrets())
     app = create_app(config)
+    # log_config=None: uvicorn's records go through the same JSON lines as ours.
     uvicorn.run(app, host=config.server.host, port=config.server.port, log_level=log_level,
-                lifespan="on")
+                lifespan="on", log_config=None)
     return 0
 
 

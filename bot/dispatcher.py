@@ -8,7 +8,8 @@ from typing import Callable
 
 from bot import github_webhook, gitlab_webhook
 from bot.metrics import Metrics
-from bot.models import Event
+from bot.logs import log_context
+from bot.models import CommentEvent, Event
 from bot.store import Delivery, Store
 from bot.vcs import ForgeError
 from handlers.context import HandlerContext
@@ -73,12 +74,19 @@ class Dispatcher:
                 pass
 
     async def _handle(self, delivery: Delivery) -> None:
+        with log_context(delivery=delivery.id, forge=delivery.forge, event=delivery.event):
+            await self._dispatch(delivery)
+
+    async def _dispatch(self, delivery: Delivery) -> None:
         error = ""
         try:
             event = parse_delivery(delivery)
             if event is not None:
                 ctx = self.context_for(delivery, event)
-                await asyncio.to_thread(self.router.dispatch, event, ctx)
+                repo, pull = ((event.repo, event.pull_number) if isinstance(event, CommentEvent)
+                              else (event.pull.repo, event.pull.number))
+                with log_context(repo=repo.full_name, pr=pull):
+                    await asyncio.to_thread(self.router.dispatch, event, ctx)
         except ForgeError as exc:
             self.metrics.forge_errors.labels(delivery.forge).inc()
             error = f"forge API error: {exc}"

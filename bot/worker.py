@@ -19,6 +19,7 @@ from bot.apply_gate import apply_blockers
 from bot.comments import ProjectOutcome, redact, render_run_comment, strip_ansi
 from bot.config import Config
 from bot.git import GitError, RepoCache
+from bot.logs import log_context
 from bot.metrics import Metrics
 from bot.models import PullRequest, Repo
 from bot.statuses import plan_context, report_aggregate_statuses
@@ -163,7 +164,8 @@ class Worker:
     async def _run_job(self, job: Job) -> None:
         path = self.log_path(job.id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("ab") as output_log:
+        with log_context(run=job.run.id, job=job.id, repo=job.run.repo.full_name, pr=job.run.pull_number or None,
+                         project=job.project.label), path.open("ab") as output_log:
             await self._run_logged_job(job, output_log)
 
     async def _run_logged_job(self, job: Job, output_log: BinaryIO) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import json
 import signal
 import time
 from pathlib import Path
 
-from bot.sandbox import wait_for
+from bot.sandbox import REPO, wait_for
+from bot.sandbox_forges import WEBHOOK_SECRET
 from tests.world import TEST_POLICY, World, staging_change
 
 SLOW_APPLY = """
@@ -43,6 +45,11 @@ def test_plan_cut_off_by_a_crash_runs_again_and_reports_once(tmp_path: Path):
         store = world.store()
         assert [d for d in store.pending_deliveries()] == []
         store.close()
+        # The server logs JSON lines that name what they concern, and never a secret.
+        log = (tmp_path / "bot.log").read_text()
+        entries = [json.loads(line) for line in log.splitlines() if line.strip()]
+        assert any(e.get("job") and e.get("repo") == REPO and e.get("pr") == number for e in entries)
+        assert WEBHOOK_SECRET not in log
     finally:
         world.stop()
 

@@ -54,7 +54,7 @@ class World:
         else:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "bot.cli", "serve", "--config", str(self.config_path),
-                 "--log-level", "warning"],
+                 "--log-level", "info"],
                 stdout=subprocess.DEVNULL, stderr=open(self.root / "bot.log", "ab"),
             )
             port = int(self.config_path.read_text().split("port: ")[1].split()[0])
