@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
@@ -27,7 +29,7 @@ from bot.git import RepoCache
 from bot.metrics import Metrics
 from bot.github_client import GitHubApp, github_login_of
 from bot.github_webhook import InvalidSignature, MalformedPayload, load_body
-from bot.gitlab_client import GitLabClient, gitlab_login_of, lookup_gitlab_repo
+from bot.gitlab_client import GitLabClient, check_gitlab_token, gitlab_login_of, lookup_gitlab_repo
 from bot.slack import MESSAGE_KINDS, SlackNotifier, render_run_message
 from bot.models import CommentEvent, Event, Repo
 from bot.store import Delivery, Job, Run, Store, repo_key
@@ -47,6 +49,7 @@ class Forge:
     client_for: Callable[[Repo], VCSClient]
     lookup_repo: Callable[[str], Repo]  # a repository by full name, for runs no webhook announced
     login_of: Callable[[str], str]  # whose own token this is: approvers prove who they are with it
+    check: Callable[[], None]  # raises ForgeError unless the forge accepts our credentials
     bot_login: str
 
 
@@ -66,13 +69,14 @@ def configured_forges(config: Config) -> dict[str, Forge]:
         api_url = config.github.api_url
         forges[github_webhook.FORGE] = Forge(app.client, app.lookup_repo,
                                              lambda token: github_login_of(api_url, token),
-                                             config.github.bot_login)
+                                             app.check, config.github.bot_login)
     if config.gitlab.enabled:
         url, token = config.gitlab.url, config.gitlab.token.reveal()
         forges[gitlab_webhook.FORGE] = Forge(
             lambda repo: GitLabClient(url, token, repo),
             lambda full_name: lookup_gitlab_repo(url, token, full_name),
             lambda user_token: gitlab_login_of(url, user_token),
+            lambda: check_gitlab_token(url, token),
             config.gitlab.bot_username)
     return forges
 
@@ -314,7 +318,30 @@ def _count(bot: Deploybot, forge: str, event: str, outcome: str) -> None:
 
 
 async def healthz(request: Request) -> Response:
+    """The process is up."""
     return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready to work: the store answers, terraform is there, every forge takes our credentials."""
+    bot: Deploybot = request.app.state.bot
+    checks: dict[str, str] = {}
+    try:
+        bot.store.ping()
+        checks["store"] = "ok"
+    except sqlite3.Error as exc:
+        checks["store"] = f"failed: {type(exc).__name__}"
+    binary = bot.terraform.binary
+    checks["terraform"] = "ok" if os.access(binary, os.X_OK) else f"failed: {binary} is not executable"
+    for name, forge in bot.forges.items():
+        try:
+            await asyncio.to_thread(forge.check)
+            checks[name] = "ok"
+        except ForgeError as exc:
+            checks[name] = f"failed: {exc}"
+    ready = all(value == "ok" for value in checks.values())
+    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
+                        status_code=200 if ready else 503)
 
 
 async def metrics(request: Request) -> Response:
@@ -347,6 +374,7 @@ def create_app(config: Config, policy: Policy | None = None) -> Starlette:
             Route("/api/v1/audit", trigger_api.audit_log),
             Route("/slack/interactions", trigger_api.slack_interaction, methods=["POST"]),
             Route("/healthz", healthz),
+            Route("/readyz", readyz),
             Route("/metrics", metrics),
         ],
         lifespan=lifespan,

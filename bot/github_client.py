@@ -142,6 +142,10 @@ class GitHubApp:
         return Repo(forge="github", full_name=data["full_name"], clone_url=data["clone_url"],
                     default_branch=data["default_branch"], installation_id=installation_id)
 
+    def check(self) -> None:
+        """Raise ForgeError unless GitHub accepts the App's JWT (a readiness check)."""
+        self._app_get("/app")
+
     def _app_get(self, path: str) -> dict:
         """A GET authenticated as the App itself (JWT)."""
         try:

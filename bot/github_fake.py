@@ -188,6 +188,7 @@ class FakeGitHub(LocalForge):
         self._installations: dict[int, set[str]] = {}
         self._tokens: dict[str, tuple[int, float]] = {}  # token -> (installation id, expiry)
         self._user_tokens: dict[str, str] = {}  # a user's own token -> login
+        self._manifest_codes: dict[str, tuple[dict[str, Any], float]] = {}  # code -> (conversion, expiry)
         self._teams: dict[str, dict[str, tuple[str, str]]] = {}  # "org/slug" -> user -> (role, state)
         self._comments: dict[int, _Comment] = {}
         self._reviews: dict[int, _Review] = {}
@@ -796,6 +797,7 @@ class FakeGitHub(LocalForge):
     def _routes(self) -> list[Route]:
         repo = "/repos/{owner}/{name}"
         return [
+            Route("/app", self._get_app, methods=["GET"]),
             Route("/app/installations/{installation_id:int}/access_tokens", self._create_token, methods=["POST"]),
             Route(f"{repo}/pulls/{{number:int}}", self._get_pull, methods=["GET"]),
             Route(f"{repo}/pulls/{{number:int}}/files", self._list_files, methods=["GET"]),
@@ -818,6 +820,7 @@ class FakeGitHub(LocalForge):
             Route(f"{repo}/contents/{{path:path}}", self._get_contents, methods=["GET"]),
             Route("/orgs/{org}/teams/{slug}/memberships/{user}", self._team_membership, methods=["GET"]),
             Route("/user", self._get_user, methods=["GET"]),
+            Route("/app-manifests/{code}/conversions", self._manifest_conversion, methods=["POST"]),
         ]
 
     def user_token(self, login: str) -> str:
@@ -834,6 +837,53 @@ class FakeGitHub(LocalForge):
         if login is None:
             raise _ApiError(401, "Requires authentication")
         return JSONResponse({"login": login, "id": stable_id(login), "type": "User"})
+
+    def add_manifest_code(self, code: str, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A one-time code of GitHub's App manifest flow, as GitHub hands it to the redirect URL.
+
+        Returns what `POST /app-manifests/{code}/conversions` will answer for it, once: the new
+        App's id, slug, name, owner, client id and secret, webhook secret and private key (`pem`).
+        """
+        manifest = manifest or {}
+        name = str(manifest.get("name") or "deploybot")
+        slug = "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split()) or "app"
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pem = key.private_bytes(  # GitHub hands out PKCS#1 ("BEGIN RSA PRIVATE KEY") keys
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        ).decode()
+        now = _now()
+        with self._lock:
+            app_id = next(self._ids)
+            permissions = {"metadata": "read", **{str(k): str(v) for k, v in
+                                                  (manifest.get("default_permissions") or {}).items()}}
+            conversion = {
+                "id": app_id,
+                "slug": slug,
+                "node_id": _node_id("A", str(app_id)),
+                "owner": self._user_json("octocat"),
+                "name": name,
+                "description": str(manifest.get("description") or ""),
+                "external_url": str(manifest.get("url") or ""),
+                "html_url": f"{self._api_url}/apps/{slug}",
+                "created_at": now,
+                "updated_at": now,
+                "permissions": permissions,
+                "events": [str(e) for e in manifest.get("default_events") or []],
+                "client_id": "Iv1." + secrets.token_hex(8),
+                "client_secret": secrets.token_hex(20),
+                "webhook_secret": secrets.token_hex(20),
+                "pem": pem,
+            }
+            self._manifest_codes[code] = (conversion, time.time() + 3600)  # GitHub's codes last an hour
+        return copy.deepcopy(conversion)
+
+    def _manifest_conversion(self, request: Request) -> Response:
+        """POST /app-manifests/{code}/conversions: no authentication; each code converts once."""
+        with self._lock:
+            entry = self._manifest_codes.pop(request.path_params["code"], None)
+        if entry is None or entry[1] <= time.time():
+            raise _ApiError(404, "Not Found")
+        return JSONResponse(entry[0], status_code=201)
 
     def _check_jwt(self, request: Request) -> None:
         """Accept only an RS256 App JWT signed by this app's key, as GitHub does."""
@@ -1069,6 +1119,12 @@ class FakeGitHub(LocalForge):
                 "checks": [{"context": c, "app_id": None} for c in contexts],
             }
         )
+
+    def _get_app(self, request: Request) -> Response:
+        """GET /app, as the App (JWT)."""
+        self._check_jwt(request)
+        return JSONResponse({"id": self.app_id, "slug": self.app_slug, "name": self.app_slug,
+                             "owner": {"login": "acme"}, "events": ["pull_request", "issue_comment"]})
 
     def _repo_installation(self, request: Request) -> Response:
         """GET /repos/{owner}/{repo}/installation, as the App (JWT)."""

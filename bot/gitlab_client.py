@@ -478,3 +478,8 @@ def gitlab_login_of(url: str, token: str) -> str:
     if response.status_code != 200:
         raise ForgeError(f"GitLab did not accept the token: {response.status_code}", status=response.status_code)
     return str(response.json()["username"])
+
+
+def check_gitlab_token(url: str, token: str) -> None:
+    """Raise ForgeError unless GitLab accepts the bot's token (a readiness check)."""
+    gitlab_login_of(url, token)
