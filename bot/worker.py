@@ -8,6 +8,7 @@ commit statuses are posted.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from bot.apply_gate import apply_blockers
+from bot.aws_credentials import CredentialsError, PhaseCredentials, PhaseRoles, session_name, with_credentials
 from bot.comments import ProjectOutcome, redact, render_run_comment, strip_ansi
 from bot.config import Config
 from bot.git import GitError, RepoCache
@@ -73,6 +75,7 @@ class Worker:
         self.terraform = terraform
         self.metrics = metrics
         self.notify_api_run = notify_api_run  # runs from the trigger API have no PR to comment on
+        self.aws = PhaseCredentials(PhaseRoles(**dataclasses.asdict(config.aws)))
         self._wake = asyncio.Event()
         self._stopping = False
         self._running: dict[int, tuple[Job, asyncio.Task]] = {}
@@ -262,8 +265,23 @@ class Worker:
             return JobOutcome("failed", failed, init.output, terraform_seconds=init.duration_s)
         return project_dir, init
 
+    async def _phase_env(self, job: Job, phase: str) -> dict[str, str]:
+        """The phase's environment: server config plus short-lived credentials of the phase's role.
+
+        Raises CredentialsError; the session name tells CloudTrail who caused what.
+        """
+        run = job.run
+        name = session_name(phase, run.repo.full_name, run.pull_number or f"run{run.id}", run.requested_by)
+        timeout = self.config.terraform.plan_timeout if phase == "plan" else self.config.terraform.apply_timeout
+        credentials = await asyncio.to_thread(self.aws.env_for, phase, name, valid_for=timeout)
+        phase_env = self.config.terraform.plan_env if phase == "plan" else self.config.terraform.apply_env
+        return with_credentials(phase_env, credentials)
+
     async def _plan(self, job: Job, output_log: BinaryIO) -> JobOutcome:
-        env = self.config.terraform.plan_env
+        try:
+            env = await self._phase_env(job, "plan")
+        except CredentialsError as exc:
+            return JobOutcome("failed", f"AWS credentials for plan: {exc}")
         prepared = await self._prepare(job, env, output_log)
         if isinstance(prepared, JobOutcome):
             return prepared
@@ -295,8 +313,12 @@ class Worker:
             return JobOutcome("refused", "apply refused: " + "; ".join(reasons))
         plan = self.store.get_plan(job.project_key, run.pull_number)
         assert plan is not None  # the refusals checked it
+        # Only now, after every refusal check, is the deploy role assumed.
+        try:
+            env = await self._phase_env(job, "apply")
+        except CredentialsError as exc:
+            return JobOutcome("failed", f"AWS credentials for apply: {exc}")
         # Checked out and initialised again: the working dir may have been used for another SHA.
-        env = self.config.terraform.apply_env
         prepared = await self._prepare(job, env, output_log)
         if isinstance(prepared, JobOutcome):
             return prepared
@@ -342,7 +364,7 @@ class Worker:
 
     def clean(self, text: str) -> str:
         """Output as users may see it: no colour codes, no secrets of the bot."""
-        return redact(strip_ansi(text), self.config.secrets())
+        return redact(strip_ansi(text), self.config.secrets() + self.aws.secrets())
 
     # Reporting ------------------------------------------------------------------
 
