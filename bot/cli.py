@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import sys
 
@@ -31,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
                               help="plan or apply through a deploybot server, for CI jobs (see `deploybot run --help`)")
     run.add_argument("run_args", nargs=argparse.REMAINDER)
 
+    from bot.github_app_setup import add_create_parser
+
+    add_create_parser(commands)
+
     audit = commands.add_parser("audit", help="print the server's audit log (admin token in $DEPLOYBOT_ADMIN_TOKEN)")
     audit.add_argument("--server", default=os.environ.get("DEPLOYBOT_SERVER"),
                        help="the deploybot URL (default: $DEPLOYBOT_SERVER)")
@@ -46,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
             from bot.run_cli import main as run_main
 
             return run_main(args.run_args)
+        if args.command == "github-app":
+            from bot.github_app_setup import run_create
+
+            return run_create(args)
         from bot.sandbox import run_sandbox
 
         return run_sandbox(args.dir, keep=args.keep, forge_name=args.forge)
@@ -79,6 +88,21 @@ def _audit(server: str | None, limit: int) -> int:
     return 0
 
 
+PR_SET_DUMPABLE = 4
+
+
+def harden_process() -> None:
+    """Terraform runs code from pull requests as our user: keep it out of our memory and environment.
+
+    A non-dumpable process's /proc files (environ, mem) belong to root and it cannot
+    be ptraced by processes of the same user. Linux only; elsewhere a no-op.
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _serve(config_path: str | None, log_level: str) -> int:
     import uvicorn
 
@@ -86,6 +110,7 @@ def _serve(config_path: str | None, log_level: str) -> int:
     from bot.logs import configure_logging
 
     config = load_config(config_path)
+    harden_process()
     configure_logging(log_level, config.secrets())
     app = create_app(config)
     # log_config=None: uvicorn's records go through the same JSON lines as ours.
