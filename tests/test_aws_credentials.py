@@ -80,7 +80,11 @@ def moto() -> Any:
         iam = m.client("iam")
         arns = []
         for name in ("deploybot-plan", "deploybot-apply"):
-            arns.append(iam.create_role(RoleName=name, AssumeRolePolicyDocument=TRUST_POLICY)["Role"]["Arn"])
+            try:
+                arns.append(iam.create_role(RoleName=name, AssumeRolePolicyDocument=TRUST_POLICY)["Role"]["Arn"])
+            except iam.exceptions.EntityAlreadyExistsException:
+                # moto keeps one in-memory account per process: another module made them already.
+                arns.append(iam.get_role(RoleName=name)["Role"]["Arn"])
         m.plan_role_arn, m.apply_role_arn = arns
         yield m
     finally:
