@@ -26,7 +26,7 @@ from bot.metrics import Metrics
 from bot.models import PullRequest, Repo
 from bot.statuses import plan_context, report_aggregate_statuses
 from bot.store import Job, Run, SavedPlan, Store, repo_key
-from bot.terraform import PhaseResult, Terraform, TerraformError, sha256_file, summarize_plan
+from bot.terraform import PhaseResult, PlanSummary, Terraform, TerraformError, sha256_file, summarize_plan
 from bot.vcs import ForgeError, VCSClient
 from policies.policy import Policy
 
@@ -291,12 +291,16 @@ class Worker:
         seconds = init.duration_s + plan.duration_s
         if failed := _phase_failure("plan", plan, ok_codes=(0, 2)):
             return JobOutcome("failed", failed, plan.output, terraform_seconds=seconds)
-        started = time.monotonic()
-        try:
-            summary = summarize_plan(await self.terraform.show_json(project_dir, planfile, env))
-        except TerraformError as exc:
-            return JobOutcome("failed", f"terraform show failed: {exc}", plan.output, terraform_seconds=seconds)
-        seconds += time.monotonic() - started
+        if plan.exit_code == 0:
+            summary = PlanSummary()  # -detailed-exitcode 0: terraform itself says nothing changes
+        else:
+            # Counted from the plan file, never from output text a PR could forge.
+            started = time.monotonic()
+            try:
+                summary = summarize_plan(await self.terraform.show_json(project_dir, planfile, env))
+            except TerraformError as exc:
+                return JobOutcome("failed", f"terraform show failed: {exc}", plan.output, terraform_seconds=seconds)
+            seconds += time.monotonic() - started
         self.store.save_plan(SavedPlan(job.project_key, job.run.pull_number, job.run.head_sha,
                                        str(planfile), sha256_file(planfile), summary.has_changes))
         return JobOutcome("succeeded", summary.text, plan.output, summary.has_changes, seconds)

@@ -377,3 +377,19 @@ def test_readiness_checks_store_terraform_and_forge_credentials(make_world: Make
     broken = httpx.get(f"{world.url}/readyz", timeout=60)
     assert broken.status_code == 503
     assert broken.json()["checks"][world.forge.name].startswith("failed")
+
+
+def test_a_change_with_nothing_to_plan_says_no_changes(make_world: MakeWorld):
+    world = make_world()
+    main_tf = (world.repo.work / "staging/main.tf").read_text()
+    number = world.open_pr("comment-only", {"staging/main.tf": main_tf + "\n# a comment changes nothing\n"})
+    comment = world.wait_comment(number, "**deploybot plan**")
+    # The main branch was never applied, so the plan still creates; apply it first.
+    assert "`staging`: +2 ~0 -0" in comment
+    world.forge.approve(number, "dave")
+    world.comment(number, "bob", "deploybot apply")
+    world.wait_comment(number, "`staging`: applied")
+    world.push(number, "comment-only", {"staging/main.tf": main_tf + "\n# another comment\n"})
+    replan = world.wait_comment(number, "`staging`: no changes")
+    assert "**deploybot plan**" in replan
+    assert world.wait_status(number, "deploybot/apply", "success") == "no changes to apply"
