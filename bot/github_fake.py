@@ -60,7 +60,7 @@ TOKEN_PERMISSIONS = {
     "issues": "write",
     "members": "read",
     "metadata": "read",
-    "pull_requests": "write",
+    "pull_requests": "read",
     "statuses": "write",
 }
 PAYLOAD_TEMPLATE_REPO = "Codertocat/Hello-World"
