@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import time
 from typing import Callable
 
 from bot import github_webhook, gitlab_webhook
@@ -22,6 +24,16 @@ PARSERS: dict[str, Callable[[str, dict], Event | None]] = {
     github_webhook.FORGE: github_webhook.parse_event,
     gitlab_webhook.FORGE: gitlab_webhook.parse_event,
 }
+
+
+MAX_ATTEMPTS = 8  # with the backoff below: retried for about an hour of forge outage
+RETRY_BASE_SECONDS = 15.0
+RETRY_CAP_SECONDS = 900.0
+
+
+def _transient(exc: ForgeError) -> bool:
+    """Unreachable, rate limited or a server error: worth trying the delivery again later."""
+    return exc.status is None or exc.status == 429 or exc.status >= 500
 
 
 def parse_delivery(delivery: Delivery) -> Event | None:
@@ -64,7 +76,7 @@ class Dispatcher:
     async def _loop(self) -> None:
         while not self._stopping:
             self._wake.clear()
-            for delivery in self.store.pending_deliveries():
+            for delivery in self.store.pending_deliveries(due_by=time.time()):
                 if self._stopping:
                     return
                 await self._handle(delivery)
@@ -90,6 +102,12 @@ class Dispatcher:
         except ForgeError as exc:
             self.metrics.forge_errors.labels(delivery.forge).inc()
             error = f"forge API error: {exc}"
+            if _transient(exc) and delivery.attempts < MAX_ATTEMPTS:
+                delay = min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2 ** delivery.attempts)
+                delay *= random.uniform(0.5, 1.0)  # jitter: deliveries of one outage spread out
+                log.warning("delivery %s: %s; trying again in %.0fs", delivery.id, error, delay)
+                self.store.retry_delivery(delivery.id, error, delay)
+                return
         except Exception as exc:  # one bad delivery must not stop the others
             log.exception("delivery %s (%s) failed", delivery.id, delivery.event)
             error = f"{type(exc).__name__}: {exc}"

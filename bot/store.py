@@ -24,7 +24,9 @@ CREATE TABLE IF NOT EXISTS deliveries (
     body BLOB NOT NULL,
     status TEXT NOT NULL,         -- received | done | failed
     error TEXT NOT NULL DEFAULT '',
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,       -- handlings that failed on a forge outage
+    next_attempt_at REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -121,6 +123,7 @@ class Delivery:
     forge: str
     event: str
     body: bytes
+    attempts: int = 0
 
 
 @dataclass(frozen=True)
@@ -216,14 +219,23 @@ class Store:
             )
             return cursor.rowcount == 1
 
-    def pending_deliveries(self) -> list[Delivery]:
-        """Deliveries persisted but not yet handled, oldest first."""
+    def pending_deliveries(self, due_by: float | None = None) -> list[Delivery]:
+        """Deliveries persisted but not yet handled, oldest first; with `due_by`, only those due."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, forge, event, body FROM deliveries WHERE status = 'received'"
-                " ORDER BY received_at"
+                "SELECT id, forge, event, body, attempts FROM deliveries WHERE status = 'received'"
+                " AND next_attempt_at <= ? ORDER BY received_at",
+                (float("inf") if due_by is None else due_by,),
             ).fetchall()
-        return [Delivery(r["id"], r["forge"], r["event"], bytes(r["body"])) for r in rows]
+        return [Delivery(r["id"], r["forge"], r["event"], bytes(r["body"]), r["attempts"]) for r in rows]
+
+    def retry_delivery(self, delivery_id: str, error: str, delay: float) -> None:
+        """Handle the delivery again after `delay` seconds (the forge was unavailable)."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?, error = ? WHERE id = ?",
+                (time.time() + delay, error, delivery_id),
+            )
 
     def finish_delivery(self, delivery_id: str, error: str = "") -> None:
         with self._lock:

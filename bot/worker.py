@@ -400,6 +400,8 @@ class Worker:
             await asyncio.to_thread(report_aggregate_statuses, client, self.store, run)
         except ForgeError as exc:
             self.metrics.forge_errors.labels(run.repo.forge).inc()
+            self.store.audit("deploybot", f"report-{run.command}", "failed", run.repo.full_name,
+                             sha=run.head_sha, detail=f"run {run.id} on #{run.pull_number}: {exc}")
             log.error("could not report run %s on %s#%s: %s", run.id, run.repo.full_name,
                       run.pull_number, exc)
 
