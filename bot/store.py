@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS runs (
     command TEXT NOT NULL,        -- plan | apply
     trigger TEXT NOT NULL,        -- comment | autoplan | approval | merge
     requested_by TEXT NOT NULL,
-    reported INTEGER NOT NULL DEFAULT 0,
+    reported INTEGER NOT NULL DEFAULT 0,  -- 0 not yet, 1 being reported, 2 reported
     created_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS jobs (
@@ -356,6 +356,21 @@ class Store:
                 "UPDATE runs SET reported = 1 WHERE id = ? AND reported = 0", (run_id,)
             )
             return cursor.rowcount == 1
+
+    def finish_run_report(self, run_id: int) -> None:
+        """The run's comment (or notice) was posted."""
+        with self._lock:
+            self._db.execute("UPDATE runs SET reported = 2 WHERE id = ?", (run_id,))
+
+    def unreported_runs(self) -> list[Run]:
+        """Runs whose report a crash may have cut off; their claims are released."""
+        with self._tx() as db:
+            db.execute("UPDATE runs SET reported = 0 WHERE reported = 1")
+            ids = [r[0] for r in db.execute(
+                "SELECT id FROM runs WHERE reported = 0 AND NOT EXISTS (SELECT 1 FROM jobs WHERE"
+                " jobs.run_id = runs.id AND jobs.status NOT IN ('succeeded', 'failed', 'cancelled',"
+                " 'interrupted'))").fetchall()]
+        return [self.run_jobs(run_id)[0].run for run_id in ids if self.run_jobs(run_id)]
 
     def unfinished_jobs(self, repo: Repo, pull_number: int) -> list[Job]:
         return self._jobs(

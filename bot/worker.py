@@ -143,6 +143,10 @@ class Worker:
                 await self._report_if_done(job.run)
             else:
                 self.store.requeue_job(job.id)
+        # A crash between a run's last job and its comment: report it now. A crash after the
+        # comment was posted but before that was recorded posts it twice, which beats never.
+        for run in self.store.unreported_runs():
+            await self._report_if_done(run)
 
     async def _loop(self) -> None:
         while not self._stopping:
@@ -378,6 +382,7 @@ class Worker:
         jobs = self.store.run_jobs(run.id)
         if not run.pull_number:
             await asyncio.to_thread(self.notify_api_run, run, jobs)
+            self.store.finish_run_report(run.id)
             return
         outcomes = [
             ProjectOutcome(
@@ -398,6 +403,7 @@ class Worker:
             for body in render_run_comment(run.command, run.head_sha, outcomes, footer, client.comment_limit):
                 await asyncio.to_thread(client.create_comment, run.pull_number, body)
             await asyncio.to_thread(report_aggregate_statuses, client, self.store, run)
+            self.store.finish_run_report(run.id)
         except ForgeError as exc:
             self.metrics.forge_errors.labels(run.repo.forge).inc()
             self.store.audit("deploybot", f"report-{run.command}", "failed", run.repo.full_name,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import random
 import signal
 import time
 from pathlib import Path
@@ -130,5 +132,35 @@ def test_sigterm_puts_running_plans_back_in_the_queue(tmp_path: Path):
         world.start_bot()
         comment = world.wait_comment(number, "**deploybot plan**")
         assert "`staging`: +2 ~0 -0" in comment and "`production`: +2 ~0 -0" in comment
+    finally:
+        world.stop()
+
+
+def test_sigkills_at_random_points_lose_no_delivery_and_run_nothing_twice(tmp_path: Path):
+    rng = random.Random(int(os.environ.get("DEPLOYBOT_CHAOS_SEED", "20261122")))
+    world = World(tmp_path, in_process=False)
+    try:
+        number = world.open_pr("chaos", staging_change(world))
+        kills = 4
+        for _ in range(kills):
+            time.sleep(rng.uniform(0.0, 1.5))  # somewhere in intake, dispatch, plan or report
+            world.kill_bot()
+            world.start_bot()
+            world.comment(number, "alice", "deploybot plan -p staging")
+        accepted = [d for d in world.forge.fake.deliveries if d.status == 202]
+        assert len(accepted) == kills + 1
+        wait_for(lambda: len([c for c in world.bot_comments(number) if "**deploybot plan**" in c]) >= kills + 1,
+                 180, "a plan comment for every accepted delivery")
+        world.wait_idle()
+        store = world.store()
+        try:
+            assert all(store.delivery_status(d.delivery_id) == "done" for d in accepted)
+            runs = {job.run.id for status in ("succeeded", "failed") for job in store.jobs_with_status(status)}
+        finally:
+            store.close()
+        assert len(runs) == kills + 1  # one run per delivery: none lost, none doubled
+        plan_comments = [c for c in world.bot_comments(number) if "**deploybot plan**" in c]
+        # A kill between posting a comment and recording it posts it again: at least once, rarely twice.
+        assert kills + 1 <= len(plan_comments) <= 2 * (kills + 1)
     finally:
         world.stop()
