@@ -6,7 +6,7 @@ import logging
 from typing import Sequence
 
 from bot.apply_gate import apply_blockers, may
-from bot.git import local_module_dirs
+from bot.git import GitError, local_module_dirs
 from bot.models import Project, PullRequest, Repo
 from bot.statuses import APPLY_CONTEXT, PLAN_CONTEXT, plan_context
 from bot.store import project_key
@@ -60,7 +60,13 @@ def _module_dirs(ctx: HandlerContext, sha: str, project_dir: str) -> set[str]:
     for _ in range(MODULE_DEPTH):
         next_frontier: set[str] = set()
         for directory in frontier:
-            next_frontier |= local_module_dirs(directory, ctx.read_tree(sha, directory))
+            try:
+                files = ctx.read_tree(sha, directory)
+            except GitError as exc:
+                # The plan job fetches again and says on the PR what failed; autoplan goes on.
+                log.warning("could not read %s at %s: %s", directory, sha[:8], exc)
+                return found
+            next_frontier |= local_module_dirs(directory, files)
         frontier = next_frontier - found - {project_dir}
         found |= frontier
         if not frontier:
