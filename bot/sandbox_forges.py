@@ -58,7 +58,35 @@ class SandboxForge(Protocol):
     def user_token(self, user: str) -> str: ...
 
 
-class SandboxGitHub:
+class _LocalForge:
+    """What both sandbox forges do the same way: their fake has the same records and comments."""
+
+    fake: FakeGitHub | FakeGitLab
+
+    def stop(self) -> None:
+        self.fake.stop()
+
+    def comment(self, number: int, user: str, body: str) -> int:
+        return self.fake.comment(REPO, number, user, body)
+
+    def edit_comment(self, number: int, comment_id: int, body: str, user: str) -> None:
+        self.fake.edit_comment(REPO, comment_id, body, user=user)
+
+    def comments(self, number: int) -> list[dict]:
+        return self.fake.comments(REPO, number)
+
+    def delivery_ids(self) -> list[str]:
+        return [d.delivery_id for d in self.fake.deliveries]
+
+    def redeliver(self, delivery_id: str) -> int:
+        return self.fake.redeliver(delivery_id)
+
+    def user_token(self, user: str) -> str:
+        """A token of the user's own, as an approver would use to call the bot's API."""
+        return self.fake.user_token(user)
+
+
+class SandboxGitHub(_LocalForge):
     """GitHub: an App installed on the repository; reviews in the UI."""
 
     name = "github"
@@ -76,9 +104,6 @@ class SandboxGitHub:
         for user in TEAM_MEMBERS:
             self.fake.add_team_member(TEAM, user)
 
-    def stop(self) -> None:
-        self.fake.stop()
-
     def config_section(self, root: Path) -> dict:
         key = root / "app-private-key.pem"
         key.write_text(self.fake.private_key_pem)
@@ -94,12 +119,6 @@ class SandboxGitHub:
 
     def synchronize(self, number: int) -> None:
         self.fake.synchronize(REPO, number)
-
-    def comment(self, number: int, user: str, body: str) -> int:
-        return self.fake.comment(REPO, number, user, body)
-
-    def edit_comment(self, number: int, comment_id: int, body: str, user: str) -> None:
-        self.fake.edit_comment(REPO, comment_id, body, user=user)
 
     def approve(self, number: int, user: str) -> int:
         return self.fake.review(REPO, number, user, "APPROVED")
@@ -119,27 +138,14 @@ class SandboxGitHub:
     def require_ci(self, contexts: list[str]) -> None:
         self.fake.set_required_contexts(REPO, "main", contexts)
 
-    def comments(self, number: int) -> list[dict]:
-        return self.fake.comments(REPO, number)
-
     def statuses(self, number: int) -> dict[str, tuple[str, str]]:
         return self.fake.statuses(REPO, self.head(number))
 
     def head(self, number: int) -> str:
         return self.fake.pull(REPO, number)["head"]["sha"]
 
-    def delivery_ids(self) -> list[str]:
-        return [d.delivery_id for d in self.fake.deliveries]
 
-    def redeliver(self, delivery_id: str) -> int:
-        return self.fake.redeliver(delivery_id)
-
-    def user_token(self, user: str) -> str:
-        """A token of the user's own, as an approver would use to call the bot's API."""
-        return self.fake.user_token(user)
-
-
-class SandboxGitLab:
+class SandboxGitLab(_LocalForge):
     """GitLab: a bot user's token; approvals on the merge request; groups as teams."""
 
     name = "gitlab"
@@ -160,9 +166,6 @@ class SandboxGitLab:
         for user in TEAM_MEMBERS:
             self.fake.add_group_member(TEAM, user, level=40)
 
-    def stop(self) -> None:
-        self.fake.stop()
-
     def config_section(self, root: Path) -> dict:
         token = root / "gitlab-token"
         token.write_text(self.fake.token)
@@ -178,12 +181,6 @@ class SandboxGitLab:
 
     def synchronize(self, number: int) -> None:
         self.fake.push(REPO, number)
-
-    def comment(self, number: int, user: str, body: str) -> int:
-        return self.fake.comment(REPO, number, user, body)
-
-    def edit_comment(self, number: int, comment_id: int, body: str, user: str) -> None:
-        self.fake.edit_comment(REPO, comment_id, body, user=user)
 
     def approve(self, number: int, user: str) -> int:
         if (number, user) in self._approved:
@@ -209,25 +206,12 @@ class SandboxGitLab:
     def require_ci(self, contexts: list[str]) -> None:
         self.fake.set_project_settings(REPO, pipeline_must_succeed=True)
 
-    def comments(self, number: int) -> list[dict]:
-        return self.fake.comments(REPO, number)
-
     def statuses(self, number: int) -> dict[str, tuple[str, str]]:
         return {name: (self.STATES.get(state, state), description)
                 for name, (state, description) in self.fake.statuses(REPO, self.head(number)).items()}
 
     def head(self, number: int) -> str:
         return self.fake.mr(REPO, number)["sha"]
-
-    def delivery_ids(self) -> list[str]:
-        return [d.delivery_id for d in self.fake.deliveries]
-
-    def redeliver(self, delivery_id: str) -> int:
-        return self.fake.redeliver(delivery_id)
-
-    def user_token(self, user: str) -> str:
-        """A token of the user's own, as an approver would use to call the bot's API."""
-        return self.fake.user_token(user)
 
 
 FORGES: dict[str, type] = {"github": SandboxGitHub, "gitlab": SandboxGitLab}

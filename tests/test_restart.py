@@ -29,12 +29,30 @@ def running_job(world: World, command: str):
         store.close()
 
 
+def start_planning_both_projects(world: World) -> int:
+    """Open a PR that changes the shared module; return once the first plan is running."""
+    module = (world.repo.work / "modules/app/main.tf").read_text()
+    number = world.open_pr("module", {"modules/app/main.tf": module + "\n# touched\n"})
+    wait_for(lambda: running_job(world, "plan"), 60, "a plan to start")
+    return number
+
+
+def start_a_slow_apply(world: World) -> int:
+    """Plan, approve and apply a change whose apply takes seconds; return once it runs."""
+    files = staging_change(world)
+    files["staging/slow.tf"] = SLOW_APPLY
+    number = world.open_pr("slow", files)
+    world.wait_comment(number, "**deploybot plan**")
+    world.forge.approve(number, "dave")
+    world.comment(number, "bob", "deploybot apply")
+    wait_for(lambda: running_job(world, "apply"), 60, "the apply to start")
+    return number
+
+
 def test_plan_cut_off_by_a_crash_runs_again_and_reports_once(tmp_path: Path):
     world = World(tmp_path, in_process=False, parallelism=1)
     try:
-        module = (world.repo.work / "modules/app/main.tf").read_text()
-        number = world.open_pr("module", {"modules/app/main.tf": module + "\n# touched\n"})
-        wait_for(lambda: running_job(world, "plan"), 60, "a plan to start")
+        number = start_planning_both_projects(world)
         world.kill_bot()
         assert not world.bot_comments(number)
 
@@ -60,13 +78,7 @@ def test_apply_cut_off_by_a_crash_is_reported_not_rerun(tmp_path: Path):
     policy = copy.deepcopy(TEST_POLICY)
     world = World(tmp_path, policy, in_process=False)
     try:
-        files = staging_change(world)
-        files["staging/slow.tf"] = SLOW_APPLY
-        number = world.open_pr("slow", files)
-        world.wait_comment(number, "**deploybot plan**")
-        world.forge.approve(number, "dave")
-        world.comment(number, "bob", "deploybot apply")
-        wait_for(lambda: running_job(world, "apply"), 60, "the apply to start")
+        number = start_a_slow_apply(world)
         time.sleep(1.5)  # terraform is applying now
         world.kill_bot()
 
@@ -101,13 +113,7 @@ def terminate(world: World) -> None:
 def test_sigterm_lets_a_running_apply_finish(tmp_path: Path):
     world = World(tmp_path, in_process=False, extra_config={"server": {"shutdown_grace": 60}})
     try:
-        files = staging_change(world)
-        files["staging/slow.tf"] = SLOW_APPLY
-        number = world.open_pr("slow", files)
-        world.wait_comment(number, "**deploybot plan**")
-        world.forge.approve(number, "dave")
-        world.comment(number, "bob", "deploybot apply")
-        wait_for(lambda: running_job(world, "apply"), 60, "the apply to start")
+        number = start_a_slow_apply(world)
         time.sleep(1)
         terminate(world)
         assert "`staging`: applied" in world.wait_comment(number, "**deploybot apply**", timeout=5)
@@ -119,9 +125,7 @@ def test_sigterm_lets_a_running_apply_finish(tmp_path: Path):
 def test_sigterm_puts_running_plans_back_in_the_queue(tmp_path: Path):
     world = World(tmp_path, in_process=False, parallelism=1)
     try:
-        module = (world.repo.work / "modules/app/main.tf").read_text()
-        number = world.open_pr("module", {"modules/app/main.tf": module + "\n# touched\n"})
-        wait_for(lambda: running_job(world, "plan"), 60, "a plan to start")
+        number = start_planning_both_projects(world)
         terminate(world)
         store = world.store()
         try:
