@@ -61,8 +61,12 @@ def _details(label: str, output: str) -> str:
     return f"<details><summary>Output of <code>{label}</code></summary>\n\n{_FENCE}\n{body}\n{_FENCE}\n</details>"
 
 
+PART_MARKS = len("\n\n_(continued)_") + len("\n\n_part 9999 of 9999_")
+
+
 def _pack(head: str, sections: list[str], tail: str, limit: int) -> list[str]:
     """Fill comments up to the limit; split a section that is too big on its own."""
+    limit -= PART_MARKS  # room for the marks added to split comments
     comments: list[str] = []
     current = head
     for section in sections:

@@ -23,6 +23,7 @@ from bot.config import Config
 from bot.git import GitError, RepoCache
 from bot.logs import log_context
 from bot.metrics import Metrics
+from bot.repo_guard import cap_output, checkout_problems
 from bot.models import PullRequest, Repo
 from bot.statuses import plan_context, report_aggregate_statuses
 from bot.store import Job, Run, SavedPlan, Store, repo_key
@@ -204,7 +205,7 @@ class Worker:
         result = outcome.as_result()
         self.metrics.job_seconds.labels(job.run.command, result["outcome"] if status == "failed" else status
                                         ).observe(time.monotonic() - started)
-        result["output"] = self.clean(result["output"])
+        result["output"] = self.clean(cap_output(result["output"]))
         result["summary"] = self.clean(result["summary"])
         self.store.finish_job(job.id, status, result)
         run = job.run
@@ -251,9 +252,11 @@ class Worker:
         project_dir = (checkout / job.project.dir).resolve()
         # A symlinked project dir in the PR must not lead the bot outside the clone.
         if project_dir != root and root not in project_dir.parents:
-            raise ProjectDirError(f"`{job.project.dir}` points outside the repository")
+            raise ProjectDirError(f"checkout refused: `{job.project.dir}` points outside the repository")
         if not project_dir.is_dir():
-            raise ProjectDirError(f"`{job.project.dir}` does not exist at {run.head_sha[:8]}")
+            raise ProjectDirError(f"checkout refused: `{job.project.dir}` does not exist at {run.head_sha[:8]}")
+        if problems := checkout_problems(root, project_dir):
+            raise ProjectDirError("checkout refused: " + "; ".join(problems))
         return project_dir
 
     async def _prepare(
@@ -262,7 +265,9 @@ class Worker:
         """Check out the job's SHA and `terraform init` its project, or say why not."""
         try:
             project_dir = await self._checkout(job)
-        except (GitError, ProjectDirError, ForgeError) as exc:
+        except ProjectDirError as exc:
+            return JobOutcome("failed", str(exc))
+        except (GitError, ForgeError) as exc:
             return JobOutcome("failed", f"checkout failed: {exc}")
         init = await self.terraform.init(project_dir, env, output_log)
         if failed := _phase_failure("init", init):

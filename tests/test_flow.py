@@ -346,7 +346,7 @@ def test_project_dir_symlinked_out_of_the_repo_is_refused(make_world: MakeWorld)
     number = world.forge.open("escape", author="alice")
     world.comment(number, "alice", "deploybot plan -p staging")
     comment = world.wait_comment(number, "**deploybot plan**")
-    assert "❌ `staging`: checkout failed" in comment
+    assert "❌ `staging`: checkout refused" in comment
     assert "points outside the repository" in comment
 
 
