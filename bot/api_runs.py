@@ -24,6 +24,15 @@ from policies.policy import Policy, select_projects
 
 RUN_FIELDS = ("repo", "forge", "ref", "sha", "project", "dir", "workspace", "command")
 _SHA = re.compile(r"[0-9a-f]{40}")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._/-]{0,254}")
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: valid JSON, not valid text
+        return False
+    return True
 
 
 class ApiError(Exception):
@@ -52,21 +61,29 @@ def parse_run_request(body: bytes) -> RunRequest:
     """Validate a `POST /api/v1/runs` body; raise ApiError(400) for anything else."""
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise ApiError(400, "the body is not JSON") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
     unknown = sorted(set(data) - set(RUN_FIELDS))
     if unknown:
-        raise ApiError(400, f"unknown field(s): {', '.join(unknown)[:200]}; accepted: {', '.join(RUN_FIELDS)}")
+        shown = ", ".join(name.encode("utf-8", "replace").decode() for name in unknown)[:200]
+        raise ApiError(400, f"unknown field(s): {shown}; accepted: {', '.join(RUN_FIELDS)}")
     for name, value in data.items():
-        if value is not None and not isinstance(value, str):
-            raise ApiError(400, f"{name} must be a string")
-    request = RunRequest(**{k: v for k, v in data.items() if v not in (None, "")})
-    if not getattr(request, "repo", None):
+        if value is not None and (not isinstance(value, str) or not value.isprintable()
+                                  or not _encodable(value)):
+            raise ApiError(400, f"{name} must be a printable string")
+    fields = {k: v for k, v in data.items() if v not in (None, "")}
+    if not fields.get("repo"):
         raise ApiError(400, "repo is required")
-    if request.command not in ("plan", "apply"):
+    if fields.get("command") not in ("plan", "apply"):
         raise ApiError(400, "command must be plan or apply")
+    if fields.get("forge", "github") not in ("github", "gitlab"):
+        raise ApiError(400, "forge must be github or gitlab")
+    for name in ("ref", "dir", "workspace", "project"):
+        if name in fields and (not _SAFE_NAME.fullmatch(fields[name]) or ".." in fields[name]):
+            raise ApiError(400, f"{name} may hold only letters, digits and ._/- (and no ..)")
+    request = RunRequest(**fields)
     if not (request.ref or request.sha):
         raise ApiError(400, "give ref or sha")
     if request.sha and not _SHA.fullmatch(request.sha):
@@ -92,6 +109,7 @@ class ApiRuns:
     lookup_repo: Callable[[str, str], Repo]  # (forge, full name) -> Repo, from the forge API
     client_for: Callable[[Repo], VCSClient]
     default_forge: str
+    forges: frozenset[str]  # the forges this server serves
     wake_workers: Callable[[], None]
     cancel_run: Callable[[int], None]  # report a run whose waiting job was rejected
 
@@ -125,6 +143,8 @@ class ApiRuns:
         if reason := authorize_trigger(caller, request.repo, project, request.command, ref):
             raise ApiError(403, reason)
         forge = request.forge or self.default_forge
+        if forge not in self.forges:
+            raise ApiError(400, f"{forge} is not configured on this server")
         try:
             repo = self.lookup_repo(forge, request.repo)
             client = self.client_for(repo)

@@ -113,6 +113,7 @@ class Deploybot:
             lookup_repo=lambda forge, name: self.forge(forge).lookup_repo(name),
             client_for=self.client_for,
             default_forge=next(iter(self.forges), github_webhook.FORGE),
+            forges=frozenset(self.forges),
             wake_workers=lambda: self._call_in_loop(self.worker.wake),
             cancel_run=lambda run_id: self._call_in_loop(self.worker.report_run, run_id),
         )

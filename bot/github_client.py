@@ -7,27 +7,48 @@ whatever `api_url` says: api.github.com, a GitHub Enterprise Server
 (`https://HOST/api/v3`) or the local fake in `bot.github_fake`.
 
 Tokens and the private key never appear in a repr, a log line or an exception.
+
+Retries. Every call goes through a `RetryPolicy` (constructor kwarg `retry`; the module's
+`DEFAULT_RETRY` otherwise): exponential backoff with full jitter (0.5 s base, 30 s cap) inside a
+60 s budget per call, and the forge's own word on when to come back wins over the backoff:
+`Retry-After` (seconds or an HTTP date), or GitHub's `x-ratelimit-reset` when
+`x-ratelimit-remaining` is 0, or a minute for a secondary rate limit that names no time (what
+GitHub's documentation asks for). A wait the budget cannot hold ends the call at once.
+
+What is retried: 500, 502, 503, 504; 429; a 403 that is a rate limit (primary or secondary);
+connection failures and timeouts. Reads are repeated as they are, and so are status writes (a
+repeated status only says the same again). Creating a comment is not idempotent: `post_once`
+lists identical recent comments before posting, and after an answer that leaves open whether
+GitHub made it (a 5xx, a timeout, a dropped connection) looks again and takes a new identical
+one for ours instead of posting twice; after a rate limit or a refused connection, which GitHub
+never carries out, it simply posts again. A call that runs out of budget raises `ForgeError`
+with the last status. PyGithub's own retries are off, so no wait happens twice.
 """
 
 from __future__ import annotations
 
 import base64
+import re
+import email.utils
+import logging
+import math
+import random
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import TypeVar
 
 import github
 import httpx
 import jwt
 import requests
+import urllib3
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from github import Auth, GithubException, UnknownObjectException
-from github.GithubRetry import GithubRetry
 
 from bot.models import Mergeability, PullRequest, Repo, Review
 from bot.vcs import ForgeError, Permission, StatusState
@@ -42,6 +63,226 @@ STATUS_DESCRIPTION_LIMIT = 140  # GitHub answers 422 to longer commit status des
 PERMISSIONS: tuple[Permission, ...] = ("none", "read", "triage", "write", "maintain", "admin")
 MERGEABLE_STATES = frozenset({"clean", "unstable", "has_hooks"})
 PASSING_CHECK_CONCLUSIONS = frozenset({"success", "neutral", "skipped"})  # what branch protection accepts
+
+log = logging.getLogger("deploybot.forge")
+T = TypeVar("T")
+
+TRANSIENT_STATUSES = frozenset({500, 502, 503, 504})
+SECONDARY_RATE_LIMIT_WAIT = 60.0  # GitHub: "wait at least one minute" when a secondary limit names no time
+RATE_LIMIT_RESET_MARGIN = 1.0  # reset times are whole seconds on the forge's clock
+COMMENT_LOOKBACK = 300.0  # seconds: how far back identical comments are listed before and after posting
+
+
+# -- retries (shared with bot.gitlab_client) ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Transient:
+    """A failed attempt worth repeating, as a forge client's classifier sees it."""
+
+    reason: str  # for the log: "502", "429", "ReadTimeout" (never a secret)
+    wait: float | None = None  # seconds the forge asked for (Retry-After, rate-limit reset); None: back off
+    maybe_done: bool = False  # the forge may have carried the request out (5xx, timeout, dropped connection)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long a forge client tries one call.
+
+    Attempt n (from 0) that fails transiently is followed by a pause of `wait` seconds if the
+    forge named one, else a random pause in [0, min(cap, base * 2**n)] ("full jitter"). No
+    attempt starts once `budget` seconds have passed since the first (a pause that would end
+    later ends the call instead), so a call takes at most `budget` plus one request timeout.
+    """
+
+    base: float = 0.5
+    cap: float = 30.0
+    budget: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("base", "cap", "budget"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"retry {name} must be a finite number of seconds >= 0, got {value!r}")
+
+    def backoff(self, retry: int) -> float:
+        """The pause before retry number `retry` (from 0) when the forge named none."""
+        return random.uniform(0.0, min(self.cap, self.base * 2.0 ** min(retry, 32)))
+
+    def run(
+        self,
+        call: Callable[[], T],
+        classify: Callable[[BaseException], Transient | None],
+        convert: Callable[[BaseException], ForgeError | None],
+        *,
+        what: str,
+        chain: bool = True,
+    ) -> T:
+        """`call()`, again after each transient failure while the budget lasts.
+
+        `classify` says whether a failure is transient (and what the forge asked for),
+        `convert` turns it into the ForgeError the caller gets (None: not a forge failure,
+        raised as it is). A ForgeError from `call` (a token fetch that already had its own
+        retries) passes through untouched. `what` names the call in log lines and errors;
+        `chain=False` keeps the library's exception out of the traceback.
+        """
+        started = time.monotonic()
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                return call()
+            except ForgeError:
+                raise
+            except Exception as exc:
+                error = convert(exc)
+                if error is None:
+                    raise
+                cause = exc if chain else None
+                transient = classify(exc)
+                if transient is None:
+                    raise error from cause
+                wait = self.backoff(attempts - 1) if transient.wait is None else transient.wait
+                elapsed = time.monotonic() - started
+                if elapsed + wait > self.budget:
+                    asked = f"; asked to wait {wait:.0f}s more" if transient.wait is not None else ""
+                    log.warning("giving up %s after %d attempt(s) in %.1fs: %s%s", what, attempts, elapsed,
+                                transient.reason, asked)
+                    raise ForgeError(f"{error} (gave up after {attempts} attempt(s) in {elapsed:.1f}s{asked})",
+                                     error.status) from cause
+                log.warning("retrying %s in %.2fs after %s (attempt %d)", what, wait, transient.reason, attempts)
+                time.sleep(wait)
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+def post_once(
+    post: Callable[[], int],
+    identical: Callable[[], list[int]],
+    classify: Callable[[BaseException], Transient | None],
+    what: str,
+) -> Callable[[], int]:
+    """One attempt at creating a comment, for `RetryPolicy.run`, that never makes it twice.
+
+    Creating a comment is not idempotent, and a 5xx, a timeout or a dropped connection does
+    not say whether the forge made it. So the first attempt notes the ids `identical()` lists
+    (comments with the same body, recent ones), and an attempt after such an answer lists
+    them again: a new one is ours and its id is returned instead of posting again. After a
+    rate limit or a refused connection (never carried out) it simply posts again. Costs one
+    extra read per comment; a clock far ahead of the forge's (beyond the look-back) makes the
+    listing miss, and the worst case is the old one: a duplicate comment.
+    """
+    before: set[int] | None = None
+    maybe_posted = False
+
+    def attempt() -> int:
+        nonlocal before, maybe_posted
+        if before is None:
+            before = set(identical())
+        elif maybe_posted:
+            new = sorted(set(identical()) - before)
+            if new:
+                log.warning("%s: the forge made comment %s although it answered an error; not posting it again",
+                            what, new[-1])
+                return new[-1]
+        try:
+            return post()
+        except Exception as exc:
+            transient = classify(exc)
+            maybe_posted = maybe_posted or (transient is not None and transient.maybe_done)
+            raise
+
+    return attempt
+
+
+def header(headers: Mapping[str, str] | None, name: str) -> str | None:
+    """A response header by case-insensitive name."""
+    if not headers:
+        return None
+    lowered = name.lower()
+    return next((str(v) for k, v in headers.items() if k.lower() == lowered), None)
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """`Retry-After` as seconds from now: delta-seconds or an HTTP date; None if absent or unreadable."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def reset_wait_seconds(value: str | None, now: float | None = None) -> float | None:
+    """A rate-limit reset given as epoch seconds (`x-ratelimit-reset`, `RateLimit-Reset`), as seconds to wait."""
+    if value is None:
+        return None
+    try:
+        reset = float(value.strip())
+    except ValueError:
+        return None
+    if not math.isfinite(reset):
+        return None
+    return max(0.0, reset - (time.time() if now is None else now)) + RATE_LIMIT_RESET_MARGIN
+
+
+def transport_transient(exc: BaseException) -> Transient | None:
+    """Connection failures and timeouts of requests (PyGithub, python-gitlab) and httpx."""
+    name = type(exc).__name__
+    if isinstance(exc, (requests.ConnectTimeout, httpx.ConnectTimeout, httpx.ConnectError)):
+        return Transient(name)  # no connection, so nothing was sent
+    if isinstance(exc, requests.ConnectionError):
+        # Refused or unresolvable: never sent. Anything else (reset, closed mid-answer) may have arrived.
+        return Transient(name, maybe_done=not _never_connected(exc))
+    if isinstance(exc, (requests.Timeout, requests.exceptions.ChunkedEncodingError, httpx.TransportError)):
+        return Transient(name, maybe_done=True)
+    return None
+
+
+def _never_connected(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, urllib3.exceptions.NewConnectionError):
+            return True
+        reason = getattr(current, "reason", None)  # urllib3's MaxRetryError keeps its cause here
+        if isinstance(reason, BaseException) and id(reason) not in seen:
+            current = reason
+            continue
+        nested = current.args[0] if current.args and isinstance(current.args[0], BaseException) else None
+        current = nested or current.__cause__ or current.__context__
+    return False
+
+
+def github_transient(status: int, headers: Mapping[str, str] | None, message: str) -> Transient | None:
+    """Whether GitHub's answer `status` asks for another try, and when."""
+    retry_after = retry_after_seconds(header(headers, "retry-after"))
+    if header(headers, "x-ratelimit-remaining") == "0":
+        reset = reset_wait_seconds(header(headers, "x-ratelimit-reset"))
+    else:
+        reset = None
+    if status in TRANSIENT_STATUSES:
+        return Transient(str(status), retry_after, maybe_done=True)
+    if status == 429:
+        return Transient("429", retry_after if retry_after is not None else reset)
+    if status == 403:
+        if retry_after is not None:
+            return Transient("403 rate limit", retry_after)
+        if reset is not None:
+            return Transient("403 primary rate limit", reset)
+        if "secondary rate limit" in message.lower() or "abuse detection" in message.lower():
+            return Transient("403 secondary rate limit", SECONDARY_RATE_LIMIT_WAIT)
+    return None
 
 
 @dataclass(frozen=True)
@@ -62,6 +303,7 @@ class GitHubApp:
         timeout: float = 15.0,
         write_interval: float = 0.0,
         clock: Callable[[], float] = time.time,
+        retry: RetryPolicy | None = None,
     ) -> None:
         if not api_url.startswith(("http://", "https://")):
             raise ValueError(f"github api_url must be an http(s) URL, got {api_url!r}")
@@ -77,6 +319,7 @@ class GitHubApp:
         self.api_url = api_url.rstrip("/")
         self.app_id = app_id
         self.write_interval = write_interval
+        self.retry = retry if retry is not None else DEFAULT_RETRY  # also what its clients get
         self._private_key = key
         self._clock = clock
         self._lock = threading.Lock()
@@ -112,10 +355,12 @@ class GitHubApp:
     def client(self, repo: Repo) -> GitHubClient:
         """A client for one repository, authenticated as the installation that sent its events."""
         if repo.installation_id is None:
-            raise ForgeError(f"repository {repo.full_name} has no GitHub App installation id")
+            # Not an outage: the payload named no installation, and asking again will not change that.
+            raise ForgeError(f"repository {repo.full_name} has no GitHub App installation id", status=400)
         installation_id = repo.installation_id
         return GitHubClient(
-            self.api_url, repo, lambda: self.installation_token(installation_id), write_interval=self.write_interval
+            self.api_url, repo, lambda: self.installation_token(installation_id), write_interval=self.write_interval,
+            retry=self.retry,
         )
 
     def close(self) -> None:
@@ -131,50 +376,90 @@ class GitHubApp:
         except (KeyError, TypeError, ValueError):
             raise ForgeError("GitHub answered the installation lookup with an unexpected body") from None
         token = self.installation_token(installation_id)
-        try:
-            response = self._http.get(f"{self.api_url}/repos/{path}", headers={"Authorization": f"token {token}"})
-        except httpx.HTTPError as exc:
-            raise ForgeError(f"could not reach GitHub at {self.api_url}: {type(exc).__name__}") from None
+        failure = f"GitHub has no repository {full_name}"
+        response = self._send("GET", f"/repos/{path}", lambda: f"token {token}", failure)
         if response.status_code != 200:
-            raise ForgeError(f"GitHub has no repository {full_name}: {response.status_code} "
-                             f"{_error_message(response)}", status=response.status_code)
+            raise ForgeError(f"{failure}: {response.status_code} {_error_message(response)}",
+                             status=response.status_code)
         data = response.json()
         return Repo(forge="github", full_name=data["full_name"], clone_url=data["clone_url"],
                     default_branch=data["default_branch"], installation_id=installation_id)
 
     def check(self) -> None:
-        """Raise ForgeError unless GitHub accepts the App's JWT (a readiness check)."""
-        self._app_get("/app")
+        """Raise ForgeError unless GitHub accepts the App's JWT (a readiness check: one attempt, no retries)."""
+        self._app_get("/app", once=True)
 
-    def _app_get(self, path: str) -> dict:
+    def _app_get(self, path: str, once: bool = False) -> dict:
         """A GET authenticated as the App itself (JWT)."""
-        try:
-            response = self._http.get(f"{self.api_url}{path}", headers={"Authorization": f"Bearer {self.jwt()}"})
-        except httpx.HTTPError as exc:
-            raise ForgeError(f"could not reach GitHub at {self.api_url}: {type(exc).__name__}") from None
+        response = self._send("GET", path, lambda: f"Bearer {self.jwt()}", f"GitHub answered {path}", once=once)
         if response.status_code != 200:
             raise ForgeError(f"GitHub answered {path}: {response.status_code} {_error_message(response)}",
                              status=response.status_code)
         return response.json()
 
     def _fetch_token(self, installation_id: int) -> _Token:
-        url = f"{self.api_url}/app/installations/{int(installation_id)}/access_tokens"
-        try:
-            response = self._http.post(url, headers={"Authorization": f"Bearer {self.jwt()}"})
-        except httpx.HTTPError as exc:
-            raise ForgeError(f"could not reach GitHub at {self.api_url}: {type(exc).__name__}") from None
+        path = f"/app/installations/{int(installation_id)}/access_tokens"
+        failure = f"GitHub refused a token for installation {installation_id}"
+        # Safe to repeat: each call only hands out one more token; a fresh JWT signs every attempt.
+        response = self._send("POST", path, lambda: f"Bearer {self.jwt()}", failure)
         if response.status_code != 201:
-            raise ForgeError(
-                f"GitHub refused a token for installation {installation_id}: "
-                f"{response.status_code} {_error_message(response)}",
-                status=response.status_code,
-            )
+            raise ForgeError(f"{failure}: {response.status_code} {_error_message(response)}",
+                             status=response.status_code)
         try:
             data = response.json()
             expires_at = datetime.fromisoformat(data["expires_at"]).timestamp()
             return _Token(value=str(data["token"]), expires_at=expires_at)
         except (ValueError, KeyError, TypeError):
             raise ForgeError("GitHub answered the installation token request with an unexpected body") from None
+
+    def _send(
+        self, method: str, path: str, authorization: Callable[[], str], failure: str, once: bool = False
+    ) -> httpx.Response:
+        """One API call, retried under `self.retry` (`once`: a single attempt, whatever it answers).
+
+        Returns the answer unless it is a transient failure the budget could not outlast (then
+        ForgeError "`failure`: status message"); `authorization` is asked again for every attempt.
+        """
+        url = f"{self.api_url}{path}"
+
+        def attempt() -> httpx.Response:
+            response = self._http.request(method, url, headers={"Authorization": authorization()})
+            transient = github_transient(response.status_code, response.headers, _error_message(response))
+            if transient is not None:
+                raise _TransientAnswer(response, transient)
+            return response
+
+        def convert(exc: BaseException) -> ForgeError | None:
+            if isinstance(exc, _TransientAnswer):
+                status = exc.response.status_code
+                return ForgeError(f"{failure}: {status} {_error_message(exc.response)}".rstrip(), status)
+            if isinstance(exc, httpx.HTTPError):
+                return ForgeError(f"could not reach GitHub at {self.api_url}: {type(exc).__name__}")
+            return None
+
+        if once:
+            try:
+                return attempt()
+            except _TransientAnswer as exc:
+                return exc.response
+            except httpx.HTTPError as exc:
+                raise ForgeError(f"could not reach GitHub at {self.api_url}: {type(exc).__name__}") from None
+        return self.retry.run(attempt, _transient_of, convert, what=f"GitHub {method} {path}", chain=False)
+
+
+class _TransientAnswer(Exception):
+    """An answer of the forge that asks for another attempt (raised inside a retry loop only)."""
+
+    def __init__(self, response: httpx.Response, transient: Transient) -> None:
+        super().__init__(transient.reason)
+        self.response = response
+        self.transient = transient
+
+
+def _transient_of(exc: BaseException) -> Transient | None:
+    if isinstance(exc, _TransientAnswer):
+        return exc.transient
+    return transport_transient(exc)
 
 
 class _InstallationAuth(Auth.Auth):
@@ -211,20 +496,24 @@ class GitHubClient:
         write_interval: float = 0.0,
         mergeable_retries: int = 4,
         mergeable_retry_delay: float = 1.0,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.repo = repo
         self._token = token
         self._mergeable_retries = mergeable_retries
         self._mergeable_retry_delay = mergeable_retry_delay
+        self._retry = retry if retry is not None else DEFAULT_RETRY
         self._gh = github.Github(
             base_url=api_url.rstrip("/"),
             auth=_InstallationAuth(token),
             user_agent=USER_AGENT,
             timeout=timeout,
             per_page=100,
-            retry=GithubRetry(total=3),
+            # No retries inside PyGithub (urllib3): `_call` retries whole calls under one budget,
+            # honours the rate-limit headers itself and knows which writes may be repeated.
+            retry=None,
             # PyGithub spaces every request by default. The bot's few writes per job stay far below
-            # GitHub's secondary rate limits, and a 403 with Retry-After is retried by GithubRetry;
+            # GitHub's secondary rate limits, and a 403 with Retry-After is retried by `_call`;
             # write_interval (seconds between writes) is there for installations that need more care.
             seconds_between_requests=None,
             seconds_between_writes=write_interval or None,
@@ -241,7 +530,8 @@ class GitHubClient:
 
     def get_pull_request(self, number: int) -> PullRequest:
         """The pull request as GitHub sees it now."""
-        with _api(f"fetching pull request #{number} of {self.repo.full_name}"):
+
+        def fetch() -> PullRequest:
             pr = self._repo.get_pull(number)
             head_repo = pr.head.repo  # None when the fork was deleted
             return PullRequest(
@@ -257,35 +547,58 @@ class GitHubClient:
                 url=pr.html_url,
             )
 
+        return self._call(f"fetching pull request #{number} of {self.repo.full_name}", fetch)
+
     def changed_files(self, number: int) -> list[str]:
         """Every path the pull request touches; a rename counts on both sides."""
-        paths: dict[str, None] = {}  # ordered set
-        with _api(f"listing files of pull request #{number} of {self.repo.full_name}"):
+
+        def fetch() -> list[str]:
+            paths: dict[str, None] = {}  # ordered set
             for changed in self._repo.get_pull(number).get_files():
                 paths[changed.filename] = None
                 if changed.previous_filename:
                     paths[changed.previous_filename] = None
-        return list(paths)
+            return list(paths)
+
+        return self._call(f"listing files of pull request #{number} of {self.repo.full_name}", fetch)
 
     def create_comment(self, number: int, body: str) -> int:
-        """Post a comment on the pull request's conversation; return its id."""
-        with _api(f"commenting on pull request #{number} of {self.repo.full_name}"):
-            return self._repo.get_issue(number).create_comment(body).id
+        """Post a comment on the pull request's conversation; return its id.
+
+        Posted at most once across retries (see `post_once`): identical comments of the last
+        few minutes are listed first, and after an answer that leaves open whether GitHub made
+        the comment, a new identical one is taken for ours instead of posting again.
+        """
+        since = datetime.fromtimestamp(max(time.time() - COMMENT_LOOKBACK, 0), UTC)
+
+        def identical() -> list[int]:
+            wanted = _normalized(body)
+            return [c.id for c in self._repo.get_issue(number).get_comments(since=since)
+                    if _normalized(c.body or "") == wanted]
+
+        what = f"commenting on pull request #{number} of {self.repo.full_name}"
+        return self._call(what, post_once(lambda: self._repo.get_issue(number).create_comment(body).id,
+                                          identical, _github_exception_transient, what))
 
     def set_status(self, sha: str, context: str, state: StatusState, description: str, target_url: str = "") -> None:
-        """Set a commit status; the description is cut to GitHub's 140 characters."""
+        """Set a commit status; the description is cut to GitHub's 140 characters.
+
+        Repeating it is harmless (the newest status of a context is the one that counts), so
+        every transient failure is retried.
+        """
         if len(description) > STATUS_DESCRIPTION_LIMIT:
             description = description[: STATUS_DESCRIPTION_LIMIT - 1] + "…"
         payload = {"state": state, "context": context, "description": description}
         if target_url:
             payload["target_url"] = target_url
         # Commit.create_status would first fetch the commit just to learn the SHA we already have.
-        with _api(f"setting status {context!r} on {sha[:12]} of {self.repo.full_name}"):
-            self._request("POST", f"/statuses/{_quote(sha)}", payload)
+        self._call(f"setting status {context!r} on {sha[:12]} of {self.repo.full_name}",
+                   lambda: self._request("POST", f"/statuses/{_quote(sha)}", payload))
 
     def reviews(self, number: int) -> list[Review]:
         """Every review of the pull request, oldest first (GitHub lists them in order)."""
-        with _api(f"listing reviews of pull request #{number} of {self.repo.full_name}"):
+
+        def fetch() -> list[Review]:
             return [
                 Review(
                     user=review.user.login if review.user else "ghost",
@@ -296,13 +609,15 @@ class GitHubClient:
                 for review in self._repo.get_pull(number).get_reviews()
             ]
 
+        return self._call(f"listing reviews of pull request #{number} of {self.repo.full_name}", fetch)
+
     def permission(self, user: str) -> Permission:
         """The user's role on the repository; "none" when GitHub does not know them."""
         try:
-            with _api(f"reading {user}'s permission on {self.repo.full_name}"):
-                # One request for both fields: `permission` folds maintain into write and
-                # triage into read, `role_name` does not (but may name a custom role).
-                data = self._request("GET", f"/collaborators/{_quote(user)}/permission")
+            # One request for both fields: `permission` folds maintain into write and
+            # triage into read, `role_name` does not (but may name a custom role).
+            data = self._call(f"reading {user}'s permission on {self.repo.full_name}",
+                              lambda: self._request("GET", f"/collaborators/{_quote(user)}/permission"))
         except ForgeError as exc:
             if exc.status == 404:
                 return "none"
@@ -318,10 +633,13 @@ class GitHubClient:
         org, slash, slug = team.partition("/")
         if not slash or not org or not slug:
             raise ValueError(f"team must be 'org/team-slug', got {team!r}")
+
+        def fetch() -> bool:
+            membership = self._gh.get_organization(org).get_team_by_slug(slug).get_team_membership(user)
+            return membership.state == "active"
+
         try:
-            with _api(f"reading {user}'s membership of {team}"):
-                membership = self._gh.get_organization(org).get_team_by_slug(slug).get_team_membership(user)
-                return membership.state == "active"
+            return self._call(f"reading {user}'s membership of {team}", fetch)
         except ForgeError as exc:
             if exc.status == 404:
                 return False
@@ -329,7 +647,8 @@ class GitHubClient:
 
     def mergeability(self, pull: PullRequest, ignore_contexts: frozenset[str]) -> Mergeability:
         """Whether GitHub would merge the PR, not counting the given status contexts."""
-        with _api(f"checking mergeability of pull request #{pull.number} of {self.repo.full_name}"):
+
+        def fetch() -> Mergeability:
             pr = self._repo.get_pull(pull.number)
             for _ in range(self._mergeable_retries - 1):
                 if pr.mergeable is not None:
@@ -354,38 +673,48 @@ class GitHubClient:
                 return Mergeability(False, "the pull request has merge conflicts")
             return Mergeability(False, f"GitHub reports mergeable state {state!r}")
 
+        return self._call(f"checking mergeability of pull request #{pull.number} of {self.repo.full_name}", fetch)
+
     def is_behind_base(self, pull: PullRequest) -> bool:
         """Whether the base branch has commits the PR head does not contain."""
-        with _api(f"comparing {pull.base_ref} with {pull.head_sha[:12]} on {self.repo.full_name}"):
-            return self._repo.compare(pull.base_ref, pull.head_sha).behind_by > 0
+        return self._call(f"comparing {pull.base_ref} with {pull.head_sha[:12]} on {self.repo.full_name}",
+                          lambda: self._repo.compare(pull.base_ref, pull.head_sha).behind_by > 0)
 
     def commit_sha(self, ref: str) -> str | None:
         """The commit a branch, tag, ref or SHA names in this repository, or None."""
         try:
-            with _api(f"resolving {ref} in {self.repo.full_name}"):
-                # Not PyGithub's get_commit: with lazy objects it would echo the ref back unresolved.
-                return str(self._request("GET", f"/commits/{_quote(ref.removeprefix('refs/heads/'))}")["sha"])
+            # Not PyGithub's get_commit: with lazy objects it would echo the ref back unresolved.
+            data = self._call(
+                f"resolving {ref} in {self.repo.full_name}",
+                lambda: self._request("GET", f"/commits/{_quote(ref.removeprefix('refs/heads/'))}"),
+            )
         except ForgeError as exc:
             if exc.status in (404, 422):
                 return None
             raise
+        sha = data.get("sha") if isinstance(data, dict) else None
+        # Anything but a full SHA (an odd ref can land on another endpoint) names no commit.
+        return sha if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{40}", sha) else None
 
     def is_on_default_branch(self, sha: str) -> bool:
         """Whether the commit is (an ancestor of) the head of the default branch."""
-        with _api(f"comparing {sha[:12]} with {self.repo.default_branch} on {self.repo.full_name}"):
-            status = self._repo.compare(sha, self.repo.default_branch).status
+        status = self._call(f"comparing {sha[:12]} with {self.repo.default_branch} on {self.repo.full_name}",
+                            lambda: self._repo.compare(sha, self.repo.default_branch).status)
         return status in ("identical", "ahead")
 
     def read_file(self, ref: str, path: str) -> str | None:
         """A file's text at a ref, or None if there is no file there."""
+
+        def fetch() -> str | None:
+            content = self._repo.get_contents(path, ref=ref)
+            if isinstance(content, list) or content.type != "file":
+                return None
+            if content.encoding != "base64":  # files over 1 MB come back without content
+                raise ForgeError(f"{path} at {ref} is too large for the contents API")
+            return content.decoded_content.decode("utf-8")
+
         try:
-            with _api(f"reading {path} at {ref} of {self.repo.full_name}"):
-                content = self._repo.get_contents(path, ref=ref)
-                if isinstance(content, list) or content.type != "file":
-                    return None
-                if content.encoding != "base64":  # files over 1 MB come back without content
-                    raise ForgeError(f"{path} at {ref} is too large for the contents API")
-                return content.decoded_content.decode("utf-8")
+            return self._call(f"reading {path} at {ref} of {self.repo.full_name}", fetch)
         except ForgeError as exc:
             if exc.status == 404:
                 return None
@@ -426,19 +755,33 @@ class GitHubClient:
         _, data = self._gh.requester.requestJsonAndCheck(verb, f"{self._repo.url}{path}", input=payload)
         return data or {}
 
+    def _call(self, action: str, fn: Callable[[], T]) -> T:
+        """`fn()` (PyGithub calls) under the retry policy; failures become ForgeError without credentials."""
+        return self._retry.run(fn, _github_exception_transient, lambda exc: _forge_error(exc, action),
+                               what=action)
 
-@contextmanager
-def _api(action: str) -> Iterator[None]:
-    """Turn PyGithub and transport failures into ForgeError with a message free of credentials."""
-    try:
-        yield
-    except ForgeError:
-        raise
-    except GithubException as exc:
-        message = exc.data.get("message", "") if isinstance(exc.data, dict) else ""
-        raise ForgeError(f"GitHub API error while {action}: {exc.status} {message}".rstrip(), exc.status) from exc
-    except (requests.RequestException, httpx.HTTPError) as exc:
-        raise ForgeError(f"could not reach GitHub while {action}: {type(exc).__name__}") from exc
+
+def _github_exception_transient(exc: BaseException) -> Transient | None:
+    if isinstance(exc, GithubException):
+        return github_transient(exc.status, exc.headers, _github_message(exc))
+    return transport_transient(exc)
+
+
+def _github_message(exc: GithubException) -> str:
+    return str(exc.data.get("message", "")) if isinstance(exc.data, dict) else ""
+
+
+def _forge_error(exc: BaseException, action: str) -> ForgeError | None:
+    """PyGithub and transport failures as ForgeError, with a message free of credentials; None for others."""
+    if isinstance(exc, GithubException):
+        return ForgeError(f"GitHub API error while {action}: {exc.status} {_github_message(exc)}".rstrip(), exc.status)
+    if isinstance(exc, (requests.RequestException, httpx.HTTPError)):
+        return ForgeError(f"could not reach GitHub while {action}: {type(exc).__name__}")
+    return None
+
+
+def _normalized(body: str) -> str:
+    return body.replace("\r\n", "\n").strip()
 
 
 def _error_message(response: httpx.Response) -> str:

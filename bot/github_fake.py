@@ -9,6 +9,10 @@ the matching signed webhooks, built from GitHub's published example payloads.
 
 Repositories are real bare git repositories on disk: SHAs, changed files,
 comparisons and file contents come from git itself.
+
+Faults: `inject_faults` (from `bot.local_forge`) makes the next matching API requests
+fail; `server_error`, `too_many_requests`, `secondary_rate_limit` and `primary_rate_limit`
+below build the answers GitHub gives, headers and all.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import copy
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import string
 import time
@@ -40,8 +45,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bot.local_forge import Delivery, RequestRecord  # noqa: F401  (re-exported: records tests read)
-from bot.local_forge import LocalForge, RequestLog, branch_heads, commit_info, count_commits, git, git_bytes
+from bot.local_forge import Delivery, Fault, RequestRecord  # noqa: F401  (re-exported: records tests read)
+from bot.local_forge import FaultInjector, LocalForge, RequestLog, branch_heads, commit_info, count_commits, git
+from bot.local_forge import git_bytes
 from bot.local_forge import merge_commit, merge_conflicts, raw_changes, rev_parse, stable_id
 
 DOCS_URL = "https://docs.github.com/rest"
@@ -200,7 +206,7 @@ class FakeGitHub(LocalForge):
 
         self.app = Starlette(
             routes=self._routes(),
-            middleware=[Middleware(RequestLog, record=self._record_request)],
+            middleware=[Middleware(RequestLog, record=self._record_request), Middleware(FaultInjector, forge=self)],
             exception_handlers={_ApiError: _api_error, HTTPException: _http_error},
         )
 
@@ -803,6 +809,7 @@ class FakeGitHub(LocalForge):
             Route(f"{repo}/pulls/{{number:int}}/files", self._list_files, methods=["GET"]),
             Route(f"{repo}/pulls/{{number:int}}/reviews", self._list_reviews, methods=["GET"]),
             Route(f"{repo}/issues/{{number:int}}/comments", _with_json(self._create_comment), methods=["POST"]),
+            Route(f"{repo}/issues/{{number:int}}/comments", self._list_comments, methods=["GET"]),
             Route(f"{repo}/issues/comments/{{comment_id:int}}", _with_json(self._update_comment), methods=["PATCH"]),
             Route(f"{repo}/statuses/{{sha}}", _with_json(self._create_status), methods=["POST"]),
             Route(f"{repo}/commits/{{ref:path}}/status", self._combined_status, methods=["GET"]),
@@ -907,6 +914,31 @@ class FakeGitHub(LocalForge):
         if claims["exp"] - claims["iat"] > JWT_MAX_LIFETIME:
             raise _ApiError(401, "'Expiration time' claim ('exp') is too far in the future")
 
+    def _fault_authorized(self, request: Request) -> bool:
+        """Faults come after authentication: the JWT on /app, a user's token on /user, else an
+        installation token that can see the repository in the path."""
+        path = request.url.path
+        try:
+            if path == "/app" or path.startswith("/app/"):
+                self._check_jwt(request)
+            elif path == "/user":
+                scheme, _, token = request.headers.get("authorization", "").partition(" ")
+                with self._lock:
+                    return scheme.lower() in ("token", "bearer") and token in self._user_tokens
+            elif not path.startswith("/app-manifests/"):
+                installation = self._installation(request)
+                match = re.match(r"/repos/([^/]+)/([^/]+)", path)
+                if match is not None:
+                    with self._lock:
+                        return f"{match[1]}/{match[2]}" in self._installations.get(installation, set())
+        except _ApiError:
+            return False
+        return True
+
+    def _fault_body(self, status: int) -> dict[str, Any]:
+        return {"message": SERVER_ERROR_MESSAGES.get(status, "Server Error" if status >= 500 else "Error"),
+                "documentation_url": DOCS_URL}
+
     def _installation(self, request: Request) -> int:
         """The installation whose live token authorises this request."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -983,6 +1015,22 @@ class FakeGitHub(LocalForge):
                 if (r.repo, r.number) == (repo.full_name, pull.number)
             ]
         return _paginated(request, reviews)
+
+    def _list_comments(self, request: Request) -> Response:
+        """GET .../issues/{number}/comments: oldest first; `since` keeps those updated at or after it."""
+        repo, pull = self._request_pull(request)
+        since = request.query_params.get("since")
+        threshold = _parse_time(since) if since else None
+        if since and threshold is None:
+            raise _invalid("IssueComment", "since", f"since is not a valid ISO 8601 timestamp: {since}")
+        with self._lock:
+            items = [
+                self._comment_json(c)
+                for c in sorted(self._comments.values(), key=lambda c: c.id)
+                if (c.repo, c.number) == (repo.full_name, pull.number)
+                and (threshold is None or (_parse_time(c.updated_at) or threshold) >= threshold)
+            ]
+        return _paginated(request, items)
 
     def _create_comment(self, request: Request, data: dict[str, Any]) -> Response:
         repo, pull = self._request_pull(request)
@@ -1286,6 +1334,53 @@ class FakeGitHub(LocalForge):
         )
 
 
+# -- faults as GitHub answers them -------------------------------------------------------------
+
+SERVER_ERROR_MESSAGES = {500: "Server Error", 502: "Server Error", 503: "Service Unavailable",
+                         504: "We couldn't respond to your request in time. Sorry about that. "
+                              "Please try resubmitting your request and contact us if the problem persists."}
+SECONDARY_RATE_LIMIT_MESSAGE = (
+    "You have exceeded a secondary rate limit. Please wait a few minutes before you try again. If you reach "
+    "out to GitHub Support for help, please include the request ID 0000:0000:0000000:0000000:00000000."
+)
+RATE_LIMITS_DOCS = "https://docs.github.com/rest/overview/rate-limits-for-the-rest-api"
+SECONDARY_RATE_LIMIT = {"message": SECONDARY_RATE_LIMIT_MESSAGE,
+                        "documentation_url": f"{RATE_LIMITS_DOCS}#about-secondary-rate-limits"}
+
+
+def server_error(status: int = 500, **fault: Any) -> Fault:
+    """A 5xx as GitHub's API answers it (JSON `message` and `documentation_url`)."""
+    body = {"message": SERVER_ERROR_MESSAGES.get(status, "Server Error"), "documentation_url": DOCS_URL}
+    return Fault(status, {"X-GitHub-Media-Type": "github.v3"}, body, **fault)
+
+
+def _rate_headers(remaining: int, reset_in: float, limit: int = 5000) -> dict[str, str]:
+    return {"x-ratelimit-limit": str(limit), "x-ratelimit-remaining": str(remaining),
+            "x-ratelimit-used": str(limit - remaining), "x-ratelimit-reset": str(int(time.time() + reset_in)),
+            "x-ratelimit-resource": "core"}
+
+
+def too_many_requests(retry_after: int | str, **fault: Any) -> Fault:
+    """429 with `retry-after` (seconds, or an HTTP date as a string)."""
+    headers = {"retry-after": str(retry_after), **_rate_headers(4000, 3600)}
+    return Fault(429, headers, dict(SECONDARY_RATE_LIMIT), **fault)
+
+
+def secondary_rate_limit(retry_after: int | str | None = 60, **fault: Any) -> Fault:
+    """403 "You have exceeded a secondary rate limit", with `retry-after` unless it is None."""
+    headers = {**_rate_headers(4000, 3600)}
+    if retry_after is not None:
+        headers["retry-after"] = str(retry_after)
+    return Fault(403, headers, dict(SECONDARY_RATE_LIMIT), **fault)
+
+
+def primary_rate_limit(reset_in: float, installation_id: int = 1, **fault: Any) -> Fault:
+    """403 "API rate limit exceeded": `x-ratelimit-remaining: 0`, the reset `reset_in` seconds from now (epoch)."""
+    body = {"message": f"API rate limit exceeded for installation ID {installation_id}.",
+            "documentation_url": f"{RATE_LIMITS_DOCS}#about-the-primary-rate-limit"}
+    return Fault(403, _rate_headers(0, reset_in), body, **fault)
+
+
 # -- HTTP plumbing ---------------------------------------------------------------------------
 
 
@@ -1411,6 +1506,15 @@ def _diff(git_dir: Path, base: str, head: str) -> list[_File]:
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(value: str) -> datetime | None:
+    """An ISO 8601 timestamp ("2024-01-02T03:04:05Z"), as an aware datetime; None if unreadable."""
+    try:
+        moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _node_id(kind: str, name: str) -> str:

@@ -45,8 +45,8 @@ def load_body(body: bytes) -> dict[str, Any]:
     """Decode a webhook body; raise MalformedPayload unless it is a JSON object."""
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise MalformedPayload(f"body is not JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MalformedPayload(f"body is not JSON: {type(exc).__name__}") from None
     if not isinstance(payload, dict):
         raise MalformedPayload("body is not a JSON object")
     return payload
@@ -67,7 +67,7 @@ def parse_with(parsers: Mapping[str, Parser], event_name: str, payload: dict[str
         return None
     try:
         return parser(payload)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise MalformedPayload(f"{event_name} payload lacks {exc}") from None
 
 
@@ -76,10 +76,10 @@ def _repo(payload: dict[str, Any]) -> Repo:
     installation = payload.get("installation") or {}
     return Repo(
         forge=FORGE,
-        full_name=_text(repo["full_name"]),
-        clone_url=_text(repo["clone_url"]),
-        default_branch=_text(repo["default_branch"]),
-        installation_id=int(installation["id"]) if "id" in installation else None,
+        full_name=text(repo["full_name"]),
+        clone_url=text(repo["clone_url"]),
+        default_branch=text(repo["default_branch"]),
+        installation_id=integer(installation["id"]) if "id" in installation else None,
     )
 
 
@@ -88,22 +88,39 @@ def _pull(payload: dict[str, Any], pr: dict[str, Any]) -> PullRequest:
     head_repo = pr["head"].get("repo") or {}
     return PullRequest(
         repo=repo,
-        number=int(pr["number"]),
-        head_sha=_text(pr["head"]["sha"]),
-        head_ref=_text(pr["head"]["ref"]),
-        base_ref=_text(pr["base"]["ref"]),
-        author=_text(pr["user"]["login"]),
+        number=integer(pr["number"]),
+        head_sha=text(pr["head"]["sha"]),
+        head_ref=text(pr["head"]["ref"]),
+        base_ref=text(pr["base"]["ref"]),
+        author=text(pr["user"]["login"]),
         # A deleted fork has no head repo: treat it as a fork, never as ours.
         is_fork=head_repo.get("full_name") != repo.full_name,
         state="closed" if pr["state"] == "closed" else "open",
         merged=bool(pr.get("merged")),
-        url=_text(pr.get("html_url") or ""),
+        url=text(pr.get("html_url") or ""),
     )
 
 
-def _text(value: Any) -> str:
+MAX_ID = 2**63 - 1  # ids and numbers must fit the store's INTEGER
+
+
+def text(value: Any) -> str:
+    """A payload string; TypeError for anything else or for text that is not valid UTF-8."""
     if not isinstance(value, str):
         raise TypeError(f"a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TypeError("a string with a lone surrogate") from None
+    return value
+
+
+def integer(value: Any) -> int:
+    """A payload id or number; TypeError for anything but an int in 0..2**63-1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"an integer, got {type(value).__name__}")
+    if not 0 <= value <= MAX_ID:
+        raise TypeError("an integer out of range")
     return value
 
 
@@ -118,7 +135,7 @@ def _pull_request(payload: dict[str, Any]) -> PullRequestEvent | None:
     return PullRequestEvent(
         action=action,  # type: ignore[arg-type]
         pull=_pull(payload, payload["pull_request"]),
-        sender=_text(payload["sender"]["login"]),
+        sender=text(payload["sender"]["login"]),
     )
 
 
@@ -128,10 +145,10 @@ def _issue_comment(payload: dict[str, Any]) -> CommentEvent | None:
         return None
     return CommentEvent(
         repo=_repo(payload),
-        pull_number=int(payload["issue"]["number"]),
-        comment_id=int(payload["comment"]["id"]),
-        author=_text(payload["comment"]["user"]["login"]),
-        body=_text(payload["comment"].get("body") or ""),
+        pull_number=integer(payload["issue"]["number"]),
+        comment_id=integer(payload["comment"]["id"]),
+        author=text(payload["comment"]["user"]["login"]),
+        body=text(payload["comment"].get("body") or ""),
     )
 
 
@@ -143,8 +160,8 @@ def _pull_request_review(payload: dict[str, Any]) -> ReviewEvent | None:
     return ReviewEvent(
         action=action,
         pull=_pull(payload, payload["pull_request"]),
-        reviewer=_text(review["user"]["login"]),
-        state=_text(review["state"]).lower(),
+        reviewer=text(review["user"]["login"]),
+        state=text(review["state"]).lower(),
     )
 
 

@@ -18,24 +18,44 @@ How GitLab's words become the bot's:
   `members/all` lists them as active.
 - Mergeability comes from the merge request's `detailed_merge_status` (see `mergeability`).
 - Approvals: see `reviews`.
+
+Retries: the same `RetryPolicy` as the GitHub client (`bot.github_client`; constructor kwarg
+`retry`, else this module's `DEFAULT_RETRY`): exponential backoff with full jitter inside a
+budget per call, `Retry-After` (or `RateLimit-Reset`) obeyed where GitLab sends it. Retried:
+429; 500, 502, 503, 504; connection failures and timeouts. Reads and status writes are
+repeated as they are; a note whose fate an error left open is looked for before it is posted
+again (see `create_comment`). python-gitlab's own retries (`retry_transient_errors`, its 429
+handling) are off, so nothing waits twice or without bound.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
+import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import gitlab
 import httpx
 import requests
 from gitlab.exceptions import GitlabError
 
+from bot.github_client import (
+    COMMENT_LOOKBACK,
+    TRANSIENT_STATUSES,
+    RetryPolicy,
+    Transient,
+    header,
+    post_once,
+    reset_wait_seconds,
+    retry_after_seconds,
+    transport_transient,
+)
 from bot.models import Mergeability, PullRequest, Repo, Review
 from bot.vcs import ForgeError, Permission, StatusState
 
@@ -44,6 +64,10 @@ NOTE_LIMIT = 1_000_000  # characters: GitLab refuses longer notes (400 "is too l
 STATUS_DESCRIPTION_LIMIT = 255  # kept short, like a column that holds it
 PER_PAGE = 100  # GitLab's maximum page size
 APPROVED_NOTE = "approved this merge request"  # the system note GitLab adds for each approval
+DEFAULT_RETRY = RetryPolicy()
+
+log = logging.getLogger("deploybot.forge")
+T = TypeVar("T")
 
 STATUS_STATES: dict[str, str] = {"pending": "pending", "success": "success", "failure": "failed", "error": "failed"}
 ACCESS_LEVELS: tuple[tuple[int, Permission], ...] = (
@@ -81,6 +105,32 @@ MERGE_STATUS_REASONS = {
 }
 
 
+class _Gitlab(gitlab.Gitlab):
+    """python-gitlab without retries of its own, keeping each thread's last answer.
+
+    Its errors carry no headers, so a response hook remembers the status and headers of the
+    last answer per thread: where `Retry-After` comes from when GitLabClient classifies one.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._answers = threading.local()
+        self.session.hooks["response"].append(self._remember)
+
+    def _remember(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        self._answers.last = (response.status_code, response.headers)
+
+    def answer_headers(self, status: int) -> Mapping[str, str] | None:
+        """The headers of this thread's last answer, if it had this status."""
+        last = getattr(self._answers, "last", None)
+        return last[1] if last is not None and last[0] == status else None
+
+    def http_request(self, *args: Any, **kwargs: Any) -> requests.Response:
+        kwargs["obey_rate_limit"] = False  # else python-gitlab sleeps on 429 itself, up to 10 times
+        kwargs["retry_transient_errors"] = False
+        return super().http_request(*args, **kwargs)
+
+
 class GitLabClient:
     """`VCSClient` for one GitLab project, over python-gitlab."""
 
@@ -95,6 +145,7 @@ class GitLabClient:
         timeout: float = 15,
         mergeable_retries: int = 4,
         mergeable_retry_delay: float = 1.0,
+        retry: RetryPolicy | None = None,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"gitlab url must be an http(s) URL, got {url!r}")
@@ -107,11 +158,12 @@ class GitLabClient:
         self._token = token
         self._mergeable_retries = max(mergeable_retries, 1)
         self._mergeable_retry_delay = mergeable_retry_delay
-        self._gl = gitlab.Gitlab(
+        self._retry = retry if retry is not None else DEFAULT_RETRY
+        self._gl = _Gitlab(
             self.url,
             private_token=token,
             timeout=timeout,
-            retry_transient_errors=True,
+            retry_transient_errors=False,  # `_call` retries (see the module docstring)
             per_page=PER_PAGE,
             user_agent=USER_AGENT,
         )
@@ -129,27 +181,48 @@ class GitLabClient:
 
     def get_pull_request(self, number: int) -> PullRequest:
         """The merge request (by iid) as GitLab sees it now."""
-        with self._api(f"fetching merge request !{number} of {self.repo.full_name}"):
-            data = self._project.mergerequests.get(number).attributes
-            return self._pull(data)
+        return self._call(f"fetching merge request !{number} of {self.repo.full_name}",
+                          lambda: self._pull(self._project.mergerequests.get(number).attributes))
 
     def changed_files(self, number: int) -> list[str]:
         """Every path the merge request touches (`/merge_requests/:iid/diffs`); a rename counts on both sides."""
-        paths: dict[str, None] = {}  # ordered set
-        with self._api(f"listing the diffs of merge request !{number} of {self.repo.full_name}"):
+
+        def fetch() -> list[str]:
+            paths: dict[str, None] = {}  # ordered set
             diffs = self._gl.http_list(
                 f"{self._path}/merge_requests/{int(number)}/diffs", query_data={"per_page": PER_PAGE}, iterator=True
             )
             for diff in diffs:
                 paths[diff["new_path"]] = None
                 paths[diff["old_path"]] = None
-        return list(paths)
+            return list(paths)
+
+        return self._call(f"listing the diffs of merge request !{number} of {self.repo.full_name}", fetch)
 
     def create_comment(self, number: int, body: str) -> int:
-        """Post a note on the merge request; return its id. GitLab takes up to `NOTE_LIMIT` characters."""
-        with self._api(f"commenting on merge request !{number} of {self.repo.full_name}"):
-            note = self._project.mergerequests.get(number, lazy=True).notes.create({"body": body})
-            return int(note.id)
+        """Post a note on the merge request; return its id. GitLab takes up to `NOTE_LIMIT` characters.
+
+        Posted at most once across retries (see `bot.github_client.post_once`): identical notes
+        of the last few minutes are listed first, and after an answer that leaves open whether
+        GitLab made the note, a new identical one is taken for ours instead of posting again.
+        """
+        threshold = datetime.fromtimestamp(max(time.time() - COMMENT_LOOKBACK, 0), UTC)
+        wanted = _normalized(body)
+        notes = self._project.mergerequests.get(number, lazy=True).notes
+
+        def identical() -> list[int]:
+            found = []
+            for note in notes.list(iterator=True, sort="desc", order_by="created_at"):
+                created = _parse_time(note.created_at)
+                if created is not None and created < threshold:
+                    break
+                if not note.system and _normalized(str(note.body)) == wanted:
+                    found.append(int(note.id))
+            return found
+
+        what = f"commenting on merge request !{number} of {self.repo.full_name}"
+        return self._call(what, post_once(lambda: int(notes.create({"body": body}).id), identical,
+                                          self._transient, what))
 
     def set_status(self, sha: str, context: str, state: StatusState, description: str, target_url: str = "") -> None:
         """Set the commit status `context` (GitLab's `name`); a repeat of its current state is a success."""
@@ -163,13 +236,12 @@ class GitLabClient:
             payload["target_url"] = target_url
         action = f"setting status {context!r} on {sha[:12]} of {self.repo.full_name}"
         try:
-            with self._api(action):
-                self._gl.http_post(f"{self._path}/statuses/{_quote(sha)}", post_data=payload)
+            # Safe to repeat; a repeat of a pending status that did arrive is the 400 below.
+            self._call(action, lambda: self._gl.http_post(f"{self._path}/statuses/{_quote(sha)}", post_data=payload))
         except ForgeError as exc:
             if exc.status == 400 and "Cannot transition status" in str(exc):
-                with self._api(action):
-                    if self._current_status(sha, context) == gitlab_state:
-                        return  # GitLab already shows exactly this
+                if self._call(action, lambda: self._current_status(sha, context)) == gitlab_state:
+                    return  # GitLab already shows exactly this
             raise
 
     def _current_status(self, sha: str, name: str) -> str | None:
@@ -200,8 +272,8 @@ class GitLabClient:
         Every Review is "APPROVED": GitLab lists only standing approvals (a withdrawn one
         simply disappears). `submitted_at` is the approval time, "" if unknown.
         """
-        action = f"listing approvals of merge request !{number} of {self.repo.full_name}"
-        with self._api(action):
+
+        def fetch() -> tuple[str, list[tuple[str, datetime | None]], list[tuple[str, datetime | None]]]:
             mr = self._project.mergerequests.get(number)
             head = str(mr.sha or "")
             versions = [(v.head_commit_sha, _parse_time(v.created_at)) for v in mr.diffs.list(get_all=True)]
@@ -214,6 +286,10 @@ class GitLabClient:
             if any(when is None for _, when in approvals):
                 noted = self._approval_note_times(mr)
                 approvals = [(user, when or noted.get(user.lower())) for user, when in approvals]
+            return head, versions, approvals
+
+        head, versions, approvals = self._call(
+            f"listing approvals of merge request !{number} of {self.repo.full_name}", fetch)
         pushed = [created for sha, created in versions if sha == head and created is not None]
         pushed_at = max(pushed) if pushed else None
         reviews = [
@@ -243,8 +319,8 @@ class GitLabClient:
         if user_id is None:
             return "none"
         try:
-            with self._api(f"reading {user}'s access level on {self.repo.full_name}"):
-                member = self._project.members_all.get(user_id)
+            member = self._call(f"reading {user}'s access level on {self.repo.full_name}",
+                                lambda: self._project.members_all.get(user_id))
         except ForgeError as exc:
             if exc.status == 404:
                 return "none"
@@ -263,8 +339,8 @@ class GitLabClient:
         if user_id is None:
             return False
         try:
-            with self._api(f"reading {user}'s membership of {group}"):
-                member = self._gl.groups.get(group, lazy=True).members_all.get(user_id)
+            member = self._call(f"reading {user}'s membership of {group}",
+                                lambda: self._gl.groups.get(group, lazy=True).members_all.get(user_id))
         except ForgeError as exc:
             if exc.status == 404:
                 return False
@@ -274,8 +350,8 @@ class GitLabClient:
     def _user_id(self, username: str) -> int | None:
         if not username:
             return None
-        with self._api(f"looking up user {username}"):
-            users = self._gl.users.list(username=username, get_all=False)
+        users = self._call(f"looking up user {username}",
+                           lambda: self._gl.users.list(username=username, get_all=False))
         return next((int(u.id) for u in users if str(u.username).lower() == username.lower()), None)
 
     # -- merging -------------------------------------------------------------------------------
@@ -289,7 +365,8 @@ class GitLabClient:
         bot's own pending `deploybot/apply` cannot block its own apply; anything else does
         not merge, and the reason names it.
         """
-        with self._api(f"checking mergeability of merge request !{pull.number} of {self.repo.full_name}"):
+
+        def fetch() -> Mergeability:
             data = self._project.mergerequests.get(pull.number).attributes
             for _ in range(self._mergeable_retries - 1):
                 if _merge_status(data) not in UNSETTLED_MERGE_STATUSES:
@@ -311,6 +388,8 @@ class GitLabClient:
             reason = MERGE_STATUS_REASONS.get(status, "GitLab would not merge it")
             return Mergeability(False, f"{reason} (GitLab: {status})")
 
+        return self._call(f"checking mergeability of merge request !{pull.number} of {self.repo.full_name}", fetch)
+
     def _statuses_pass(self, sha: str, ignore: frozenset[str]) -> Mergeability:
         statuses = self._gl.http_list(
             f"{self._path}/repository/commits/{_quote(sha)}/statuses", query_data={"per_page": PER_PAGE}, get_all=True
@@ -328,24 +407,24 @@ class GitLabClient:
 
     def is_behind_base(self, pull: PullRequest) -> bool:
         """Whether the target branch has commits the MR head does not contain (compare head → target)."""
-        with self._api(f"comparing {pull.head_sha[:12]} with {pull.base_ref} on {self.repo.full_name}"):
-            comparison = self._project.repository_compare(pull.head_sha, pull.base_ref)
-            return bool(comparison["commits"])
+        comparison = self._call(f"comparing {pull.head_sha[:12]} with {pull.base_ref} on {self.repo.full_name}",
+                                lambda: self._project.repository_compare(pull.head_sha, pull.base_ref))
+        return bool(comparison["commits"])
 
     # -- repository ----------------------------------------------------------------------------
 
     def lookup_repo(self) -> Repo:
         """This project as a Repo (clone URL, default branch): for runs no webhook announced."""
-        with self._api(f"looking up {self.repo.full_name}"):
-            data = self._gl.projects.get(self.repo.full_name).attributes
+        data = self._call(f"looking up {self.repo.full_name}",
+                          lambda: self._gl.projects.get(self.repo.full_name).attributes)
         return Repo(forge="gitlab", full_name=str(data["path_with_namespace"]),
                     clone_url=str(data["http_url_to_repo"]), default_branch=str(data["default_branch"]))
 
     def commit_sha(self, ref: str) -> str | None:
         """The commit a branch, tag, ref or SHA names in this project, or None."""
         try:
-            with self._api(f"resolving {ref} in {self.repo.full_name}"):
-                return str(self._project.commits.get(ref.removeprefix("refs/heads/")).id)
+            return self._call(f"resolving {ref} in {self.repo.full_name}",
+                              lambda: str(self._project.commits.get(ref.removeprefix("refs/heads/")).id))
         except ForgeError as exc:
             if exc.status == 404:
                 return None
@@ -353,15 +432,15 @@ class GitLabClient:
 
     def is_on_default_branch(self, sha: str) -> bool:
         """Whether the commit is (an ancestor of) the head of the default branch."""
-        with self._api(f"comparing {sha[:12]} with {self.repo.default_branch} on {self.repo.full_name}"):
-            comparison = self._project.repository_compare(self.repo.default_branch, sha)
+        comparison = self._call(f"comparing {sha[:12]} with {self.repo.default_branch} on {self.repo.full_name}",
+                                lambda: self._project.repository_compare(self.repo.default_branch, sha))
         return not comparison["commits"]  # nothing in sha that the default branch lacks
 
     def read_file(self, ref: str, path: str) -> str | None:
         """A file's text at a ref, or None if there is no file there."""
         try:
-            with self._api(f"reading {path} at {ref} of {self.repo.full_name}"):
-                raw = self._project.files.raw(file_path=path, ref=ref)
+            raw = self._call(f"reading {path} at {ref} of {self.repo.full_name}",
+                             lambda: self._project.files.raw(file_path=path, ref=ref))
         except ForgeError as exc:
             if exc.status == 404:
                 return None
@@ -389,21 +468,38 @@ class GitLabClient:
             url=str(data.get("web_url") or ""),
         )
 
-    @contextmanager
-    def _api(self, action: str) -> Iterator[None]:
-        """Turn python-gitlab and transport failures into ForgeError, with the token scrubbed."""
-        try:
-            yield
-        except ForgeError:
-            raise
-        except GitlabError as exc:
+    def _call(self, action: str, fn: Callable[[], T]) -> T:
+        """`fn()` (python-gitlab calls) under the retry policy; failures become ForgeError, token scrubbed."""
+        return self._retry.run(fn, self._transient, lambda exc: self._forge_error(exc, action), what=action,
+                               chain=False)
+
+    def _transient(self, exc: BaseException) -> Transient | None:
+        """Whether a failure is worth another attempt, and what GitLab asked for."""
+        if isinstance(exc, GitlabError):
+            status = exc.response_code
+            if status is None:
+                return None
+            headers = self._gl.answer_headers(status)
+            retry_after = retry_after_seconds(header(headers, "Retry-After"))
+            if status == 429:
+                reset = reset_wait_seconds(header(headers, "RateLimit-Reset"))
+                return Transient("429", retry_after if retry_after is not None else reset)
+            if status in TRANSIENT_STATUSES:
+                return Transient(str(status), retry_after, maybe_done=True)
+            return None
+        return transport_transient(exc)
+
+    def _forge_error(self, exc: BaseException, action: str) -> ForgeError | None:
+        """python-gitlab and transport failures as ForgeError, with the token scrubbed; None for others."""
+        if isinstance(exc, GitlabError):
             message = _error_text(exc.error_message).replace(self._token, "***")
             status = exc.response_code
-            raise ForgeError(
+            return ForgeError(
                 f"GitLab API error while {action}: {status or ''} {message}".replace("  ", " ").rstrip(), status
-            ) from None
-        except requests.RequestException as exc:
-            raise ForgeError(f"could not reach GitLab while {action}: {type(exc).__name__}") from None
+            )
+        if isinstance(exc, requests.RequestException):
+            return ForgeError(f"could not reach GitLab while {action}: {type(exc).__name__}")
+        return None
 
 
 def _approved_sha(
@@ -457,6 +553,10 @@ def _error_text(message: Any) -> str:
     if not isinstance(message, str):
         message = json.dumps(message, sort_keys=True)
     return message[:300]
+
+
+def _normalized(body: str) -> str:
+    return body.replace("\r\n", "\n").strip()
 
 
 def _quote(segment: str) -> str:

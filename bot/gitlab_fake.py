@@ -14,6 +14,10 @@ GitLab would send, built from GitLab's documented example payloads
 Projects are real bare git repositories on disk: SHAs, diffs, comparisons, conflicts,
 merge commits and file contents come from git itself.
 
+Faults: `inject_faults` (from `bot.local_forge`) makes the next matching API requests
+fail (patterns see the raw path, `projects/group%2Frepo/...`); `server_error` and
+`rate_limited` below build the answers GitLab gives, headers and all.
+
 Deliberate simplifications: the bot token sees every project; notes and statuses the
 API creates send no webhooks (GitLab would send a Note Hook for the bot's own notes;
 the bot ignores those anyway); there are no pipelines, only the commit statuses that
@@ -46,8 +50,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bot.local_forge import Delivery, RequestRecord  # noqa: F401  (re-exported: records tests read)
-from bot.local_forge import LocalForge, RequestLog, branch_heads, commit_info, count_commits, git, git_bytes
+from bot.local_forge import Delivery, Fault, RequestRecord  # noqa: F401  (re-exported: records tests read)
+from bot.local_forge import FaultInjector, LocalForge, RequestLog, branch_heads, commit_info, count_commits, git
+from bot.local_forge import git_bytes
 from bot.local_forge import merge_commit, merge_conflicts, raw_changes, raw_path, rev_parse, stable_id
 
 API_PREFIX = "/api/v4"
@@ -227,7 +232,8 @@ class FakeGitLab(LocalForge):
 
         self.app = Starlette(
             routes=[Route(API_PREFIX + "/{rest:path}", self._dispatch, methods=["GET", "POST", "PUT", "DELETE"])],
-            middleware=[Middleware(RequestLog, record=self._record_request, raw_path=True)],
+            middleware=[Middleware(RequestLog, record=self._record_request, raw_path=True),
+                        Middleware(FaultInjector, forge=self, raw_path=True)],
         )
         self._routes: list[tuple[str, tuple[str, ...], Handler]] = self._route_table()
 
@@ -1034,6 +1040,19 @@ class FakeGitLab(LocalForge):
             self._user_tokens[token] = self.add_user(username)
         return token
 
+    def _fault_authorized(self, request: Request) -> bool:
+        """Faults come after authentication: only requests with a token GitLab accepts get them."""
+        if not raw_path(request.scope).startswith(API_PREFIX + "/"):
+            return False
+        try:
+            self._authenticate(request)
+        except _ApiError:
+            return False
+        return True
+
+    def _fault_body(self, status: int) -> dict[str, Any]:
+        return {"message": f"{status} {SERVER_ERROR_PHRASES.get(status, 'Error')}"}
+
     def _authenticate(self, request: Request) -> None:
         token = request.headers.get("private-token")
         if token is None:
@@ -1317,6 +1336,32 @@ class FakeGitLab(LocalForge):
             if membership is None or user_id not in self._users:
                 raise _ApiError(404, "404 Not found")
             return JSONResponse(self._member_json(user_id, *membership))
+
+
+# -- faults as GitLab answers them -------------------------------------------------------------
+
+SERVER_ERROR_PHRASES = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
+                        504: "Gateway Timeout", 429: "Too Many Requests"}
+
+
+def server_error(status: int = 500, **fault: Any) -> Fault:
+    """A 5xx as GitLab's API answers it: `{"message": "500 Internal Server Error"}`."""
+    return Fault(status, {}, {"message": f"{status} {SERVER_ERROR_PHRASES.get(status, 'Error')}"}, **fault)
+
+
+def rate_limited(retry_after: int = 60, limit: int = 2000, **fault: Any) -> Fault:
+    """429 from GitLab's rate limiter: text body "Retry later", `Retry-After` and the `RateLimit-*` headers."""
+    reset = int(time.time()) + retry_after
+    headers = {
+        "RateLimit-Name": "throttle_authenticated_api",
+        "RateLimit-Limit": str(limit),
+        "RateLimit-Observed": str(limit + 1),
+        "RateLimit-Remaining": "0",
+        "RateLimit-Reset": str(reset),
+        "RateLimit-ResetTime": datetime.fromtimestamp(reset, UTC).strftime("%a, %d %b %Y %H:%M:%S GMT"),
+        "Retry-After": str(retry_after),
+    }
+    return Fault(429, headers, "Retry later\n", **fault)
 
 
 # -- HTTP plumbing ---------------------------------------------------------------------------

@@ -52,7 +52,7 @@ import hmac
 from collections.abc import Mapping
 from typing import Any
 
-from bot.github_webhook import InvalidSignature, MalformedPayload, Parser, load_body, parse_with
+from bot.github_webhook import InvalidSignature, MalformedPayload, Parser, integer, load_body, parse_with, text
 from bot.models import CommentEvent, Event, PullRequest, PullRequestEvent, Repo, ReviewEvent
 
 __all__ = [
@@ -164,9 +164,9 @@ def _repo(payload: dict[str, Any]) -> Repo:
     project = payload["project"]
     return Repo(
         forge=FORGE,
-        full_name=_text(project["path_with_namespace"]),
-        clone_url=_text(project["git_http_url"]),
-        default_branch=_text(project["default_branch"]),
+        full_name=text(project["path_with_namespace"]),
+        clone_url=text(project["git_http_url"]),
+        default_branch=text(project["default_branch"]),
         installation_id=None,
     )
 
@@ -177,41 +177,31 @@ def _author(payload: dict[str, Any], attributes: dict[str, Any], action: str) ->
     users = [payload.get("user")] + list(payload.get("assignees") or []) + list(payload.get("reviewers") or [])
     for user in users:
         if isinstance(user, dict) and author_id is not None and user.get("id") == author_id:
-            return _text(user["username"])
+            return text(user["username"])
     if action == "open":
-        return _text(payload["user"]["username"])
+        return text(payload["user"]["username"])
     return ""
 
 
 def _pull(payload: dict[str, Any], action: str) -> PullRequest:
     attributes = payload["object_attributes"]
     last_commit = attributes.get("last_commit")  # null when the source branch has no commits left
-    state = _text(attributes["state"])
+    state = text(attributes["state"])
     merged = state == "merged" or action == "merge"
     return PullRequest(
         repo=_repo(payload),
-        number=_int(attributes["iid"]),
-        head_sha=_text(last_commit["id"]) if last_commit is not None else "",
-        head_ref=_text(attributes["source_branch"]),
-        base_ref=_text(attributes["target_branch"]),
+        number=integer(attributes["iid"]),
+        head_sha=text(last_commit["id"]) if last_commit is not None else "",
+        head_ref=text(attributes["source_branch"]),
+        base_ref=text(attributes["target_branch"]),
         author=_author(payload, attributes, action),
-        is_fork=_int(attributes["source_project_id"]) != _int(attributes["target_project_id"]),
+        is_fork=integer(attributes["source_project_id"]) != integer(attributes["target_project_id"]),
         state="closed" if merged or state == "closed" else "open",
         merged=merged,
-        url=_text(attributes.get("url") or ""),
+        url=text(attributes.get("url") or ""),
     )
 
 
-def _text(value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"a string, got {type(value).__name__}")
-    return value
-
-
-def _int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"an integer, got {type(value).__name__}")
-    return value
 
 
 def _check_kind(payload: dict[str, Any], kind: str) -> None:
@@ -227,8 +217,8 @@ _UNAPPROVE_ACTIONS = frozenset({"unapproved", "unapproval"})
 
 def _merge_request(payload: dict[str, Any]) -> PullRequestEvent | ReviewEvent | None:
     _check_kind(payload, "merge_request")
-    action = _text(payload["object_attributes"].get("action") or "")
-    sender = _text(payload["user"]["username"])
+    action = text(payload["object_attributes"].get("action") or "")
+    sender = text(payload["user"]["username"])
     if action in _APPROVE_ACTIONS or action in _UNAPPROVE_ACTIONS:
         approved = action in _APPROVE_ACTIONS
         return ReviewEvent(
@@ -262,10 +252,10 @@ def _note(payload: dict[str, Any]) -> CommentEvent | None:
         return None  # edits never run anything; system notes are GitLab's own words
     return CommentEvent(
         repo=_repo(payload),
-        pull_number=_int(payload["merge_request"]["iid"]),
-        comment_id=_int(attributes["id"]),
-        author=_text(payload["user"]["username"]),
-        body=_text(attributes.get("note") or ""),
+        pull_number=integer(payload["merge_request"]["iid"]),
+        comment_id=integer(attributes["id"]),
+        author=text(payload["user"]["username"]),
+        body=text(attributes.get("note") or ""),
     )
 
 

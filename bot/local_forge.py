@@ -6,18 +6,30 @@ it answers (`requests`, via the `RequestLog` middleware) and keeps the books on 
 deliveries (`deliveries`, `redeliver`). A subclass says how to read a payload's action
 (`_action`) and which headers a delivery carries (`_webhook_headers`).
 
+Fault injection (`inject_faults`, served by the `FaultInjector` middleware): the next API
+requests that match a method and a path pattern get the `Fault`s given, in order, instead of
+the real answer: a 5xx, a rate limit with its headers, a late answer (`delay` beyond the
+client's timeout is a timeout), or an error after the work was done (`handled`). A subclass
+says which requests pass its authentication (`_fault_authorized`: others get the real 401
+and use up no fault) and what an error body looks like by default (`_fault_body`). Injected
+answers are logged in `requests` like any other.
+
 The git helpers below read and write the real bare repositories the fakes stand on.
 """
 
 from __future__ import annotations
 
+import asyncio
+import http
 import json
+import re
 import socket
 import subprocess
 import threading
 import time
 import uuid
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -26,6 +38,8 @@ from typing import Any, ClassVar, NamedTuple, Self
 import httpx
 import uvicorn
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -35,6 +49,33 @@ class RequestRecord(NamedTuple):
     method: str
     path: str
     status: int
+
+
+@dataclass(frozen=True)
+class Fault:
+    """An answer a fake gives instead of the real one (see `LocalForge.inject_faults`).
+
+    - `status`, `headers`: the answer's; `body` a dict (JSON) or a str (text/plain); None:
+      the fake's usual error body for that status (GitHub `{"message", "documentation_url"}`,
+      GitLab `{"message": "500 Internal Server Error"}`).
+    - `delay`: seconds before the answer starts; longer than the client's timeout, the
+      client sees a timeout.
+    - `handled`: the real handler runs first (a comment is made, a status set) and its
+      answer is replaced by this one: a forge that did the work but answered an error.
+    """
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: dict[str, Any] | str | None = None
+    delay: float = 0.0
+    handled: bool = False
+
+
+@dataclass
+class _FaultRule:
+    method: str  # upper case, or "*"
+    pattern: re.Pattern[str]
+    answers: deque[Fault]
 
 
 @dataclass(frozen=True)
@@ -103,6 +144,7 @@ class LocalForge:
         self._requests: list[RequestRecord] = []
         self._deliveries: list[Delivery] = []
         self._webhook: tuple[str, Any] | None = None  # receiver URL, and what the subclass signs with
+        self._faults: list[_FaultRule] = []
         self._server: ServerThread | None = None
         self._http = httpx.Client(timeout=10.0)  # GitHub and GitLab both give a receiver ten seconds
 
@@ -178,6 +220,60 @@ class LocalForge:
             self._deliveries.append(Delivery(event, action, delivery_id, status, body, redelivery))
         return status
 
+    # -- faults --------------------------------------------------------------------------------
+
+    def inject_faults(self, method: str, path_regex: str, responses: list[Fault]) -> None:
+        """The next `len(responses)` API requests that match get these answers, in order.
+
+        A request matches when its method is `method` ("*": any) and `re.search(path_regex, path)`
+        finds the path as `requests` logs it (no query string; FakeGitLab keeps the percent-
+        encoding, `projects/acme%2Finfra/...`). A request the fake's authentication refuses gets
+        its real 401/404 and uses up no fault. Rules apply in the order they were injected; each
+        request uses up at most one fault.
+        """
+        if not responses:
+            return
+        rule = _FaultRule(method.upper(), re.compile(path_regex), deque(responses))
+        with self._lock:
+            self._faults.append(rule)
+
+    def clear_faults(self) -> None:
+        """Forget every fault not yet served."""
+        with self._lock:
+            self._faults.clear()
+
+    @property
+    def pending_faults(self) -> int:
+        """How many injected answers are still to be served."""
+        with self._lock:
+            return sum(len(rule.answers) for rule in self._faults)
+
+    def _take_fault(self, method: str, path: str, scope: Scope) -> Fault | None:
+        """The fault this request gets, if any (used up here)."""
+        with self._lock:
+            for rule in self._faults:
+                if rule.answers and rule.method in ("*", method.upper()) and rule.pattern.search(path):
+                    if not self._fault_authorized(Request(scope)):
+                        return None  # the real answer (401, 404) comes from the app
+                    fault = rule.answers.popleft()
+                    self._faults = [r for r in self._faults if r.answers]
+                    return fault
+        return None
+
+    def _fault_authorized(self, request: Request) -> bool:
+        """Whether the request passes the fake's authentication (faults come after that check)."""
+        return True
+
+    def _fault_body(self, status: int) -> dict[str, Any]:
+        """The error body of a fault that names none."""
+        return {"message": _phrase(status)}
+
+    def _fault_response(self, fault: Fault) -> Response:
+        body: dict[str, Any] | str = self._fault_body(fault.status) if fault.body is None else fault.body
+        if isinstance(body, str):
+            return PlainTextResponse(body, status_code=fault.status, headers=fault.headers)
+        return JSONResponse(body, status_code=fault.status, headers=fault.headers)
+
     # -- records for assertions ---------------------------------------------------------------
 
     @property
@@ -226,6 +322,53 @@ class RequestLog:
         finally:
             if not recorded:
                 self.record(scope["method"], path, 500)
+
+
+class FaultInjector:
+    """ASGI middleware that serves `forge`'s injected faults (place it inside `RequestLog`).
+
+    `raw_path` as for RequestLog: which form of the path the fault patterns see.
+    """
+
+    def __init__(self, app: ASGIApp, forge: LocalForge, raw_path: bool = False) -> None:
+        self.app = app
+        self.forge = forge
+        self.raw_path = raw_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = raw_path(scope) if self.raw_path else scope["path"]
+        fault = self.forge._take_fault(scope["method"], path, scope)
+        if fault is None:
+            await self.app(scope, receive, send)
+            return
+        if fault.handled:
+            async def discard(message: Message) -> None:
+                pass
+
+            await self.app(scope, receive, discard)
+        else:
+            await _drain(receive)
+        if fault.delay > 0:
+            await asyncio.sleep(fault.delay)
+        await self.forge._fault_response(fault)(scope, receive, send)
+
+
+async def _drain(receive: Receive) -> None:
+    """Read the request body the fault answers without looking at."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+
+
+def _phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
 
 
 def raw_path(scope: Scope) -> str:

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from bot.config import Config
 from bot.git import GitError, RepoCache
 from bot.logs import log_context
 from bot.metrics import Metrics
-from bot.repo_guard import cap_output, checkout_problems
+from bot.repo_guard import cap_output, checkout_problems, installed_module_problems
 from bot.models import PullRequest, Repo
 from bot.statuses import plan_context, report_aggregate_statuses
 from bot.store import Job, Run, SavedPlan, Store, repo_key
@@ -169,12 +170,19 @@ class Worker:
         """Where a job's terraform output is written as it runs (raw: redact before showing)."""
         return self.config.server.data_dir / "logs" / f"job-{job_id}.log"
 
+    def _home(self, job: Job) -> Path:
+        return self.config.server.data_dir / "homes" / f"job-{job.id}"
+
     async def _run_job(self, job: Job) -> None:
         path = self.log_path(job.id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with log_context(run=job.run.id, job=job.id, repo=job.run.repo.full_name, pr=job.run.pull_number or None,
-                         project=job.project.label), path.open("ab") as output_log:
-            await self._run_logged_job(job, output_log)
+        try:
+            with log_context(run=job.run.id, job=job.id, repo=job.run.repo.full_name,
+                             pr=job.run.pull_number or None, project=job.project.label), \
+                    path.open("ab") as output_log:
+                await self._run_logged_job(job, output_log)
+        finally:
+            shutil.rmtree(self._home(job), ignore_errors=True)
 
     async def _run_logged_job(self, job: Job, output_log: BinaryIO) -> None:
         started = time.monotonic()
@@ -205,7 +213,7 @@ class Worker:
         result = outcome.as_result()
         self.metrics.job_seconds.labels(job.run.command, result["outcome"] if status == "failed" else status
                                         ).observe(time.monotonic() - started)
-        result["output"] = self.clean(cap_output(result["output"]))
+        result["output"] = cap_output(self.clean(result["output"]))  # redact first: a cut must not split a secret
         result["summary"] = self.clean(result["summary"])
         self.store.finish_job(job.id, status, result)
         run = job.run
@@ -272,6 +280,10 @@ class Worker:
         init = await self.terraform.init(project_dir, env, output_log)
         if failed := _phase_failure("init", init):
             return JobOutcome("failed", failed, init.output, terraform_seconds=init.duration_s)
+        # What init actually installed, by terraform's own account, must stay in the checkout too.
+        if problems := installed_module_problems(self._workdir(job).resolve(), project_dir):
+            return JobOutcome("failed", "checkout refused: " + "; ".join(problems), init.output,
+                              terraform_seconds=init.duration_s)
         return project_dir, init
 
     async def _phase_env(self, job: Job, phase: str) -> dict[str, str]:
@@ -284,7 +296,12 @@ class Worker:
         timeout = self.config.terraform.plan_timeout if phase == "plan" else self.config.terraform.apply_timeout
         credentials = await asyncio.to_thread(self.aws.env_for, phase, name, valid_for=timeout)
         phase_env = self.config.terraform.plan_env if phase == "plan" else self.config.terraform.apply_env
-        return with_credentials(phase_env, credentials)
+        # A HOME of the job's own: nothing one PR's terraform leaves there (a .terraformrc,
+        # plugins) reaches another job.
+        home = self._home(job)
+        shutil.rmtree(home, ignore_errors=True)
+        home.mkdir(parents=True)
+        return {**with_credentials(phase_env, credentials), "HOME": str(home)}
 
     async def _plan(self, job: Job, output_log: BinaryIO) -> JobOutcome:
         try:

@@ -235,7 +235,9 @@ def load_policy(text: str) -> Policy:
     """Parse and validate policy YAML; raise PolicyError naming the bad key."""
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
+    # PyYAML's constructors raise plain exceptions for explicit tags that do not fit
+    # (`!!int A`), and its composer recurses: all of it is a bad policy file, not a crash.
+    except (yaml.YAMLError, ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as e:
         raise PolicyError(f"invalid YAML: {e}") from None
     if not isinstance(data, dict):
         raise PolicyError("the policy must be a mapping with a `repos` key")
