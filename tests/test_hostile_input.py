@@ -18,11 +18,10 @@ bounded example counts so the module stays well under two minutes.
 - People who may not do something are refused every command, in a reply and in the
   audit log, and nothing runs.
 
-Bugs these tests found are pinned by `xfail(strict=True)` tests named `test_bug_*`; the
-property tests steer clear of exactly those inputs so they keep guarding everything else
-(`_known_trigger_bug`, `_known_yaml_bug`, no non-finite floats in `REPLACEMENTS`, only the
-configured forge in `FIELD_VALUES`). When a bug is fixed its xfail
-test passes and fails as XPASS: delete the marker and the matching exclusion.
+The bugs these tests found (500s on out-of-range numbers, deep nesting, lone surrogates,
+run requests without repo or command, an unknown forge, the ref ".."; PyYAML errors escaping
+the policy loader) have regression tests named `test_bug_*`, and the property tests draw
+those inputs as well.
 """
 
 from __future__ import annotations
@@ -64,7 +63,7 @@ from policies.apply_requirements import (
 )
 from policies.authz import Actor, is_allowed
 from policies.autoplan import NarrowedProject, narrow_projects, projects_to_autoplan
-from policies.policy import PERMISSIONS, PolicyError, RepoPolicy, Subjects, _StrictLoader, load_policy
+from policies.policy import PERMISSIONS, PolicyError, RepoPolicy, Subjects, load_policy
 from tests.world import TEST_POLICY, World, staging_change
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -302,23 +301,10 @@ YAML_TOKENS = [
 @given(text=st.one_of(st.text(max_size=300),
                       st.lists(st.sampled_from(YAML_TOKENS) | st.text(max_size=6), max_size=40).map("".join)))
 def test_load_policy_raises_only_policy_error_on_any_text(text: str):
-    assume(not _known_yaml_bug(text))
     try:
         load_policy(text)
     except PolicyError:
         pass
-
-
-def _known_yaml_bug(text: str) -> bool:
-    """Whether PyYAML itself fails on the text with something other than a YAMLError (pinned by
-    test_bug_load_policy_lets_yaml_constructor_errors_escape); the validation after it must stay clean."""
-    try:
-        yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - the policy's own SafeLoader subclass
-    except yaml.YAMLError:
-        return False
-    except Exception:  # noqa: BLE001
-        return True
-    return False
 
 
 ANY_VALUE = st.recursive(
@@ -366,7 +352,7 @@ def test_load_policy_raises_only_policy_error_on_any_structure(data: Any):
                                   "!!int A", "repos: !!int", "repos: !!bool 0", "repos: !!timestamp x",
                                   "repos: !!map [a]", "repos: !!map 0", "repos: !!float :0"])
 def test_bug_load_policy_lets_yaml_constructor_errors_escape(text: str):
-    """policies/policy.py `load_policy` catches only yaml.YAMLError around `yaml.load`, but PyYAML's
+    """Was a bug: policies/policy.py `load_policy` catches only yaml.YAMLError around `yaml.load`, but PyYAML's
     constructors raise plain exceptions for explicit tags whose value does not fit (`!!int A` ValueError,
     `!!int` IndexError, `!!bool 0` KeyError, `!!timestamp x` AttributeError, `!!float :0` ValueError), the
     policy's own `_construct_mapping` fails on `!!map [a]` (TypeError) and `!!map 0` (ValueError), and the
@@ -701,10 +687,10 @@ HOSTILE_STRINGS = [
 HUGE_STRINGS = st.sampled_from(["A", "9", "\U0001F600", "\x00"]).flatmap(
     lambda ch: st.integers(4_000, 60_000).map(lambda n: ch * n))
 
-# A JSON value of another type. Non-finite floats are left out: `1e999` is pinned by its own bug test.
+# A JSON value of another type (non-finite floats go out as `Infinity`/`NaN`, which Python's json reads).
 REPLACEMENTS = st.one_of(
     st.none(), st.booleans(), st.integers(), st.integers(min_value=2**63, max_value=2**80),
-    st.sampled_from([0, -1, 2**63 - 1]), st.floats(allow_infinity=False),
+    st.sampled_from([0, -1, 2**63 - 1]), st.floats(),
     st.text(max_size=30), st.sampled_from(HOSTILE_STRINGS), HUGE_STRINGS,
     st.lists(st.integers() | st.text(max_size=5), max_size=3),
     st.dictionaries(st.text(max_size=5), st.integers() | st.none(), max_size=3),
@@ -883,11 +869,11 @@ def test_oversized_and_replayed_webhooks(any_world: World, http: httpx.Client):
     assert len(db_rows(world, "SELECT id FROM deliveries WHERE id = ?", (delivery,))) == 1
 
 
-# Bugs found here: pinned until fixed.
+# Bugs these tests found, kept as regression tests.
 
 
 def test_bug_github_number_out_of_float_range_is_a_400(github_world: World, http: httpx.Client):
-    """`1e999` is valid JSON that Python reads as inf; `int(pr["number"])` in bot/github_webhook.py `_pull`
+    """Was a bug: `1e999` is valid JSON that Python reads as inf; `int(pr["number"])` in bot/github_webhook.py `_pull`
     (also `int(installation["id"])` in `_repo`) raises OverflowError, which `parse_with` does not catch
     (only KeyError/TypeError/ValueError/AttributeError): the signed webhook is answered 500."""
     payload = next(x for e, x in GITHUB_EXAMPLES if e == "pull_request" and x["action"] == "opened")
@@ -899,7 +885,7 @@ def test_bug_github_number_out_of_float_range_is_a_400(github_world: World, http
 
 
 def test_bug_deeply_nested_webhook_body_is_a_400(any_world: World, http: httpx.Client):
-    """`json.loads` raises RecursionError on 100000 nested '['; bot/github_webhook.py `load_body` (shared by
+    """Was a bug: `json.loads` raises RecursionError on 100000 nested '['; bot/github_webhook.py `load_body` (shared by
     both forges) catches only UnicodeDecodeError/ValueError: a signed webhook is answered 500, not 400."""
     event = "pull_request" if any_world.forge.name == "github" else "Merge Request Hook"
     answer = deliver(http, any_world, event, b"[" * 100_000 + b"]" * 100_000)
@@ -907,7 +893,7 @@ def test_bug_deeply_nested_webhook_body_is_a_400(any_world: World, http: httpx.C
 
 
 def test_bug_github_number_beyond_64_bits_is_refused_at_the_intake(github_world: World, http: httpx.Client):
-    """The parsers check types, not ranges: pull_request.number = 2**64 is queued (202), and the handler
+    """Was a bug: the parsers check types, not ranges: pull_request.number = 2**64 is queued (202), and the handler
     (handlers/pull_request.py `closed` -> `_cancel_pull_jobs` -> Store.unfinished_jobs) raises
     OverflowError "Python int too large to convert to SQLite INTEGER"; the dispatcher's catch-all logs a
     traceback and marks the delivery failed. The intake should answer 400 (or the handler cope)."""
@@ -953,7 +939,8 @@ JSON_VALUES = st.recursive(
     max_leaves=12,
 )
 GARBAGE = st.one_of(JSON_VALUES, st.integers(1_000, 40_000).map(lambda n: "x" * n),
-                    st.sampled_from(["\u202e" * 100, "../../..", "-target=x", "main; rm -rf /", "$(id)", "\x00"]))
+                    st.sampled_from(["\u202e" * 100, "../../..", "-target=x", "main; rm -rf /", "$(id)", "\x00",
+                                     "acme/\ud800", "\udfff"]))
 # Each field either a plausible value (so requests get past the early checks) or garbage.
 FIELD_VALUES: dict[str, st.SearchStrategy] = {
     # Not REPO.upper(): the policy matches names case-insensitively like GitHub does, but the local fake
@@ -965,15 +952,14 @@ FIELD_VALUES: dict[str, st.SearchStrategy] = {
     "project": st.sampled_from(["staging", "production", "../staging", "staging; id"]),
     "dir": st.sampled_from(["staging", "/etc", "../..", "staging/../production"]),
     "workspace": st.sampled_from(["default", "prod", "-x"]),
-    # Unknown or unconfigured forge names are pinned by a bug test (a 502); here only the configured one.
-    "forge": st.sampled_from(["github"]),
+    "forge": st.sampled_from(["github", "gitlab", "bitbucket", "GitHub"]),
 }
 # Authorized requests whose ref, sha, dir or workspace is odd: they reach the forge lookup. No ref that
 # resolves ("main") here, so no plan is started (those would queue terraform runs behind the test).
-# ("..", a 500 on GitHub, is pinned by test_bug_trigger_api_dot_ref_is_a_4xx and left out by _known_trigger_bug.)
 ODD_REFS = st.sampled_from(["no-such-branch", "refs/tags/v1", "main~1", "-main", "refs/heads/../main", "main:x",
-                            ".", "%00", "refs/pull/1/head", "refs/heads/main\n", "main?x=1", "main#x", " main",
-                            "a" * 300]) | st.text(max_size=30).filter(lambda r: r.strip() not in ("main", "HEAD"))
+                            ".", "..", "refs/heads/..", "%00", "\ud800", "refs/pull/1/head", "refs/heads/main\n",
+                            "main?x=1", "main#x", " main", "a" * 300]) \
+    | st.text(max_size=30).filter(lambda r: r.strip() not in ("main", "HEAD"))
 REACHING_THE_FORGE = st.fixed_dictionaries(
     {"repo": st.just(REPO), "command": st.sampled_from(["plan", "apply"]), "ref": ODD_REFS},
     optional={"project": st.just("staging"), "dir": st.sampled_from(["staging", "./staging/", "staging//"]),
@@ -989,33 +975,7 @@ RUN_BODIES = st.one_of(
 ).map(lambda value: json.dumps(value).encode()) | st.binary(max_size=512)
 
 
-def _known_trigger_bug(body: bytes) -> bool:
-    """Inputs of the trigger API bugs pinned below; everything else must be 4xx."""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        return False
-    if not isinstance(data, dict) or set(data) - set(RUN_FIELDS):
-        return False
-    if any(v is not None and not isinstance(v, str) for v in data.values()):
-        return False
-    return (not data.get("repo") or not data.get("command")  # ..._body_without_repo_or_command_is_a_400
-            or data.get("forge") not in (None, "", "github")  # ..._unknown_forge_is_a_4xx
-            or (data.get("ref") or "").removeprefix("refs/heads/") == ".."  # ..._dot_ref_is_a_4xx
-            or any(v and re.search("[\ud800-\udfff]", v) for v in data.values()))  # ..._lone_surrogate_is_a_4xx
-
-
 @BACKGROUND_RANDOM
-def _nul_in_ref(body: bytes) -> bool:
-    """A NUL in `ref` crashes the local fake GitHub (it hands the ref to git: "embedded null byte", 500),
-    and the bot retries that 500 for about 50 s before answering 502: a limit of the fake, left out."""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        return False
-    return isinstance(data, dict) and isinstance(data.get("ref"), str) and "\x00" in data["ref"]
-
-
 def test_trigger_api_garbage_with_valid_signatures_is_4xx(github_world: World, http: httpx.Client):
     world = github_world
     seen: Counter = Counter()
@@ -1023,7 +983,6 @@ def test_trigger_api_garbage_with_valid_signatures_is_4xx(github_world: World, h
     @settings(FAST, max_examples=250)
     @given(body=RUN_BODIES)
     def check(body: bytes) -> None:
-        assume(not _known_trigger_bug(body) and not _nul_in_ref(body))
         answer = post_run(http, world, body)
         seen[answer.status_code] += 1
         assert answer.status_code < 500, (body[:300], answer.status_code, answer.text)
@@ -1090,7 +1049,7 @@ def world_audit(world: World) -> list[dict]:
                                      {"repo": "", "command": "plan", "ref": "main", "project": "staging"}])
 def test_bug_trigger_api_body_without_repo_or_command_is_a_400(github_world: World, http: httpx.Client,
                                                                  payload: dict):
-    """bot/api_runs.py `parse_run_request` builds `RunRequest(**{...})` before its own "repo is required"
+    """Was a bug: bot/api_runs.py `parse_run_request` builds `RunRequest(**{...})` before its own "repo is required"
     check; without `repo` or `command` (or with "" for them) that raises TypeError (missing required
     positional argument): a correctly signed request is answered 500, not 400."""
     answer = post_run(http, github_world, json.dumps(payload).encode())
@@ -1098,14 +1057,14 @@ def test_bug_trigger_api_body_without_repo_or_command_is_a_400(github_world: Wor
 
 
 def test_bug_trigger_api_deeply_nested_body_is_a_400(github_world: World, http: httpx.Client):
-    """60000 nesting brackets fit the 64 KB limit; `json.loads` in bot/api_runs.py `parse_run_request`
+    """Was a bug: 60000 nesting brackets fit the 64 KB limit; `json.loads` in bot/api_runs.py `parse_run_request`
     raises RecursionError, and only UnicodeDecodeError/ValueError are caught: 500, not 400."""
     answer = post_run(http, github_world, b"[" * 30_000 + b"]" * 30_000)
     assert answer.status_code == 400, answer.text
 
 
 def test_bug_trigger_api_lone_surrogate_is_a_4xx(github_world: World, http: httpx.Client):
-    """JSON `"\\ud800"` is valid text and decodes to a lone surrogate; the 403 refusal in bot/api_runs.py
+    """Was a bug: JSON `"\\ud800"` is valid text and decodes to a lone surrogate; the 403 refusal in bot/api_runs.py
     `ApiRuns.start` is audited with `Store.audit(repo=request.repo, detail=...)`, and sqlite3 raises
     UnicodeEncodeError ("surrogates not allowed") from inside the except block: 500, not 403/400."""
     body = b'{"repo": "acme/\\ud800", "command": "plan", "ref": "main", "project": "staging"}'
@@ -1115,7 +1074,7 @@ def test_bug_trigger_api_lone_surrogate_is_a_4xx(github_world: World, http: http
 
 @pytest.mark.parametrize("forge", ["bitbucket", "gitlab", "GitHub"])
 def test_bug_trigger_api_unknown_forge_is_a_4xx(github_world: World, http: httpx.Client, forge: str):
-    """An authorized request naming a forge this server does not serve gets ForgeError from
+    """Was a bug: an authorized request naming a forge this server does not serve gets ForgeError from
     `Deploybot.forge` (bot/app.py), which bot/api_runs.py `ApiRuns._start` maps to ApiError(502, "the forge
     could not be asked"): a client mistake answered as a server error (the OpenAPI document allows only
     github/gitlab and lists no 502)."""
@@ -1127,10 +1086,10 @@ def test_bug_trigger_api_unknown_forge_is_a_4xx(github_world: World, http: httpx
 
 @pytest.mark.parametrize("ref", ["..", "refs/heads/.."])
 def test_bug_trigger_api_dot_ref_is_a_4xx(github_world: World, http: httpx.Client, ref: str):
-    """bot/github_client.py `GitHubClient.commit_sha` requests `/commits/{quote(ref)}`; quote leaves "..", and
-    the HTTP client normalises `/repos/O/R/commits/..` to `/repos/O/R`: the repository JSON has no "sha", the
-    KeyError escapes `_call` (only forge errors are mapped) and the request is answered 500. The same path
-    arithmetic points the bot's authenticated GET at an endpoint it did not mean to call."""
+    """Was a bug: bot/github_client.py `GitHubClient.commit_sha` requests `/commits/{quote(ref)}`; quote
+    leaves "..", and the HTTP client normalises `/repos/O/R/commits/..` to `/repos/O/R`: the repository JSON
+    has no "sha", the KeyError escapes `_call` (only forge errors are mapped) and the request is answered
+    500. The same path arithmetic points the bot's authenticated GET at an endpoint it did not mean to call."""
     body = json.dumps({"repo": REPO, "ref": ref, "project": "staging", "command": "plan"}).encode()
     answer = post_run(http, github_world, body)
     assert 400 <= answer.status_code < 500, answer.text
