@@ -21,18 +21,18 @@ import hashlib
 import hmac
 import json
 import secrets
-import socket
 import threading
 import time
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlencode
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+
+from bot.local_forge import ServerThread
 
 
 def sign_slack_request(body: bytes, secret: str, timestamp: int | float | str) -> dict[str, str]:
@@ -111,14 +111,12 @@ class FakeSlack:
         self.responses: list[dict[str, Any]] = []
         self.auth_headers: list[str | None] = []  # Authorization of every chat.postMessage call
         self._lock = threading.Lock()
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._socket: socket.socket | None = None
         self.app = Starlette(routes=[
             Route("/services/{rest:path}", self._webhook, methods=["POST"]),
             Route("/actions/{rest:path}", self._response_url, methods=["POST"]),
             Route("/api/chat.postMessage", self._chat_post_message, methods=["POST"]),
         ])
+        self._http = ServerThread(self.app, "fake-slack", "FakeSlack")
 
     @property
     def webhook_url(self) -> str:
@@ -141,30 +139,11 @@ class FakeSlack:
 
     def start(self) -> str:
         """Serve on a free port of 127.0.0.1 in a background thread; return the base URL."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        config = uvicorn.Config(self.app, log_config=None, log_level="warning", access_log=False, lifespan="off")
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="fake-slack", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                sock.close()
-                raise RuntimeError("FakeSlack's HTTP server did not start")
-            time.sleep(0.01)
-        self._server, self._thread, self._socket = server, thread, sock
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.url = self._http.start()
         return self.url
 
     def stop(self) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(timeout=10)
-        if self._socket is not None:
-            self._socket.close()
-        self._server = self._thread = self._socket = None
+        self._http.stop()
 
     def __enter__(self) -> FakeSlack:
         self.start()
