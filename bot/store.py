@@ -28,6 +28,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     attempts INTEGER NOT NULL DEFAULT 0,       -- handlings that failed on a forge outage
     next_attempt_at REAL NOT NULL DEFAULT 0
 );
+-- The dispatcher asks for pending deliveries every second: never scan the stored bodies.
+CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries(status, next_attempt_at, received_at);
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     key TEXT NOT NULL UNIQUE,     -- what caused it (delivery id + command): re-dispatch adds nothing
