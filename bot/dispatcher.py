@@ -26,6 +26,7 @@ PARSERS: dict[str, Callable[[str, dict], Event | None]] = {
 }
 
 
+BATCH = 50
 MAX_ATTEMPTS = 8  # with the backoff below: retried for about an hour of forge outage
 RETRY_BASE_SECONDS = 15.0
 RETRY_CAP_SECONDS = 900.0
@@ -76,10 +77,14 @@ class Dispatcher:
     async def _loop(self) -> None:
         while not self._stopping:
             self._wake.clear()
-            for delivery in self.store.pending_deliveries(due_by=time.time()):
+            # A batch at a time: a backlog's bodies are never all in memory at once.
+            batch = self.store.pending_deliveries(due_by=time.time(), limit=BATCH)
+            for delivery in batch:
                 if self._stopping:
                     return
                 await self._handle(delivery)
+            if len(batch) == BATCH:
+                continue  # more are waiting
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)
             except asyncio.TimeoutError:

@@ -221,13 +221,13 @@ class Store:
             )
             return cursor.rowcount == 1
 
-    def pending_deliveries(self, due_by: float | None = None) -> list[Delivery]:
+    def pending_deliveries(self, due_by: float | None = None, limit: int = -1) -> list[Delivery]:
         """Deliveries persisted but not yet handled, oldest first; with `due_by`, only those due."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, forge, event, body, attempts FROM deliveries WHERE status = 'received'"
-                " AND next_attempt_at <= ? ORDER BY received_at",
-                (float("inf") if due_by is None else due_by,),
+                " AND next_attempt_at <= ? ORDER BY received_at LIMIT ?",
+                (float("inf") if due_by is None else due_by, limit),
             ).fetchall()
         return [Delivery(r["id"], r["forge"], r["event"], bytes(r["body"]), r["attempts"]) for r in rows]
 
