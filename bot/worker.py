@@ -268,9 +268,13 @@ class Worker:
         return project_dir
 
     async def _prepare(
-        self, job: Job, env: dict[str, str], output_log: BinaryIO
-    ) -> tuple[Path, PhaseResult] | JobOutcome:
-        """Check out the job's SHA and `terraform init` its project, or say why not."""
+        self, job: Job, phase: str, output_log: BinaryIO
+    ) -> tuple[Path, PhaseResult, dict[str, str]] | JobOutcome:
+        """The phase's environment, a checkout of the job's SHA and its project initialised; or why not."""
+        try:
+            env = await self._phase_env(job, phase)
+        except CredentialsError as exc:
+            return JobOutcome("failed", f"AWS credentials for {phase}: {exc}")
         try:
             project_dir = await self._checkout(job)
         except ProjectDirError as exc:
@@ -284,7 +288,7 @@ class Worker:
         if problems := installed_module_problems(self._workdir(job).resolve(), project_dir):
             return JobOutcome("failed", "checkout refused: " + "; ".join(problems), init.output,
                               terraform_seconds=init.duration_s)
-        return project_dir, init
+        return project_dir, init, env
 
     async def _phase_env(self, job: Job, phase: str) -> dict[str, str]:
         """The phase's environment: server config plus short-lived credentials of the phase's role.
@@ -304,14 +308,10 @@ class Worker:
         return {**with_credentials(phase_env, credentials), "HOME": str(home)}
 
     async def _plan(self, job: Job, output_log: BinaryIO) -> JobOutcome:
-        try:
-            env = await self._phase_env(job, "plan")
-        except CredentialsError as exc:
-            return JobOutcome("failed", f"AWS credentials for plan: {exc}")
-        prepared = await self._prepare(job, env, output_log)
+        prepared = await self._prepare(job, "plan", output_log)
         if isinstance(prepared, JobOutcome):
             return prepared
-        project_dir, init = prepared
+        project_dir, init, env = prepared
         planfile = self._planfile(job)
         plan = await self.terraform.plan(project_dir, planfile, env, job.project.workspace, output_log)
         seconds = init.duration_s + plan.duration_s
@@ -343,16 +343,12 @@ class Worker:
             return JobOutcome("refused", "apply refused: " + "; ".join(reasons))
         plan = self.store.get_plan(job.project_key, run.pull_number)
         assert plan is not None  # the refusals checked it
-        # Only now, after every refusal check, is the deploy role assumed.
-        try:
-            env = await self._phase_env(job, "apply")
-        except CredentialsError as exc:
-            return JobOutcome("failed", f"AWS credentials for apply: {exc}")
-        # Checked out and initialised again: the working dir may have been used for another SHA.
-        prepared = await self._prepare(job, env, output_log)
+        # Only now, after every refusal check, is the deploy role assumed; and the project is
+        # checked out and initialised again: the working dir may have been used for another SHA.
+        prepared = await self._prepare(job, "apply", output_log)
         if isinstance(prepared, JobOutcome):
             return prepared
-        project_dir, init = prepared
+        project_dir, init, env = prepared
         result = await self.terraform.apply(project_dir, Path(plan.planfile), env, log=output_log)
         if failed := _phase_failure("apply", result):
             return JobOutcome("failed", failed, result.output)
