@@ -1,4 +1,4 @@
-"""Running terraform: init, workspace, plan, show -json and apply, off the event loop.
+"""Running terraform: init, workspace, plan and apply, off the event loop; reading plan files.
 
 Every terraform runs as a child process in its own process group with a scrubbed
 environment (nothing from the bot's own environment leaks into it), a timeout per
@@ -22,7 +22,7 @@ import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 # Fixed PATH for terraform and its provisioners; the bot's own PATH may name
 # directories (virtualenvs, home bins) the deployed code has no business seeing.
@@ -164,24 +164,53 @@ def _protobuf_fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
             raise ValueError(f"unsupported protobuf wire type {wire_type}")
 
 
-# Field numbers in terraform's planfile.proto: Plan.backend = 13, Backend.workspace = 3.
-_PLAN_BACKEND_FIELD = 13
-_BACKEND_WORKSPACE_FIELD = 3
+# Field numbers in terraform's planfile.proto (unchanged from terraform 1.0 on):
+# Plan.version = 1, Plan.resource_changes = 3, Plan.output_changes = 4, Plan.backend = 13;
+# Backend.workspace = 3; ResourceInstanceChange.addr = 13 and .change = 9;
+# OutputChange.change = 2; Change.action = 1.
+_PLAN_FORMAT_VERSION = 3
+_PLAN_VERSION, _PLAN_RESOURCE_CHANGES, _PLAN_OUTPUT_CHANGES, _PLAN_BACKEND = 1, 3, 4, 13
+_BACKEND_WORKSPACE = 3
+_RESOURCE_ADDR, _RESOURCE_CHANGE = 13, 9
+_OUTPUT_CHANGE = 2
+_CHANGE_ACTION = 1
+
+# planfile.proto's Action enum: what each action counts towards in "Plan: x to add, ...",
+# as (add, change, destroy). NOOP, READ and FORGET (0, 2, 8) count nothing.
+_ACTION_COUNTS = {
+    0: (0, 0, 0), 1: (1, 0, 0), 2: (0, 0, 0), 3: (0, 1, 0), 5: (0, 0, 1),
+    6: (1, 0, 1), 7: (1, 0, 1), 8: (0, 0, 0), 9: (1, 0, 0),
+}
+
+
+def _field(message: bytes, number: int) -> int | bytes | None:
+    """The last value of a non-repeated field (protobuf's rule), or None."""
+    found = None
+    for n, value in _protobuf_fields(message):
+        if n == number:
+            found = value
+    return found
+
+
+def _read_plan_message(planfile: Path) -> bytes:
+    try:
+        with zipfile.ZipFile(planfile) as archive:
+            return archive.read("tfplan")
+    except (OSError, KeyError, zipfile.BadZipFile) as exc:
+        raise TerraformError(f"cannot read saved plan {planfile.name}: {exc}") from None
 
 
 def plan_workspace(planfile: Path) -> str:
     """The workspace a saved plan was made in (read from the plan file, no terraform needed)."""
+    message = _read_plan_message(planfile)
     try:
-        with zipfile.ZipFile(planfile) as archive:
-            message = archive.read("tfplan")
-        for number, value in _protobuf_fields(message):
-            if number == _PLAN_BACKEND_FIELD and isinstance(value, bytes):
-                for inner, inner_value in _protobuf_fields(value):
-                    if inner == _BACKEND_WORKSPACE_FIELD and isinstance(inner_value, bytes):
-                        return inner_value.decode("utf-8")
-    except (OSError, KeyError, ValueError, IndexError, zipfile.BadZipFile) as exc:
+        backend = _field(message, _PLAN_BACKEND)
+        workspace = _field(backend, _BACKEND_WORKSPACE) if isinstance(backend, bytes) else None
+    except (ValueError, IndexError) as exc:
         raise TerraformError(f"cannot read saved plan {planfile.name}: {exc}") from None
-    raise TerraformError(f"saved plan {planfile.name} names no workspace")
+    if not isinstance(workspace, bytes):
+        raise TerraformError(f"saved plan {planfile.name} names no workspace")
+    return workspace.decode("utf-8")
 
 
 # --------------------------------------------------------------------------- plan summary
@@ -209,24 +238,52 @@ class PlanSummary:
         return f"+{self.add} ~{self.change} -{self.destroy}"
 
 
-def summarize_plan(plan_json: Mapping[str, Any]) -> PlanSummary:
-    """Count adds, changes and destroys in `terraform show -json` output of a plan."""
+# A resource address's module path: module.NAME, then an optional [index] or ["key"].
+_MODULE_STEP_RE = re.compile(r'module\.[A-Za-z0-9_-]+(?:\[(?:[0-9]+|"(?:[^"\\]|\\.)*")\])?\.')
+
+
+def _is_data_resource(addr: str) -> bool:
+    """Whether a resource instance address (module path included) names a data source."""
+    position = 0
+    while step := _MODULE_STEP_RE.match(addr, position):
+        position = step.end()
+    return addr.startswith("data.", position)
+
+
+def summarize_plan_file(planfile: Path) -> PlanSummary:
+    """Count adds, changes and destroys in a saved plan, read from the plan file itself.
+
+    Terraform's own encoding is the source, never its output text (which a pull
+    request can shape), and no second terraform process is needed.
+    """
+    message = _read_plan_message(planfile)
     add = change = destroy = 0
-    for rc in plan_json.get("resource_changes") or ():
-        if rc.get("mode", "managed") != "managed":
-            continue  # data source reads are not changes
-        actions = set((rc.get("change") or {}).get("actions") or ())
-        if "create" in actions:
-            add += 1
-        if "delete" in actions:
-            destroy += 1  # a replace is ["delete", "create"] or the reverse: one of each
-        if "update" in actions:
-            change += 1
-    outputs_changed = any(
-        set((oc or {}).get("actions") or ()) - {"no-op"}
-        for oc in (plan_json.get("output_changes") or {}).values()
-    )
+    outputs_changed = False
+    try:
+        version = _field(message, _PLAN_VERSION)
+        if version != _PLAN_FORMAT_VERSION:
+            raise TerraformError(f"saved plan {planfile.name} has format {version}; "
+                                 f"deploybot reads format {_PLAN_FORMAT_VERSION}")
+        for number, value in _protobuf_fields(message):
+            if number == _PLAN_RESOURCE_CHANGES and isinstance(value, bytes):
+                addr = _field(value, _RESOURCE_ADDR)
+                if isinstance(addr, bytes) and _is_data_resource(addr.decode("utf-8", "replace")):
+                    continue  # data source reads are not changes
+                counts = _ACTION_COUNTS.get(_change_action(value, _RESOURCE_CHANGE))
+                if counts is None:
+                    raise TerraformError(f"saved plan {planfile.name} has an action deploybot does not know")
+                add, change, destroy = add + counts[0], change + counts[1], destroy + counts[2]
+            elif number == _PLAN_OUTPUT_CHANGES and isinstance(value, bytes):
+                outputs_changed |= _change_action(value, _OUTPUT_CHANGE) != 0  # anything but NOOP
+    except (ValueError, IndexError) as exc:
+        raise TerraformError(f"cannot read saved plan {planfile.name}: {exc}") from None
     return PlanSummary(add=add, change=change, destroy=destroy, outputs_changed=outputs_changed)
+
+
+def _change_action(message: bytes, change_field: int) -> int:
+    change = _field(message, change_field)
+    action = _field(change, _CHANGE_ACTION) if isinstance(change, bytes) else None
+    return action if isinstance(action, int) else 0  # proto3 leaves a zero (NOOP) out
 
 
 # --------------------------------------------------------------------------- running terraform
@@ -242,7 +299,7 @@ class TerraformSettings:
     cli_config_file: Path | None = None  # TF_CLI_CONFIG_FILE
     # Seconds each phase may run before terraform is stopped.
     init_timeout: float = 600  # also used for workspace select/new
-    plan_timeout: float = 1800  # also used for show -json
+    plan_timeout: float = 1800
     apply_timeout: float = 3600
     kill_grace: float = 10  # seconds between SIGINT and SIGKILL
     env: dict[str, str] = field(default_factory=dict)  # added to every phase's environment
@@ -378,27 +435,6 @@ class Terraform:
         if result.exit_code not in (0, 2) or result.timed_out:
             planfile.unlink(missing_ok=True)
         return result
-
-    async def show_json(
-        self, workdir: Path, planfile: Path, env: Mapping[str, str] | None = None
-    ) -> dict[str, Any]:
-        """`terraform show -json planfile`, parsed."""
-        planfile = Path(workdir) / planfile
-        done = await self._exec(
-            ["show", "-json", "-no-color", str(planfile)],
-            workdir,
-            self.environment(env),
-            self.settings.plan_timeout,
-            merge_stderr=False,
-        )
-        if done.timed_out or done.returncode != 0:
-            detail = done.stderr.decode("utf-8", "replace").strip()
-            how = "timed out" if done.timed_out else f"exited {done.returncode}"
-            raise TerraformError(f"terraform show -json {how}: {detail}")
-        try:
-            return json.loads(done.stdout)
-        except ValueError as exc:
-            raise TerraformError(f"terraform show -json gave invalid JSON: {exc}") from None
 
     async def apply(
         self,

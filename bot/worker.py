@@ -28,7 +28,7 @@ from bot.repo_guard import cap_output, checkout_problems, installed_module_probl
 from bot.models import PullRequest, Repo
 from bot.statuses import plan_context, report_aggregate_statuses
 from bot.store import Job, Run, SavedPlan, Store, repo_key
-from bot.terraform import PhaseResult, PlanSummary, Terraform, TerraformError, sha256_file, summarize_plan
+from bot.terraform import PhaseResult, PlanSummary, Terraform, TerraformError, sha256_file, summarize_plan_file
 from bot.vcs import ForgeError, VCSClient
 from policies.policy import Policy
 
@@ -321,12 +321,10 @@ class Worker:
             summary = PlanSummary()  # -detailed-exitcode 0: terraform itself says nothing changes
         else:
             # Counted from the plan file, never from output text a PR could forge.
-            started = time.monotonic()
             try:
-                summary = summarize_plan(await self.terraform.show_json(project_dir, planfile, env))
+                summary = summarize_plan_file(planfile)
             except TerraformError as exc:
-                return JobOutcome("failed", f"terraform show failed: {exc}", plan.output, terraform_seconds=seconds)
-            seconds += time.monotonic() - started
+                return JobOutcome("failed", str(exc), plan.output, terraform_seconds=seconds)
         self.store.save_plan(SavedPlan(job.project_key, job.run.pull_number, job.run.head_sha,
                                        str(planfile), sha256_file(planfile), summary.has_changes))
         return JobOutcome("succeeded", summary.text, plan.output, summary.has_changes, seconds)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import subprocess
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from bot.terraform import (
     make_null_provider_mirror,
     plan_workspace,
     sha256_file,
-    summarize_plan,
+    summarize_plan_file,
 )
 
 TWO_RESOURCES = """
@@ -115,7 +117,7 @@ def test_plan_with_changes_then_apply_then_no_changes(terraform: Terraform, tmp_
         plan = await terraform.plan(workdir, PLAN)
         assert_ok(plan, 2)
         assert "Plan: 2 to add, 0 to change, 0 to destroy." in plan.output
-        summary = summarize_plan(await terraform.show_json(workdir, PLAN))
+        summary = summarize_plan_file(workdir / PLAN)
         assert (summary.add, summary.change, summary.destroy) == (2, 0, 0)
         assert summary.text == "+2 ~0 -0"
 
@@ -127,7 +129,7 @@ def test_plan_with_changes_then_apply_then_no_changes(terraform: Terraform, tmp_
 
         again = await terraform.plan(workdir, PLAN)
         assert_ok(again, 0)
-        summary = summarize_plan(await terraform.show_json(workdir, PLAN))
+        summary = summarize_plan_file(workdir / PLAN)
         assert not summary.has_changes and summary.text == "no changes"
 
     run(scenario())
@@ -139,7 +141,7 @@ def test_plan_without_resources_has_no_changes(terraform: Terraform, tmp_path: P
     async def scenario() -> None:
         assert_ok(await terraform.init(workdir))
         assert_ok(await terraform.plan(workdir, PLAN), 0)
-        assert not summarize_plan(await terraform.show_json(workdir, PLAN)).has_changes
+        assert not summarize_plan_file(workdir / PLAN).has_changes
 
     run(scenario())
 
@@ -177,7 +179,7 @@ def test_workspaces_are_created_selected_and_kept_apart(terraform: Terraform, tm
     async def scenario() -> None:
         assert_ok(await terraform.init(workdir))
         assert_ok(await terraform.plan(workdir, PLAN, workspace="staging"), 2)
-        plan_json = await terraform.show_json(workdir, PLAN)
+        plan_json = show_json(terraform, workdir, PLAN)
         after = {rc["address"]: rc["change"]["after"] for rc in plan_json["resource_changes"]}
         assert after["null_resource.b"]["triggers"] == {"workspace": "staging"}
 
@@ -281,37 +283,142 @@ def test_cancelling_an_apply_stops_terraform_and_reraises(terraform: Terraform, 
     assert not process_alive(int((workdir / "pid.txt").read_text()))
 
 
-# --------------------------------------------------------------------------- summarize_plan
+# --------------------------------------------------------------------------- summarize_plan_file
 
 
-def change(address: str, *actions: str, mode: str = "managed") -> dict:
-    return {"address": address, "mode": mode, "change": {"actions": list(actions)}}
+def show_json(terraform: Terraform, workdir: Path, planfile: Path) -> dict:
+    """`terraform show -json` of a saved plan: the oracle the plan-file reader is checked against."""
+    done = subprocess.run([terraform.binary, "show", "-json", str(workdir / planfile)], cwd=workdir,
+                          env=terraform.environment(), capture_output=True, check=True)
+    return json.loads(done.stdout)
 
 
-def test_summarize_plan_counts_like_terraform() -> None:
-    plan = {
-        "resource_changes": [
-            change("null_resource.new", "create"),
-            change("null_resource.same", "no-op"),
-            change("null_resource.edit", "update"),
-            change("null_resource.gone", "delete"),
-            change("null_resource.replace", "delete", "create"),
-            change("null_resource.replace_cbd", "create", "delete"),
-            change("data.external.x", "read", mode="data"),
-        ]
-    }
-    summary = summarize_plan(plan)
-    assert summary == PlanSummary(add=3, change=1, destroy=3)
-    assert summary.has_changes and summary.text == "+3 ~1 -3"
+def counts_by_show_json(plan_json: dict) -> PlanSummary:
+    """What `terraform show -json` says a plan does, counted as terraform's "Plan:" line counts."""
+    add = change = destroy = 0
+    for rc in plan_json.get("resource_changes") or ():
+        if rc["mode"] != "managed":
+            continue
+        actions = set(rc["change"]["actions"])
+        add += "create" in actions
+        change += "update" in actions
+        destroy += "delete" in actions
+    outputs = any(set(oc["actions"]) != {"no-op"} for oc in (plan_json.get("output_changes") or {}).values())
+    return PlanSummary(add=add, change=change, destroy=destroy, outputs_changed=outputs)
 
 
-def test_summarize_plan_replace_only() -> None:
-    summary = summarize_plan({"resource_changes": [change("null_resource.r", "delete", "create")]})
-    assert summary.text == "+1 ~0 -1"
+MODULE = """
+variable "v" {}
+data "null_data_source" "d" {
+  inputs = { v = var.v }
+}
+resource "null_resource" "r" {
+  triggers = { v = data.null_data_source.d.outputs["v"] }
+}
+"""
 
 
-def test_summarize_plan_without_changes_and_with_output_changes() -> None:
-    assert summarize_plan({}).text == "no changes"
-    assert summarize_plan({"resource_changes": [change("a.b", "no-op")]}).text == "no changes"
-    outputs_only = summarize_plan({"output_changes": {"x": {"actions": ["create"]}}})
-    assert outputs_only.has_changes and outputs_only.text == "+0 ~0 -0"
+def root_module(version: str, resources: list[str]) -> str:
+    """Resources named in `resources`, replaced ones depending on `version`, modules keyed by awkward keys."""
+    blocks = [f'resource "null_resource" "{name}" {{}}' for name in resources]
+    return "\n".join([
+        *blocks,
+        f'resource "null_resource" "swap" {{\n  triggers = {{ v = "{version}" }}\n}}',
+        f'resource "null_resource" "cbd" {{\n  triggers = {{ v = "{version}" }}\n'
+        '  lifecycle {\n    create_before_destroy = true\n  }\n}',
+        f'module "m" {{\n  source = "./m"\n  for_each = toset(["a.b", "c\\"d]", "data.x"])\n  v = "{version}"\n}}',
+        f'data "null_data_source" "top" {{\n  inputs = {{ v = "{version}" }}\n}}',
+        f'output "o" {{\n  value = "{version}"\n}}',
+    ]) + "\n"
+
+
+def test_plan_file_summary_agrees_with_terraform_show_json(terraform: Terraform, tmp_path: Path) -> None:
+    workdir = project(tmp_path, root_module("1", ["keep", "gone"]))
+    (workdir / "m").mkdir()
+    (workdir / "m" / "main.tf").write_text(MODULE)
+
+    async def scenario() -> list[tuple[PlanSummary, PlanSummary, str]]:
+        assert_ok(await terraform.init(workdir))
+        seen = []
+        for version, resources in [("1", ["keep", "gone"]), (None, []), ("2", ["keep", "new"]), ("2", ["keep", "new"])]:
+            if version is not None:
+                (workdir / "main.tf").write_text(root_module(version, resources))
+            else:  # outputs only: nothing but an output changes
+                (workdir / "main.tf").write_text(root_module("1", ["keep", "gone"]) + 'output "extra" {\n  value = 1\n}\n')
+            plan = await terraform.plan(workdir, PLAN)
+            assert plan.exit_code in (0, 2), plan.output
+            seen.append((summarize_plan_file(workdir / PLAN), counts_by_show_json(show_json(terraform, workdir, PLAN)),
+                         plan.output))
+            if plan.exit_code == 2:
+                assert_ok(await terraform.apply(workdir, PLAN))
+        return seen
+
+    seen = run(scenario())
+    for from_file, from_show_json, output in seen:
+        assert from_file == from_show_json, output
+    # First plan: 2 named + swap + cbd + 3 module resources; then only a new output;
+    # then swap, cbd and the 3 module resources replaced, gone destroyed, new created
+    # (data sources read, not counted); then, applied, nothing left to do.
+    assert [s[0].text for s in seen] == ["+7 ~0 -0", "+0 ~0 -0", "+6 ~0 -6", "no changes"]
+    assert "Plan: 6 to add, 0 to change, 6 to destroy." in seen[2][2]
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _message(*fields: tuple[int, int | bytes]) -> bytes:
+    """A protobuf message of varint and length-delimited fields."""
+    out = b""
+    for number, value in fields:
+        if isinstance(value, int):
+            out += _varint(number << 3) + _varint(value)
+        else:
+            out += _varint(number << 3 | 2) + _varint(len(value)) + value
+    return out
+
+
+def _plan_file(tmp_path: Path, *fields: tuple[int, int | bytes]) -> Path:
+    path = tmp_path / "crafted.tfplan"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("tfplan", _message(*fields))
+    return path
+
+
+def _resource(addr: str, action: int) -> tuple[int, bytes]:
+    return 3, _message((13, addr.encode()), (9, _message((1, action))))
+
+
+def test_plan_file_summary_counts_every_action(tmp_path: Path) -> None:
+    # Actions terraform's null provider cannot produce (in-place update, forget), written by hand.
+    planfile = _plan_file(
+        tmp_path, (1, 3),
+        _resource("null_resource.noop", 0), _resource("aws_instance.edit", 3), _resource("a.b", 1),
+        _resource("a.gone", 5), _resource("a.r1", 6), _resource("a.r2", 7), _resource("a.forgotten", 8),
+        _resource("a.created_then_forgotten", 9), _resource('module.x["data.y"].data.z.w', 2),
+        _resource('module.data.a.b', 1),
+        (4, _message((1, b"out"), (2, _message((1, 0))))),
+    )
+    assert summarize_plan_file(planfile) == PlanSummary(add=5, change=1, destroy=3, outputs_changed=False)
+
+
+def test_plan_file_of_an_unknown_format_or_action_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(TerraformError, match="has format 4"):
+        summarize_plan_file(_plan_file(tmp_path, (1, 4)))
+    with pytest.raises(TerraformError, match="action deploybot does not know"):
+        summarize_plan_file(_plan_file(tmp_path, (1, 3), _resource("a.b", 42)))
+    bogus = tmp_path / "bogus.tfplan"
+    bogus.write_text("not a zip")
+    with pytest.raises(TerraformError, match="cannot read saved plan"):
+        summarize_plan_file(bogus)
+
+
+def test_plan_summary_text() -> None:
+    assert PlanSummary().text == "no changes" and not PlanSummary().has_changes
+    assert PlanSummary(outputs_changed=True).text == "+0 ~0 -0"
+    assert PlanSummary(add=1, destroy=1).text == "+1 ~0 -1"
