@@ -23,9 +23,11 @@ from urllib.parse import urlsplit
 _SHA_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # SHA-1 or SHA-256 object names
 _KEY_PART_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
-# Directories a reused checkout keeps between commits: terraform's data dir holds
-# downloaded modules and provider links; everything else is reset to the commit.
-KEEP_ON_RESET: tuple[str, ...] = (".terraform",)
+# What a reused checkout keeps between commits: terraform's data dir (downloaded
+# modules, provider links) and the dependency lock file init wrote when the repository
+# commits none (a committed one is reset like any tracked file). Everything else is
+# reset to the commit. Together they let a re-plan skip init.
+KEEP_ON_RESET: tuple[str, ...] = (".terraform", ".terraform.lock.hcl")
 
 # Network settings git may need to reach a forge from inside a VPC; the only
 # variables taken from the bot's own environment.
@@ -272,11 +274,12 @@ class RepoCache:
                 raise GitError(f"commit {sha} is not in {key} after fetching it")
         return mirror
 
-    async def checkout(self, key: str, sha: str, dest: Path) -> Path:
+    async def checkout(self, key: str, sha: str, dest: Path, keep: Sequence[str] = KEEP_ON_RESET) -> Path:
         """Make `dest` a checkout of exactly `sha` (fetched before), reusing it if it is one.
 
-        A reused checkout keeps only `.terraform/` directories; tracked files are
-        reset to the commit and every other file is removed. Submodules stay empty.
+        A reused checkout keeps only untracked files and directories named in `keep`;
+        tracked files are reset to the commit and every other file is removed.
+        Submodules stay empty.
         """
         _check_sha(sha)
         mirror = self.mirror_path(key)
@@ -290,7 +293,7 @@ class RepoCache:
             # --shared borrows the mirror's objects (no copy); the pinning refs keep them alive.
             await self._git(["clone", "--quiet", "--shared", "--no-checkout", str(mirror), str(dest)])
         await self._git(["-C", str(dest), "checkout", "--quiet", "--force", "--detach", sha])
-        excludes = [arg for name in KEEP_ON_RESET for arg in ("-e", name)]
+        excludes = [arg for name in keep for arg in ("-e", name)]
         await self._git(["-C", str(dest), "clean", "--quiet", "-ffdx", *excludes])
         return dest
 

@@ -15,13 +15,13 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Sequence
 
 from bot.apply_gate import apply_blockers
 from bot.aws_credentials import CredentialsError, PhaseCredentials, PhaseRoles, session_name, with_credentials
 from bot.comments import ProjectOutcome, redact, render_run_comment, strip_ansi
 from bot.config import Config
-from bot.git import GitError, RepoCache
+from bot.git import KEEP_ON_RESET, GitError, RepoCache
 from bot.logs import log_context
 from bot.metrics import Metrics
 from bot.repo_guard import cap_output, checkout_problems, installed_module_problems
@@ -249,13 +249,21 @@ class Worker:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    async def _checkout(self, job: Job) -> Path:
-        """The project's directory in a checkout of exactly the run's head SHA."""
+    async def _checkout(self, job: Job, keep: Sequence[str] = KEEP_ON_RESET) -> Path | JobOutcome:
+        """The project's directory in a checkout of exactly the run's head SHA; or why not."""
+        try:
+            return await self._checkout_project(job, keep)
+        except ProjectDirError as exc:
+            return JobOutcome("failed", str(exc))
+        except (GitError, ForgeError) as exc:
+            return JobOutcome("failed", f"checkout failed: {exc}")
+
+    async def _checkout_project(self, job: Job, keep: Sequence[str]) -> Path:
         run = job.run
         client = self.clients(run.repo)
         header = await asyncio.to_thread(client.git_auth_header)
         await self.repo_cache.fetch(repo_key(run.repo), run.repo.clone_url, run.head_sha, header)
-        checkout = await self.repo_cache.checkout(repo_key(run.repo), run.head_sha, self._workdir(job))
+        checkout = await self.repo_cache.checkout(repo_key(run.repo), run.head_sha, self._workdir(job), keep)
         root = checkout.resolve()
         project_dir = (checkout / job.project.dir).resolve()
         # A symlinked project dir in the PR must not lead the bot outside the clone.
@@ -268,19 +276,35 @@ class Worker:
         return project_dir
 
     async def _prepare(
-        self, job: Job, phase: str, output_log: BinaryIO
-    ) -> tuple[Path, PhaseResult, dict[str, str]] | JobOutcome:
-        """The phase's environment, a checkout of the job's SHA and its project initialised; or why not."""
+        self, job: Job, phase: str, output_log: BinaryIO, *, reuse_init: bool = False
+    ) -> tuple[Path, PhaseResult | None, dict[str, str]] | JobOutcome:
+        """The phase's environment, a checkout of the job's SHA and its project initialised; or why not.
+
+        With `reuse_init`, a working dir this pull request's project was initialised in
+        before is not initialised again (the init result is then None): terraform
+        itself refuses to plan when the new commit changed what init installs, and
+        `_plan` then initialises and plans again.
+        """
         try:
             env = await self._phase_env(job, phase)
         except CredentialsError as exc:
             return JobOutcome("failed", f"AWS credentials for {phase}: {exc}")
-        try:
-            project_dir = await self._checkout(job)
-        except ProjectDirError as exc:
-            return JobOutcome("failed", str(exc))
-        except (GitError, ForgeError) as exc:
-            return JobOutcome("failed", f"checkout failed: {exc}")
+        project_dir = await self._checkout(job)
+        if isinstance(project_dir, JobOutcome):
+            return project_dir
+        if reuse_init and (project_dir / ".terraform").is_dir():
+            # What an earlier init installed must still stay in the checkout of this commit.
+            if problems := installed_module_problems(self._workdir(job).resolve(), project_dir):
+                return JobOutcome("failed", "checkout refused: " + "; ".join(problems))
+            return project_dir, None, env
+        init = await self._init(job, project_dir, env, output_log)
+        if isinstance(init, JobOutcome):
+            return init
+        return project_dir, init, env
+
+    async def _init(self, job: Job, project_dir: Path, env: dict[str, str], output_log: BinaryIO
+                    ) -> PhaseResult | JobOutcome:
+        """`terraform init`, then a check that what it installed stays in the checkout."""
         init = await self.terraform.init(project_dir, env, output_log)
         if failed := _phase_failure("init", init):
             return JobOutcome("failed", failed, init.output, terraform_seconds=init.duration_s)
@@ -288,7 +312,7 @@ class Worker:
         if problems := installed_module_problems(self._workdir(job).resolve(), project_dir):
             return JobOutcome("failed", "checkout refused: " + "; ".join(problems), init.output,
                               terraform_seconds=init.duration_s)
-        return project_dir, init, env
+        return init
 
     async def _phase_env(self, job: Job, phase: str) -> dict[str, str]:
         """The phase's environment: server config plus short-lived credentials of the phase's role.
@@ -308,13 +332,28 @@ class Worker:
         return {**with_credentials(phase_env, credentials), "HOME": str(home)}
 
     async def _plan(self, job: Job, output_log: BinaryIO) -> JobOutcome:
-        prepared = await self._prepare(job, "plan", output_log)
+        prepared = await self._prepare(job, "plan", output_log, reuse_init=True)
         if isinstance(prepared, JobOutcome):
             return prepared
         project_dir, init, env = prepared
         planfile = self._planfile(job)
+        seconds = init.duration_s if init else 0.0
         plan = await self.terraform.plan(project_dir, planfile, env, job.project.workspace, output_log)
-        seconds = init.duration_s + plan.duration_s
+        if init is None and plan.exit_code == 1 and not plan.timed_out and "terraform init" in plan.output:
+            # The new commit changed modules, providers or the backend; terraform says so and
+            # names init. (A PR could print those words itself: it only buys an init.)
+            output_log.write(b"\ndeploybot: terraform asks for init; running it and planning again\n")
+            seconds += plan.duration_s
+            # A lock file init wrote for an earlier commit may pin what this one no longer allows.
+            reset = await self._checkout(job, keep=(".terraform",))
+            if isinstance(reset, JobOutcome):
+                return reset
+            init = await self._init(job, project_dir, env, output_log)
+            if isinstance(init, JobOutcome):
+                return init
+            seconds += init.duration_s
+            plan = await self.terraform.plan(project_dir, planfile, env, job.project.workspace, output_log)
+        seconds += plan.duration_s
         if failed := _phase_failure("plan", plan, ok_codes=(0, 2)):
             return JobOutcome("failed", failed, plan.output, terraform_seconds=seconds)
         if plan.exit_code == 0:
@@ -347,6 +386,7 @@ class Worker:
         if isinstance(prepared, JobOutcome):
             return prepared
         project_dir, init, env = prepared
+        assert init is not None  # an apply always initialises
         result = await self.terraform.apply(project_dir, Path(plan.planfile), env, log=output_log)
         if failed := _phase_failure("apply", result):
             return JobOutcome("failed", failed, result.output)

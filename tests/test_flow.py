@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from bot.github_webhook import sign
+from bot.models import Repo
 from bot.sandbox import REPO, wait_for
 from bot.sandbox_forges import FORGES, WEBHOOK_SECRET
 from tests.world import TEST_POLICY, World, staging_change
@@ -150,6 +151,45 @@ def test_apply_is_gated_on_approval_of_the_current_head(make_world: MakeWorld):
     assert "Apply complete! Resources: 2 added" in applied
     assert world.state_resources("staging") == 2
     assert world.wait_status(number, "deploybot/apply", "success") == "applied"
+
+
+def staging_plan_log(world: World, number: int) -> str:
+    """The job log of the staging plan for the pull request's current head."""
+    repo = Repo(world.forge.name, REPO, "", "main")
+    jobs = world.store().latest_plan_jobs(repo, number, world.head(number))
+    job = next(j for j in jobs if j.project.name == "staging")
+    return (world.root / "data" / "logs" / f"job-{job.id}.log").read_text()
+
+
+def wait_plan_comments(world: World, number: int, count: int) -> str:
+    """The `count`th plan comment on the pull request, once it is there."""
+    def plans() -> list[str]:
+        return [c for c in world.bot_comments(number) if "**deploybot plan**" in c]
+    wait_for(lambda: len(plans()) >= count, 120, f"plan comment {count}")
+    return plans()[count - 1]
+
+
+def test_replan_after_a_push_skips_init_until_terraform_asks_for_it(make_world: MakeWorld):
+    world = make_world()
+    number = world.open_pr("resize-staging", staging_change(world))
+    wait_plan_comments(world, number, 1)
+    assert "Terraform has been successfully initialized" in staging_plan_log(world, number)
+
+    # Same modules and providers: the working dir of the first plan is planned again as is.
+    world.push(number, "resize-staging", staging_change(world, size="huge"))
+    assert "`staging`: +2 ~0 -0" in wait_plan_comments(world, number, 2)
+    log = staging_plan_log(world, number)
+    assert "Initializing" not in log and "Plan: 2 to add" in log
+
+    # A new module: terraform refuses to plan without init, so the bot inits and plans again.
+    main_tf = staging_change(world, size="huge")["staging/main.tf"]
+    world.push(number, "resize-staging", {
+        "staging/main.tf": main_tf + 'module "extra" {\n  source = "./extra"\n}\n',
+        "staging/extra/main.tf": 'resource "null_resource" "extra" {}\n',
+    })
+    assert "`staging`: +3 ~0 -0" in wait_plan_comments(world, number, 3)
+    log = staging_plan_log(world, number)
+    assert "terraform asks for init" in log and "Terraform has been successfully initialized" in log
 
 
 def test_changes_requested_after_approval_blocks_apply(make_world: MakeWorld):

@@ -85,6 +85,7 @@ def test_reused_checkout_keeps_terraform_dir_and_drops_everything_stale(
     (dest / "mod" / ".terraform").mkdir()
     (dest / "junk.tfplan").write_text("untracked")
     (dest / "main.tf").write_text("# edited locally\n")
+    (dest / "mod" / ".terraform.lock.hcl").write_text("# written by init\n")
 
     run(cache.fetch(KEY, git_repo.url, new, None))
     run(cache.checkout(KEY, new, dest))
@@ -94,6 +95,18 @@ def test_reused_checkout_keeps_terraform_dir_and_drops_everything_stale(
     assert not (dest / "junk.tfplan").exists()
     assert (dest / ".terraform" / "providers" / "marker").read_text() == "cached"
     assert (dest / "mod" / ".terraform").is_dir()
+    assert (dest / "mod" / ".terraform.lock.hcl").read_text() == "# written by init\n"
+
+    # Keeping less: an untracked lock file goes; a committed one is reset to the commit.
+    run(cache.checkout(KEY, new, dest, keep=(".terraform",)))
+    assert not (dest / "mod" / ".terraform.lock.hcl").exists()
+    assert (dest / ".terraform" / "providers" / "marker").exists()
+    locked = git_repo.commit({".terraform.lock.hcl": "# committed\n"}, push="main")
+    run(cache.fetch(KEY, git_repo.url, locked, None))
+    run(cache.checkout(KEY, locked, dest))
+    (dest / ".terraform.lock.hcl").write_text("# rewritten by init\n")
+    run(cache.checkout(KEY, locked, dest))
+    assert (dest / ".terraform.lock.hcl").read_text() == "# committed\n"
 
 
 def test_checkout_refuses_a_foreign_directory(git_repo: GitRepo, cache: RepoCache, tmp_path: Path) -> None:
