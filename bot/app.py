@@ -10,7 +10,7 @@ import os
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
@@ -178,20 +178,20 @@ class Deploybot:
             bot_login=self.forges[repo.forge].bot_login,
             wake_workers=lambda: self._call_in_loop(self.worker.wake),
             cancel_jobs=lambda jobs: self._call_in_loop(self.worker.cancel, jobs),
-            read_tree=lambda sha, path: self._read_tree(repo, client, sha, path),
+            read_dirs=lambda sha, dirs: self._read_dirs(repo, client, sha, dirs),
         )
 
     def _call_in_loop(self, fn, *args) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(fn, *args)
 
-    def _read_tree(self, repo: Repo, client: VCSClient, sha: str, path: str) -> dict[str, str]:
-        """Files under a directory at a SHA, fetched into the git cache (called from handler threads)."""
+    def _read_dirs(self, repo: Repo, client: VCSClient, sha: str, dirs: Iterable[str]) -> dict[str, str]:
+        """Terraform files in directories at a SHA, fetched into the git cache (called from handler threads)."""
 
         async def read() -> dict[str, str]:
             header = await asyncio.to_thread(client.git_auth_header)
             await self.repo_cache.fetch(repo_key(repo), repo.clone_url, sha, header)
-            return await self.repo_cache.read_files(repo_key(repo), sha, path)
+            return await self.repo_cache.read_dir_files(repo_key(repo), sha, dirs)
 
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(read(), self._loop).result(timeout=600)

@@ -151,7 +151,7 @@ def _module_sources(name: str, text: str) -> list[str]:
 def local_module_dirs(project_dir: str, files: Mapping[str, str]) -> set[str]:
     """Repo-relative directories of the local modules (`./x`, `../x`) a project calls.
 
-    `files` maps repo-relative paths to text (what `RepoCache.read_files` returns);
+    `files` maps repo-relative paths to text (what `RepoCache.read_dir_files` returns);
     only `.tf` / `.tf.json` files directly in `project_dir` count, as for terraform.
     Sources that would leave the repository are dropped. Not transitive.
     """
@@ -297,30 +297,33 @@ class RepoCache:
         await self._git(["-C", str(dest), "clean", "--quiet", "-ffdx", *excludes])
         return dest
 
-    async def read_files(
+    async def read_dir_files(
         self,
         key: str,
         sha: str,
-        paths_prefix: str = "",
+        dirs: Iterable[str],
         *,
-        suffixes: Sequence[str] = (),
+        suffixes: Sequence[str] = (".tf", ".tf.json"),
         max_bytes: int = 1 << 20,
     ) -> dict[str, str]:
-        """Text of the files under a directory at `sha`, read from the mirror (no checkout).
+        """Text of the files directly in each of `dirs` at `sha`, read from the mirror (no checkout).
 
-        Keys are repo-relative paths. Symlinks, submodules, files bigger than
-        `max_bytes`, files not ending in one of `suffixes` (if given) and files
-        that are not UTF-8 are left out.
+        Two git processes however many directories: one listing, one read. Keys are
+        repo-relative paths. Subdirectories, symlinks, submodules, files bigger than
+        `max_bytes`, files not ending in one of `suffixes` and files that are not
+        UTF-8 are left out.
         """
         _check_sha(sha)
         mirror = self.mirror_path(key)
-        prefix = posixpath.normpath(paths_prefix.strip("/") or ".")
-        if prefix == ".." or prefix.startswith("../"):
-            raise GitError(f"path outside the repository: {paths_prefix!r}")
-        args = ["--git-dir", str(mirror), "ls-tree", "-r", "-l", "-z", "--full-tree", sha]
-        if prefix != ".":
-            args += ["--", prefix]
-        listing = await self._git(args)
+        wanted_dirs = {posixpath.normpath(d.strip("/") or ".") for d in dirs}
+        if not wanted_dirs:
+            return {}
+        for directory in wanted_dirs:
+            if directory == ".." or directory.startswith("../"):
+                raise GitError(f"path outside the repository: {directory!r}")
+        pathspecs = sorted("." if d == "." else d + "/" for d in wanted_dirs)
+        listing = await self._git(["--literal-pathspecs", "--git-dir", str(mirror), "ls-tree", "-l", "-z",
+                                   "--full-tree", sha, "--", *pathspecs])
 
         wanted: list[tuple[str, str]] = []  # (path, object id)
         for entry in listing.split(b"\0"):
@@ -331,9 +334,7 @@ class RepoCache:
             path = raw_path.decode("utf-8", "surrogateescape")
             if kind != b"blob" or mode == b"120000" or int(size) > max_bytes:
                 continue
-            if prefix != "." and not (path == prefix or path.startswith(prefix + "/")):
-                continue
-            if suffixes and not path.endswith(tuple(suffixes)):
+            if (posixpath.dirname(path) or ".") not in wanted_dirs or not path.endswith(tuple(suffixes)):
                 continue
             wanted.append((path, oid.decode()))
         if not wanted:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 from bot.store import Job, Store
 from bot.vcs import VCSClient
@@ -21,5 +21,5 @@ class HandlerContext:
     bot_login: str
     wake_workers: Callable[[], None]
     cancel_jobs: Callable[[list[Job]], None]  # stop running plans, report cancelled runs
-    # (sha, dir) -> {path: text} of the files under dir at sha, fetched through git
-    read_tree: Callable[[str, str], dict[str, str]]
+    # (sha, dirs) -> {path: text} of the terraform files directly in those dirs at sha, via git
+    read_dirs: Callable[[str, Iterable[str]], dict[str, str]]

@@ -50,26 +50,34 @@ def changed_projects(
     """The projects whose autoplan files (or local modules) the pull request changes."""
     changed = ctx.client.changed_files(pull.number)
     plain = [p.project if isinstance(p, NarrowedProject) else p for p in projects]
-    module_dirs = {p.dir: _module_dirs(ctx, pull.head_sha, p.dir) for p in plain if not p.autoplan}
+    module_dirs = _module_dirs(ctx, pull.head_sha, [p.dir for p in plain if not p.autoplan])
     return projects_to_autoplan(projects, changed, module_dirs)
 
 
-def _module_dirs(ctx: HandlerContext, sha: str, project_dir: str) -> set[str]:
-    found: set[str] = set()
-    frontier = {project_dir}
+def _module_dirs(ctx: HandlerContext, sha: str, project_dirs: list[str]) -> dict[str, set[str]]:
+    """The local modules each project calls, MODULE_DEPTH levels deep.
+
+    A level of every project is read at once (two git processes), and a directory
+    is read only once however many projects share it.
+    """
+    calls: dict[str, set[str]] = {}  # directory -> the local modules it calls
+    found: dict[str, set[str]] = {d: set() for d in project_dirs}
+    frontier: dict[str, set[str]] = {d: {d} for d in project_dirs}
     for _ in range(MODULE_DEPTH):
-        next_frontier: set[str] = set()
-        for directory in frontier:
+        unread = set().union(*frontier.values()) - calls.keys()
+        if unread:
             try:
-                files = ctx.read_tree(sha, directory)
+                files = ctx.read_dirs(sha, unread)
             except GitError as exc:
                 # The plan job fetches again and says on the PR what failed; autoplan goes on.
-                log.warning("could not read %s at %s: %s", directory, sha[:8], exc)
+                log.warning("could not read %s at %s: %s", ", ".join(sorted(unread)), sha[:8], exc)
                 return found
-            next_frontier |= local_module_dirs(directory, files)
-        frontier = next_frontier - found - {project_dir}
-        found |= frontier
-        if not frontier:
+            calls.update({d: local_module_dirs(d, files) for d in unread})
+        for project_dir, dirs in frontier.items():
+            reached = set().union(*(calls[d] for d in dirs)) - found[project_dir] - {project_dir}
+            found[project_dir] |= reached
+            frontier[project_dir] = reached
+        if not any(frontier.values()):
             break
     return found
 

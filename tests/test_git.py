@@ -142,33 +142,32 @@ def test_submodules_are_never_fetched(git_repo: GitRepo, cache: RepoCache, tmp_p
     assert (dest / "vendored").is_dir() and not any((dest / "vendored").iterdir())
 
 
-def test_read_files_reads_one_directory_from_the_mirror(git_repo: GitRepo, cache: RepoCache) -> None:
+def test_read_dir_files_reads_terraform_files_directly_in_the_directories(git_repo: GitRepo, cache: RepoCache) -> None:
     sha = git_repo.commit(
         {
             "modules/vpc/main.tf": "# vpc\n",
+            "modules/vpc/vars.tf.json": "{}\n",
             "modules/vpc/sub/x.tf": "# x\n",
             "modules/vpc/README.md": "readme\n",
             "modules/vpc2/main.tf": "# not this one\n",
+            "modules/[a]*/main.tf": "# literal name\n",
             "main.tf": "# root\n",
         },
         push="main",
     )
-    (git_repo.work / "modules/vpc/blob.bin").write_bytes(b"\xff\xfe\x00")
+    (git_repo.work / "modules/vpc/blob.tf").write_bytes(b"\xff\xfe\x00")
     sha = git_repo.commit(push="main")
 
     async def scenario() -> None:
         await cache.fetch(KEY, git_repo.url, sha, None)
-        files = await cache.read_files(KEY, sha, "modules/vpc/")
-        assert files == {
-            "modules/vpc/main.tf": "# vpc\n",
-            "modules/vpc/sub/x.tf": "# x\n",
-            "modules/vpc/README.md": "readme\n",
-        }
-        only_tf = await cache.read_files(KEY, sha, "", suffixes=(".tf",))
-        assert set(only_tf) == {"main.tf", "modules/vpc/main.tf", "modules/vpc/sub/x.tf", "modules/vpc2/main.tf"}
-        assert await cache.read_files(KEY, sha, "nowhere") == {}
+        files = await cache.read_dir_files(KEY, sha, ["modules/vpc/"])
+        assert files == {"modules/vpc/main.tf": "# vpc\n", "modules/vpc/vars.tf.json": "{}\n"}
+        both = await cache.read_dir_files(KEY, sha, [".", "modules/vpc/sub", "modules/[a]*"])
+        assert both == {"main.tf": "# root\n", "modules/vpc/sub/x.tf": "# x\n", "modules/[a]*/main.tf": "# literal name\n"}
+        assert await cache.read_dir_files(KEY, sha, ["nowhere"]) == {}
+        assert await cache.read_dir_files(KEY, sha, []) == {}
         with pytest.raises(GitError):
-            await cache.read_files(KEY, sha, "../outside")
+            await cache.read_dir_files(KEY, sha, ["modules", "../outside"])
 
     run(scenario())
 
