@@ -206,7 +206,7 @@ def fanout_details(report: FanoutReport) -> str:
     table = _table(["N", "runs", "median s", f"T1 × ceil(N/{report.parallelism}) s", "ratio",
                     f"T1 × ceil(N/{min(report.parallelism, cpus)}) s (this machine's {cpus} cores)", "ratio",
                     "dispatch s", "mean job s", "terraform s per job", "job − terraform s", "most jobs at once"], rows)
-    return table
+    return f"`terraform.parallelism` {report.parallelism}:\n\n{table}"
 
 
 # --------------------------------------------------------------------------- all

@@ -56,7 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--no-trace", action="store_true", help="skip the traced round (git/terraform wrappers)")
     g.add_argument("--fanout-sizes", type=_ints, default=[1, 4, 16], help="projects per PR (default 1,4,16)")
     g.add_argument("--fanout-rounds", type=int, help="rounds over the sizes (default 3; quick 1)")
-    g.add_argument("--parallelism", type=int, default=4, help="terraform.parallelism of the bot (default 4)")
+    g.add_argument("--parallelism", type=_ints,
+                   help="terraform.parallelism values of the bot, one fan-out run each "
+                        "(default: this machine's core count, then 4)")
     g = parser.add_argument_group("general")
     g.add_argument("--bot-log-level", default="info", help="`deploybot serve --log-level` (default info, its default)")
     g.add_argument("--workdir", help="where to put worlds, logs and databases (default: a temp dir)")
@@ -68,6 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.max_seconds = args.max_seconds or (1.5 if quick else 5.0)
     args.plan_rounds = args.plan_rounds or (1 if quick else 7)
     args.fanout_rounds = args.fanout_rounds or (1 if quick else 3)
+    args.parallelism = args.parallelism or sorted({os.cpu_count() or 1, 4})
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(args.only) - set(SECTIONS)
     if unknown:
@@ -131,13 +134,18 @@ def main(argv: list[str] | None = None) -> int:
             rows += report.plan_rows(result)
             details.append(section("plan", "2. Plan overhead") + "\n\n" + report.plan_details(result))
         if "fanout" in args.only:
-            _say("fan-out: one PR touching 1..N projects")
+            fanouts = []
             watch = CpuWatch()
-            result = plans.run_fanout(root / "fanout", args.fanout_sizes, args.fanout_rounds, args.parallelism,
-                                      plugin_cache, log_level=args.bot_log_level, say=_say)
+            for parallelism in args.parallelism:
+                _say(f"fan-out: one PR touching 1..N projects, parallelism {parallelism}")
+                fanouts.append(plans.run_fanout(root / f"fanout-{parallelism}", args.fanout_sizes,
+                                                args.fanout_rounds, parallelism, plugin_cache,
+                                                log_level=args.bot_log_level, say=_say))
             loads["fanout"] = watch.stop()
-            rows += report.fanout_rows(result)
-            details.append(section("fanout", "3. Fan-out") + "\n\n" + report.fanout_details(result))
+            for result in fanouts:
+                rows += report.fanout_rows(result)
+            details.append(section("fanout", "3. Fan-out") + "\n\n"
+                           + "\n\n".join(report.fanout_details(result) for result in fanouts))
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
