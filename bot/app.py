@@ -225,6 +225,22 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+STORE_RETRY_AFTER_SECONDS = 60  # what a 503 asks the sender to wait when the store cannot be written
+
+
+def _store_unavailable(exc: sqlite3.OperationalError) -> JSONResponse:
+    response = _error(503, f"deploybot cannot store this request right now ({exc}); send it again later")
+    response.headers["Retry-After"] = str(STORE_RETRY_AFTER_SECONDS)
+    return response
+
+
+async def store_unavailable(request: Request, exc: Exception) -> Response:
+    """Any other endpoint whose store write failed (a full disk): a 503 to try again, not a 500."""
+    assert isinstance(exc, sqlite3.OperationalError)
+    log.error("%s %s: the store cannot be written: %s", request.method, request.url.path, exc)
+    return _store_unavailable(exc)
+
+
 @dataclass(frozen=True)
 class WebhookIntake:
     """How one forge's webhooks are checked and read; the steps around them are shared."""
@@ -306,7 +322,15 @@ async def webhook_endpoint(request: Request) -> Response:
         log.info("ignored %s %s delivery %s", intake.forge, event_name, delivery_id)
         count("ignored")
         return JSONResponse({"status": "ignored"})
-    if not bot.store.add_delivery(Delivery(delivery_id, intake.forge, event_name, body)):
+    try:
+        added = bot.store.add_delivery(Delivery(delivery_id, intake.forge, event_name, body))
+    except sqlite3.OperationalError as exc:
+        # Not stored, so not acknowledged: a 503 with Retry-After says to send it again, where a
+        # 500 would read as our bug. SQLite says why ("database or disk is full"), never a secret.
+        log.error("could not store %s %s delivery %s: %s", intake.forge, event_name, delivery_id, exc)
+        count("unavailable")
+        return _store_unavailable(exc)
+    if not added:
         count("duplicate")
         return JSONResponse({"status": "duplicate"})
     count("accepted")
@@ -379,6 +403,7 @@ def create_app(config: Config, policy: Policy | None = None) -> Starlette:
             Route("/metrics", metrics),
         ],
         lifespan=lifespan,
+        exception_handlers={sqlite3.OperationalError: store_unavailable},
     )
     app.state.bot = bot
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sqlite3
 import time
 from typing import Callable
 
@@ -12,7 +13,7 @@ from bot import github_webhook, gitlab_webhook
 from bot.metrics import Metrics
 from bot.logs import log_context
 from bot.models import CommentEvent, Event
-from bot.store import Delivery, Store
+from bot.store import Delivery, Store, StoreRetry
 from bot.vcs import ForgeError
 from handlers.context import HandlerContext
 from handlers.router import Router
@@ -60,6 +61,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task | None = None
+        self._stored = StoreRetry("the dispatcher", lambda: self._stopping)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="dispatcher")
@@ -82,7 +84,10 @@ class Dispatcher:
             for delivery in batch:
                 if self._stopping:
                     return
-                await self._handle(delivery)
+                try:
+                    await self._handle(delivery)
+                except sqlite3.OperationalError:
+                    return  # stopping while the store cannot be written: the next start handles it again
             if len(batch) == BATCH:
                 continue  # more are waiting
             try:
@@ -111,11 +116,22 @@ class Dispatcher:
                 delay = min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2 ** delivery.attempts)
                 delay *= random.uniform(0.5, 1.0)  # jitter: deliveries of one outage spread out
                 log.warning("delivery %s: %s; trying again in %.0fs", delivery.id, error, delay)
-                self.store.retry_delivery(delivery.id, error, delay)
+                await self._stored(f"put delivery {delivery.id} off",
+                                   lambda: self.store.retry_delivery(delivery.id, error, delay))
+                return
+        except sqlite3.OperationalError as exc:
+            # The store could not be written (a full disk) halfway through the handlers: not the
+            # delivery's fault. It is handled again from the start once the store takes this note;
+            # its run key keeps a second handling from queueing anything twice.
+            error = f"store error: {exc}"
+            if delivery.attempts < MAX_ATTEMPTS:
+                log.warning("delivery %s: %s; handling it again once the store can be written", delivery.id, error)
+                await self._stored(f"put delivery {delivery.id} off",
+                                   lambda: self.store.retry_delivery(delivery.id, error, 0))
                 return
         except Exception as exc:  # one bad delivery must not stop the others
             log.exception("delivery %s (%s) failed", delivery.id, delivery.event)
             error = f"{type(exc).__name__}: {exc}"
         if error:
             log.error("delivery %s (%s): %s", delivery.id, delivery.event, error)
-        self.store.finish_delivery(delivery.id, error)
+        await self._stored(f"finish delivery {delivery.id}", lambda: self.store.finish_delivery(delivery.id, error))

@@ -7,14 +7,21 @@ Everything the bot must not lose or do twice goes through here.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import sqlite3
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from bot.models import Project, Repo
+
+log = logging.getLogger("deploybot.store")
+
+T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -597,8 +604,65 @@ class _Transaction:
         return self._store._db
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        db = self._store._db
         try:
-            self._store._db.execute("ROLLBACK" if exc_type else "COMMIT")
+            if exc_type is None:
+                db.execute("COMMIT")
         finally:
-            self._store._lock.release()
+            try:
+                # After an error, also one of COMMIT itself. When a write failed on a full disk or
+                # an I/O error SQLite has rolled back already: a second ROLLBACK would raise and
+                # hide that error.
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+            finally:
+                self._store._lock.release()
 
+
+class StoreRetry:
+    """Writes tried again while the store cannot be written: a full disk, failing I/O.
+
+    SQLite says so with `sqlite3.OperationalError` ("database or disk is full"). What the
+    worker and the dispatcher record then (a job's outcome, a handled delivery) must not
+    be lost, and they have nothing better to do until it is recorded; so they wait. An
+    outage is logged once when the first write fails and once when the last one waiting
+    gets through. When `stopping()` turns true the last error is raised instead: the write
+    is left undone, as after a crash, and the next start's recovery picks it up.
+    """
+
+    FIRST_DELAY = 0.5  # seconds; doubled after every failure
+    MAX_DELAY = 10.0
+
+    def __init__(self, owner: str, stopping: Callable[[], bool]) -> None:
+        self.owner = owner
+        self.stopping = stopping
+        self._waiting = 0  # writes of this owner waiting for the store now
+        self._since = 0.0
+
+    async def __call__(self, what: str, write: Callable[[], T]) -> T:
+        delay = self.FIRST_DELAY
+        waiting = False
+        try:
+            while True:
+                try:
+                    result = write()
+                except sqlite3.OperationalError as exc:
+                    if not waiting:
+                        waiting = True
+                        self._waiting += 1
+                        if self._waiting == 1:
+                            self._since = time.monotonic()
+                            log.error("%s could not %s: the store cannot be written (%s); trying again until it can",
+                                      self.owner, what, exc)
+                    if self.stopping():
+                        raise
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.MAX_DELAY)
+                    continue
+                if waiting and self._waiting == 1:
+                    log.warning("%s: the store can be written again, after %.0fs", self.owner,
+                                time.monotonic() - self._since)
+                return result
+        finally:
+            if waiting:
+                self._waiting -= 1

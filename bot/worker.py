@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
+import os
 import re
 import shutil
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,7 @@ from bot.metrics import Metrics
 from bot.repo_guard import cap_output, checkout_problems, installed_module_problems
 from bot.models import PullRequest, Repo
 from bot.statuses import plan_context, report_aggregate_statuses
-from bot.store import Job, Run, SavedPlan, Store, repo_key
+from bot.store import Job, Run, SavedPlan, Store, StoreRetry, repo_key
 from bot.terraform import PhaseResult, PlanSummary, Terraform, TerraformError, sha256_file, summarize_plan_file
 from bot.vcs import ForgeError, VCSClient
 from policies.policy import Policy
@@ -35,6 +38,10 @@ from policies.policy import Policy
 log = logging.getLogger("deploybot.worker")
 
 ClientFactory = Callable[[Repo], VCSClient]
+
+# What a job's summary starts with when it failed on a full data dir, and what counts as full.
+DISK_FULL = "deploybot's disk is full"
+LOW_DISK_BYTES = 1 << 20
 
 INTERRUPTED = (
     "the bot stopped while this apply was running, so it was not re-run; "
@@ -83,14 +90,17 @@ class Worker:
         self._running: dict[int, tuple[Job, asyncio.Task]] = {}
         self._stopped_by_shutdown: set[int] = set()  # jobs cancelled because the server stops
         self._loops: list[asyncio.Task] = []
+        # Outcomes are recorded once the store can be written again (a full disk), never dropped.
+        self._stored = StoreRetry("the worker", lambda: self._stopping)
 
     # Lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Recover what a previous process left running, then start the job loops."""
-        await self._recover()
+        """Start the job loops; they first wait for the recovery of what a previous process left
+        running. That waits for the store to take writes (a full disk) while the server answers."""
+        recovery = asyncio.create_task(self._recover(), name="worker-recovery")
         self._loops = [
-            asyncio.create_task(self._loop(), name=f"worker-{i}")
+            asyncio.create_task(self._loop(recovery), name=f"worker-{i}")
             for i in range(self.config.terraform.parallelism)
         ]
 
@@ -139,30 +149,39 @@ class Worker:
     async def _recover(self) -> None:
         for job in self.store.jobs_with_status("running"):
             if job.run.command == "apply":
-                self.store.finish_job(job.id, "interrupted", JobOutcome("failed", INTERRUPTED).as_result())
-                self.store.audit(job.run.requested_by, "apply", "interrupted", job.run.repo.full_name,
-                                 job.project.label, job.run.head_sha, f"run {job.run.id}")
+                await self._stored(f"mark job {job.id} interrupted", lambda: self.store.finish_job(
+                    job.id, "interrupted", JobOutcome("failed", INTERRUPTED).as_result()))
+                await self._stored(f"audit job {job.id}", lambda: self.store.audit(
+                    job.run.requested_by, "apply", "interrupted", job.run.repo.full_name,
+                    job.project.label, job.run.head_sha, f"run {job.run.id}"))
                 await self._report_if_done(job.run)
             else:
-                self.store.requeue_job(job.id)
+                await self._stored(f"re-queue job {job.id}", lambda: self.store.requeue_job(job.id))
         # A crash between a run's last job and its comment: report it now. A crash after the
         # comment was posted but before that was recorded posts it twice, which beats never.
-        for run in self.store.unreported_runs():
+        for run in await self._stored("find unreported runs", self.store.unreported_runs):
             await self._report_if_done(run)
 
-    async def _loop(self) -> None:
-        while not self._stopping:
-            job = self.store.claim_next_job()
-            if job is None:
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    pass
-                continue
-            # Wake a sibling: there may be more runnable jobs than this one.
-            self._wake.set()
-            await self._run_job(job)
+    async def _loop(self, recovery: asyncio.Task) -> None:
+        try:
+            await recovery
+            while not self._stopping:
+                job = await self._stored("claim a job", self.store.claim_next_job)
+                if job is None:
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+                # Wake a sibling: there may be more runnable jobs than this one.
+                self._wake.set()
+                await self._run_job(job)
+        except sqlite3.OperationalError:
+            if not self._stopping:
+                raise
+            # Stopped while the store could not be written: a job not yet recorded stays
+            # `running`, and the next start re-queues it (a plan) or reports it interrupted (an apply).
 
     # One job ------------------------------------------------------------------
 
@@ -173,16 +192,20 @@ class Worker:
     def _home(self, job: Job) -> Path:
         return self.config.server.data_dir / "homes" / f"job-{job.id}"
 
+    def _disk_is_full(self) -> bool:
+        """Whether the data dir's file system has (next to) no room left."""
+        st = os.statvfs(self.config.server.data_dir)
+        return st.f_bavail * st.f_frsize < LOW_DISK_BYTES
+
     async def _run_job(self, job: Job) -> None:
-        path = self.log_path(job.id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with log_context(run=job.run.id, job=job.id, repo=job.run.repo.full_name,
-                             pr=job.run.pull_number or None, project=job.project.label), \
-                    path.open("ab") as output_log:
+        with log_context(run=job.run.id, job=job.id, repo=job.run.repo.full_name,
+                         pr=job.run.pull_number or None, project=job.project.label):
+            output_log = JobLog(self.log_path(job.id))
+            try:
                 await self._run_logged_job(job, output_log)
-        finally:
-            shutil.rmtree(self._home(job), ignore_errors=True)
+            finally:
+                output_log.close()
+                shutil.rmtree(self._home(job), ignore_errors=True)
 
     async def _run_logged_job(self, job: Job, output_log: BinaryIO) -> None:
         started = time.monotonic()
@@ -202,11 +225,20 @@ class Worker:
                 outcome, status = JobOutcome("failed", INTERRUPTED), "interrupted"
             else:
                 outcome, status = JobOutcome("failed", "cancelled"), "cancelled"
-        except Exception:  # the comment says what failed; the traceback stays in our log
-            log.exception("job %s failed unexpectedly", job.id)
-            outcome, status = JobOutcome("failed", "internal error: see the deploybot log"), "failed"
+        except Exception as exc:  # the comment says what failed; the traceback stays in our log
+            if _disk_full_error(exc):  # the bot's own files or store, not a bug: no traceback needed
+                log.error("job %s failed: %s", job.id, exc)
+                outcome = JobOutcome("failed", f"{DISK_FULL} ({_reason(exc)})")
+            else:
+                log.exception("job %s failed unexpectedly", job.id)
+                outcome = JobOutcome("failed", "internal error: see the deploybot log")
+            status = "failed"
         finally:
             self._running.pop(job.id, None)
+        if status == outcome.status == "failed" and not outcome.summary.startswith(DISK_FULL) and self._disk_is_full():
+            # Then that is the likely cause, and not every tool says so: terraform 1.0 exits 0
+            # with an empty plan file when the disk fills just as it saves the plan.
+            outcome.summary = f"{DISK_FULL}: {outcome.summary}"
         log.info("job %s %s %s on %s#%s: %s (%s), terraform %.2fs", job.id, job.run.command,
                  job.project.label, job.run.repo.full_name, job.run.pull_number, status,
                  outcome.summary, outcome.terraform_seconds)
@@ -215,12 +247,15 @@ class Worker:
                                         ).observe(time.monotonic() - started)
         result["output"] = cap_output(self.clean(result["output"]))  # redact first: a cut must not split a secret
         result["summary"] = self.clean(result["summary"])
-        self.store.finish_job(job.id, status, result)
+        # On a full disk these wait for room: the job stays `running` meanwhile, so nothing else
+        # of its project starts, and the pull request hears of it once it is recorded.
+        await self._stored(f"record job {job.id}", lambda: self.store.finish_job(job.id, status, result))
         run = job.run
-        self.store.audit(run.requested_by, run.command, result.get("outcome") if status == "failed" else status,
-                         run.repo.full_name, job.project.label, run.head_sha,
-                         f"{run.trigger} run {run.id}" + (f" on #{run.pull_number}" if run.pull_number else "")
-                         + f": {result['summary']}")
+        await self._stored(f"audit job {job.id}", lambda: self.store.audit(
+            run.requested_by, run.command, result.get("outcome") if status == "failed" else status,
+            run.repo.full_name, job.project.label, run.head_sha,
+            f"{run.trigger} run {run.id}" + (f" on #{run.pull_number}" if run.pull_number else "")
+            + f": {result['summary']}"))
         if job.run.command == "plan":
             await self._set_status(job.run.repo, job.run.head_sha, plan_context(job.project.label),
                                    "success" if status == "succeeded" else "failure", result["summary"])
@@ -433,12 +468,12 @@ class Worker:
     # Reporting ------------------------------------------------------------------
 
     async def _report_if_done(self, run: Run) -> None:
-        if not self.store.claim_run_report(run.id):
+        if not await self._stored(f"claim the report of run {run.id}", lambda: self.store.claim_run_report(run.id)):
             return
         jobs = self.store.run_jobs(run.id)
         if not run.pull_number:
             await asyncio.to_thread(self.notify_api_run, run, jobs)
-            self.store.finish_run_report(run.id)
+            await self._stored(f"record the report of run {run.id}", lambda: self.store.finish_run_report(run.id))
             return
         outcomes = [
             ProjectOutcome(
@@ -452,18 +487,20 @@ class Worker:
         if run.trigger == "merge":
             # The merged pull request is done with its projects once its apply has run.
             for lock in self.store.locks_for_pull(run.repo, run.pull_number):
-                self.store.unlock(lock.project_key, run.pull_number)
+                await self._stored(f"unlock {lock.project_key}",
+                                   lambda: self.store.unlock(lock.project_key, run.pull_number))
         footer = _footer(run, jobs)
         client = self.clients(run.repo)
         try:
             for body in render_run_comment(run.command, run.head_sha, outcomes, footer, client.comment_limit):
                 await asyncio.to_thread(client.create_comment, run.pull_number, body)
             await asyncio.to_thread(report_aggregate_statuses, client, self.store, run)
-            self.store.finish_run_report(run.id)
+            await self._stored(f"record the report of run {run.id}", lambda: self.store.finish_run_report(run.id))
         except ForgeError as exc:
             self.metrics.forge_errors.labels(run.repo.forge).inc()
-            self.store.audit("deploybot", f"report-{run.command}", "failed", run.repo.full_name,
-                             sha=run.head_sha, detail=f"run {run.id} on #{run.pull_number}: {exc}")
+            await self._stored(f"audit the report of run {run.id}", lambda: self.store.audit(
+                "deploybot", f"report-{run.command}", "failed", run.repo.full_name,
+                sha=run.head_sha, detail=f"run {run.id} on #{run.pull_number}: {exc}"))
             log.error("could not report run %s on %s#%s: %s", run.id, run.repo.full_name,
                       run.pull_number, exc)
 
@@ -478,6 +515,56 @@ class Worker:
 
 class ProjectDirError(Exception):
     """The project directory is missing or leads outside the checkout."""
+
+
+class JobLog:
+    """A job's output file, written as terraform prints: to read along, and the trigger API's log.
+
+    It is the one copy of the output that may be lost: on a full disk it stops (said once
+    in our log) and the job goes on, its output kept in memory for the comment. Unbuffered,
+    so nothing is left to fail when it is closed.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._file: BinaryIO | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("ab", buffering=0)
+        except OSError as exc:
+            self._give_up(exc)
+
+    def write(self, data: bytes) -> int:
+        try:
+            view = memoryview(data)
+            while view and self._file is not None:
+                view = view[self._file.write(view):]
+        except OSError as exc:
+            self._give_up(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        """Every write went to the file at once."""
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _give_up(self, exc: OSError) -> None:
+        log.warning("the job's log file stops here: %s", exc)
+        self.close()
+
+
+def _disk_full_error(exc: BaseException) -> bool:
+    """Whether an error is the bot's disk being full (its files or its store)."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL  # the primary code
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _reason(exc: BaseException) -> str:
+    """The system's words for a disk error, without the path."""
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
 def _phase_failure(phase: str, result: PhaseResult, ok_codes: tuple[int, ...] = (0,)) -> str:
