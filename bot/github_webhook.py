@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from collections.abc import Callable, Mapping
 from typing import Any
+
+import orjson
 
 from bot.models import CommentEvent, Event, PullRequest, PullRequestEvent, Repo, ReviewEvent
 
@@ -44,8 +45,8 @@ def sign(body: bytes, secret: bytes) -> str:
 def load_body(body: bytes) -> dict[str, Any]:
     """Decode a webhook body; raise MalformedPayload unless it is a JSON object."""
     try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        payload = orjson.loads(body)  # strict: UTF-8 only, no NaN, integers within 64 bits
+    except (orjson.JSONDecodeError, RecursionError) as exc:
         raise MalformedPayload(f"body is not JSON: {type(exc).__name__}") from None
     if not isinstance(payload, dict):
         raise MalformedPayload("body is not a JSON object")
