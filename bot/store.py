@@ -600,7 +600,11 @@ class _Transaction:
 
     def __enter__(self) -> sqlite3.Connection:
         self._store._lock.acquire()
-        self._store._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._store._db.execute("BEGIN IMMEDIATE")
+        except BaseException:  # __exit__ will not run: the lock must not stay taken
+            self._store._lock.release()
+            raise
         return self._store._db
 
     def __exit__(self, exc_type, exc, tb) -> None:

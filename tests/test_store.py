@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import sqlite3
 from pathlib import Path
+
+import pytest
 
 from bot.models import Project, Repo
 from bot.store import Delivery, SavedPlan, Store, project_key
@@ -57,3 +61,15 @@ def test_locks_name_their_holder_and_plans_are_replaced(tmp_path: Path):
     store.save_plan(SavedPlan(key, 2, "b" * 40, "/p2", "h2", False))
     assert store.get_plan(key, 2).head_sha == "b" * 40
     assert [p.planfile for p in store.plans_for_pull(REPO, 2)] == ["/p2"]
+
+
+def test_a_transaction_that_cannot_begin_leaves_the_store_usable(tmp_path: Path):
+    store = Store(tmp_path / "db.sqlite")
+    store._db.execute("PRAGMA query_only = ON")  # BEGIN IMMEDIATE now fails, as on a read-only disk
+    with pytest.raises(sqlite3.OperationalError):
+        store.try_lock("k", REPO, 1, "alice")
+    store._db.execute("PRAGMA query_only = OFF")
+    # From another thread too: the store's lock was not left taken by the failed BEGIN.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        attempt = pool.submit(store.try_lock, "k", REPO, 1, "alice").result(timeout=5)
+    assert attempt.acquired
