@@ -263,9 +263,13 @@ class Worker:
 
     async def _execute(self, job: Job, output_log: BinaryIO) -> JobOutcome:
         if job.run.command == "plan":
-            await self._set_status(job.run.repo, job.run.head_sha, plan_context(job.project.label),
-                                   "pending", "planning…")
-            return await self._plan(job, output_log)
+            # Said while the checkout and terraform run: the forge call need not hold them up.
+            announced = asyncio.create_task(self._set_status(
+                job.run.repo, job.run.head_sha, plan_context(job.project.label), "pending", "planning…"))
+            try:
+                return await self._plan(job, output_log)
+            finally:
+                await announced  # before the job's own status, which must come last
         if job.run.trigger == "api-merge":
             # Apply-on-merge from CI: plan the merged SHA and apply that very plan.
             planned = await self._plan(job, output_log)
