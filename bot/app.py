@@ -25,13 +25,13 @@ from bot.api_runs import ApiRuns
 from bot.ci_auth import HmacVerifier, OidcVerifier
 from bot.config import Config
 from bot.dispatcher import Dispatcher
-from bot.git import RepoCache
+from bot.git import GitError, RepoCache
 from bot.metrics import Metrics
 from bot.github_client import GitHubApp, github_login_of
 from bot.github_webhook import InvalidSignature, MalformedPayload, load_body
 from bot.gitlab_client import GitLabClient, check_gitlab_token, gitlab_login_of, lookup_gitlab_repo
 from bot.slack import MESSAGE_KINDS, SlackNotifier, render_run_message
-from bot.models import CommentEvent, Event, Repo
+from bot.models import CommentEvent, Event, PullRequestEvent, Repo
 from bot.store import Delivery, Job, Run, Store, repo_key
 from bot.terraform import Terraform, TerraformSettings, find_terraform
 from bot.vcs import ForgeError, VCSClient
@@ -119,6 +119,7 @@ class Deploybot:
         )
         self.dispatcher = Dispatcher(self.store, handlers.router, self.context_for, self.metrics)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._prefetches: set[asyncio.Task] = set()  # kept referenced until done
 
     def client_for(self, repo: Repo) -> VCSClient:
         """The forge client for a repository."""
@@ -170,6 +171,14 @@ class Deploybot:
         """What the handlers of one delivery may use."""
         repo = event.repo if isinstance(event, CommentEvent) else event.pull.repo
         client = self.client_for(repo)
+        if isinstance(event, PullRequestEvent) and event.action != "closed":
+            policy = self.policy.repo(repo.full_name)
+            if policy is not None and (policy.allow_forks or not event.pull.is_fork):
+                # Autoplan reads the head commit's modules through git: fetch it now, while the
+                # handler asks the forge API what changed, instead of after.
+                prefetch = asyncio.create_task(self._prefetch(repo, client, event.pull.head_sha))
+                self._prefetches.add(prefetch)
+                prefetch.add_done_callback(self._prefetches.discard)
         return HandlerContext(
             delivery_id=delivery.id,
             store=self.store,
@@ -178,20 +187,30 @@ class Deploybot:
             bot_login=self.forges[repo.forge].bot_login,
             wake_workers=lambda: self._call_in_loop(self.worker.wake),
             cancel_jobs=lambda jobs: self._call_in_loop(self.worker.cancel, jobs),
-            read_dirs=lambda sha, dirs: self._read_dirs(repo, client, sha, dirs),
+            module_dirs=lambda sha, dirs, depth: self._module_dirs(repo, client, sha, dirs, depth),
         )
 
     def _call_in_loop(self, fn, *args) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(fn, *args)
 
-    def _read_dirs(self, repo: Repo, client: VCSClient, sha: str, dirs: Iterable[str]) -> dict[str, str]:
-        """Terraform files in directories at a SHA, fetched into the git cache (called from handler threads)."""
+    async def _fetch(self, repo: Repo, client: VCSClient, sha: str) -> None:
+        header = await asyncio.to_thread(client.git_auth_header)
+        await self.repo_cache.fetch(repo_key(repo), repo.clone_url, sha, header)
 
-        async def read() -> dict[str, str]:
-            header = await asyncio.to_thread(client.git_auth_header)
-            await self.repo_cache.fetch(repo_key(repo), repo.clone_url, sha, header)
-            return await self.repo_cache.read_dir_files(repo_key(repo), sha, dirs)
+    async def _prefetch(self, repo: Repo, client: VCSClient, sha: str) -> None:
+        try:
+            await self._fetch(repo, client, sha)
+        except (GitError, ForgeError) as exc:  # the handler's own fetch tries again and tells the PR
+            log.info("prefetch of %s@%s failed: %s", repo.full_name, sha[:8], exc)
+
+    def _module_dirs(self, repo: Repo, client: VCSClient, sha: str, dirs: Iterable[str],
+                     depth: int) -> dict[str, set[str]]:
+        """The local modules of project dirs at a SHA, fetched into the git cache (called from handler threads)."""
+
+        async def read() -> dict[str, set[str]]:
+            await self._fetch(repo, client, sha)
+            return await self.repo_cache.module_dirs(repo_key(repo), sha, dirs, depth)
 
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(read(), self._loop).result(timeout=600)

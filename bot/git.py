@@ -16,7 +16,7 @@ import posixpath
 import re
 import shutil
 import signal
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -151,8 +151,8 @@ def _module_sources(name: str, text: str) -> list[str]:
 def local_module_dirs(project_dir: str, files: Mapping[str, str]) -> set[str]:
     """Repo-relative directories of the local modules (`./x`, `../x`) a project calls.
 
-    `files` maps repo-relative paths to text (what `RepoCache.read_dir_files` returns);
-    only `.tf` / `.tf.json` files directly in `project_dir` count, as for terraform.
+    `files` maps repo-relative paths to text; only `.tf` / `.tf.json` files directly
+    in `project_dir` count, as for terraform.
     Sources that would leave the repository are dropped. Not transitive.
     """
     project = posixpath.normpath(project_dir.strip("/") or ".")
@@ -170,6 +170,91 @@ def local_module_dirs(project_dir: str, files: Mapping[str, str]) -> set[str]:
                 continue
             found.add(resolved)
     return found
+
+
+async def _module_graph(reader: "_TreeReader", project_dirs: list[str], depth: int) -> dict[str, set[str]]:
+    calls: dict[str, set[str]] = {}  # directory -> the local modules it calls
+    found: dict[str, set[str]] = {d: set() for d in project_dirs}
+    frontier: dict[str, set[str]] = {d: {d} for d in project_dirs}
+    for _ in range(depth):
+        unread = sorted(set().union(*frontier.values()) - calls.keys())
+        if unread:
+            files = await reader.terraform_files(unread)
+            calls.update({d: local_module_dirs(d, files) for d in unread})
+        for project_dir, dirs in frontier.items():
+            reached = set().union(*(calls[d] for d in dirs)) - found[project_dir] - {project_dir}
+            found[project_dir] |= reached
+            frontier[project_dir] = reached
+        if not any(frontier.values()):
+            break
+    return found
+
+
+class _TreeReader:
+    """Trees and blobs of one commit, asked of a running `git cat-file --batch`."""
+
+    MAX_FILE_BYTES = 1 << 20
+    TERRAFORM_SUFFIXES = (".tf", ".tf.json")
+
+    def __init__(self, proc: asyncio.subprocess.Process, sha: str) -> None:
+        assert proc.stdin is not None and proc.stdout is not None
+        self._stdin, self._stdout = proc.stdin, proc.stdout
+        self._sha = sha
+        self._oid_bytes = len(sha) // 2  # 20 for SHA-1 repositories, 32 for SHA-256
+
+    async def terraform_files(self, dirs: list[str]) -> dict[str, str]:
+        """{repo-relative path: text} of the terraform files directly in each directory."""
+        # A name with a newline would break the line protocol; no such directory is ours to read.
+        dirs = [d for d in dirs if "\n" not in d]
+        trees = await self._objects([f"{self._sha}:{'' if d == '.' else d}" for d in dirs])
+        wanted: list[tuple[str, str]] = []
+        for directory, tree in zip(dirs, trees):
+            if tree is None or tree[0] != b"tree":
+                continue
+            for mode, name, oid in self._entries(tree[1]):
+                if mode in (b"100644", b"100755") and name.endswith(self.TERRAFORM_SUFFIXES):
+                    wanted.append((name if directory == "." else f"{directory}/{name}", oid))
+        files: dict[str, str] = {}
+        for (path, _), blob in zip(wanted, await self._objects([oid for _, oid in wanted])):
+            if blob is not None and blob[0] == b"blob":
+                try:
+                    files[path] = blob[1].decode("utf-8")
+                except UnicodeDecodeError:
+                    continue
+        return files
+
+    async def _objects(self, names: list[str]) -> list[tuple[bytes, bytes] | None]:
+        """(type, content) of each named object; None for one that is missing or too big."""
+        if not names:
+            return []
+        self._stdin.write(b"".join(n.encode("utf-8", "surrogateescape") + b"\n" for n in names))
+        await self._stdin.drain()
+        found: list[tuple[bytes, bytes] | None] = []
+        for _ in names:
+            fields = (await self._stdout.readline()).split()
+            # "<oid> <type> <size>" for an object; "<name> missing" (or "ambiguous") otherwise.
+            if len(fields) != 3 or len(fields[0]) != 2 * self._oid_bytes or not fields[2].isdigit():
+                found.append(None)
+                continue
+            size = int(fields[2])
+            if size > self.MAX_FILE_BYTES:
+                left = size + 1  # read past it (and its newline) without holding it
+                while left:
+                    left -= len(await self._stdout.readexactly(min(left, 1 << 16)))
+                found.append(None)
+                continue
+            found.append((fields[1], (await self._stdout.readexactly(size + 1))[:-1]))
+        return found
+
+    def _entries(self, tree: bytes) -> Iterator[tuple[bytes, str, str]]:
+        """(mode, name, object id) of each entry of a raw tree object."""
+        i = 0
+        while i < len(tree):
+            space = tree.index(b" ", i)
+            nul = tree.index(b"\0", space)
+            oid = tree[nul + 1 : nul + 1 + self._oid_bytes]
+            yield tree[i:space], tree[space + 1 : nul].decode("utf-8", "surrogateescape"), oid.hex()
+            i = nul + 1 + self._oid_bytes
 
 
 # --------------------------------------------------------------------------- running git
@@ -297,65 +382,33 @@ class RepoCache:
         await self._git(["-C", str(dest), "clean", "--quiet", "-ffdx", *excludes])
         return dest
 
-    async def read_dir_files(
-        self,
-        key: str,
-        sha: str,
-        dirs: Iterable[str],
-        *,
-        suffixes: Sequence[str] = (".tf", ".tf.json"),
-        max_bytes: int = 1 << 20,
-    ) -> dict[str, str]:
-        """Text of the files directly in each of `dirs` at `sha`, read from the mirror (no checkout).
+    async def module_dirs(self, key: str, sha: str, project_dirs: Iterable[str], depth: int) -> dict[str, set[str]]:
+        """The local modules each project directory calls at `sha`, `depth` levels deep.
 
-        Two git processes however many directories: one listing, one read. Keys are
-        repo-relative paths. Subdirectories, symlinks, submodules, files bigger than
-        `max_bytes`, files not ending in one of `suffixes` and files that are not
-        UTF-8 are left out.
+        Read from the mirror (no checkout) through one `git cat-file --batch` process for
+        every level: each level asks for the new directories' trees, then for the
+        terraform files in them (files bigger than 1 MiB, symlinks and files that are
+        not UTF-8 are left out). A directory shared by several projects is read once.
         """
         _check_sha(sha)
-        mirror = self.mirror_path(key)
-        wanted_dirs = {posixpath.normpath(d.strip("/") or ".") for d in dirs}
-        if not wanted_dirs:
-            return {}
-        for directory in wanted_dirs:
-            if directory == ".." or directory.startswith("../"):
-                raise GitError(f"path outside the repository: {directory!r}")
-        pathspecs = sorted("." if d == "." else d + "/" for d in wanted_dirs)
-        listing = await self._git(["--literal-pathspecs", "--git-dir", str(mirror), "ls-tree", "-l", "-z",
-                                   "--full-tree", sha, "--", *pathspecs])
-
-        wanted: list[tuple[str, str]] = []  # (path, object id)
-        for entry in listing.split(b"\0"):
-            if not entry:
-                continue
-            meta, _, raw_path = entry.partition(b"\t")
-            mode, kind, oid, size = meta.split()
-            path = raw_path.decode("utf-8", "surrogateescape")
-            if kind != b"blob" or mode == b"120000" or int(size) > max_bytes:
-                continue
-            if (posixpath.dirname(path) or ".") not in wanted_dirs or not path.endswith(tuple(suffixes)):
-                continue
-            wanted.append((path, oid.decode()))
-        if not wanted:
-            return {}
-
-        batch = await self._git(
-            ["--git-dir", str(mirror), "cat-file", "--batch"],
-            stdin="".join(f"{oid}\n" for _, oid in wanted).encode(),
+        proc = await asyncio.create_subprocess_exec(
+            self._git_binary, *_GIT_OPTIONS, "--git-dir", str(self.mirror_path(key)), "cat-file", "--batch",
+            env=self._env({}), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
         )
-        files: dict[str, str] = {}
-        pos = 0
-        for path, _ in wanted:
-            header_end = batch.index(b"\n", pos)
-            size = int(batch[pos:header_end].split()[2])
-            body = batch[header_end + 1 : header_end + 1 + size]
-            pos = header_end + 1 + size + 1  # content is followed by a newline
+        reader = _TreeReader(proc, sha)
+        try:
+            return await asyncio.wait_for(_module_graph(reader, list(project_dirs), depth), LOCAL_TIMEOUT_S)
+        except TimeoutError:
+            raise GitError(f"git cat-file timed out after {LOCAL_TIMEOUT_S:g} s") from None
+        except (asyncio.IncompleteReadError, ValueError, OSError) as exc:  # it died, or said what we cannot read
+            raise GitError(f"git cat-file failed: {type(exc).__name__}") from None
+        finally:
             try:
-                files[path] = body.decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-        return files
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            await asyncio.shield(proc.wait())
 
     # ------------------------------------------------------------------ internals
 

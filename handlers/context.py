@@ -21,5 +21,5 @@ class HandlerContext:
     bot_login: str
     wake_workers: Callable[[], None]
     cancel_jobs: Callable[[list[Job]], None]  # stop running plans, report cancelled runs
-    # (sha, dirs) -> {path: text} of the terraform files directly in those dirs at sha, via git
-    read_dirs: Callable[[str, Iterable[str]], dict[str, str]]
+    # (sha, project dirs, depth) -> the local module dirs each calls at sha, read through git
+    module_dirs: Callable[[str, Iterable[str], int], dict[str, set[str]]]

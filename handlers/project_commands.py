@@ -6,7 +6,7 @@ import logging
 from typing import Sequence
 
 from bot.apply_gate import apply_blockers, may
-from bot.git import GitError, local_module_dirs
+from bot.git import GitError
 from bot.models import Project, PullRequest, Repo
 from bot.statuses import APPLY_CONTEXT, PLAN_CONTEXT, plan_context
 from bot.store import project_key
@@ -55,31 +55,13 @@ def changed_projects(
 
 
 def _module_dirs(ctx: HandlerContext, sha: str, project_dirs: list[str]) -> dict[str, set[str]]:
-    """The local modules each project calls, MODULE_DEPTH levels deep.
-
-    A level of every project is read at once (two git processes), and a directory
-    is read only once however many projects share it.
-    """
-    calls: dict[str, set[str]] = {}  # directory -> the local modules it calls
-    found: dict[str, set[str]] = {d: set() for d in project_dirs}
-    frontier: dict[str, set[str]] = {d: {d} for d in project_dirs}
-    for _ in range(MODULE_DEPTH):
-        unread = set().union(*frontier.values()) - calls.keys()
-        if unread:
-            try:
-                files = ctx.read_dirs(sha, unread)
-            except GitError as exc:
-                # The plan job fetches again and says on the PR what failed; autoplan goes on.
-                log.warning("could not read %s at %s: %s", ", ".join(sorted(unread)), sha[:8], exc)
-                return found
-            calls.update({d: local_module_dirs(d, files) for d in unread})
-        for project_dir, dirs in frontier.items():
-            reached = set().union(*(calls[d] for d in dirs)) - found[project_dir] - {project_dir}
-            found[project_dir] |= reached
-            frontier[project_dir] = reached
-        if not any(frontier.values()):
-            break
-    return found
+    """The local modules each project calls, MODULE_DEPTH levels deep."""
+    try:
+        return ctx.module_dirs(sha, project_dirs, MODULE_DEPTH)
+    except GitError as exc:
+        # The plan job fetches again and says on the PR what failed; autoplan goes on without modules.
+        log.warning("could not read the modules of %s at %s: %s", ", ".join(project_dirs), sha[:8], exc)
+        return {}
 
 
 def start_plan(

@@ -142,34 +142,54 @@ def test_submodules_are_never_fetched(git_repo: GitRepo, cache: RepoCache, tmp_p
     assert (dest / "vendored").is_dir() and not any((dest / "vendored").iterdir())
 
 
-def test_read_dir_files_reads_terraform_files_directly_in_the_directories(git_repo: GitRepo, cache: RepoCache) -> None:
+def module(source: str) -> str:
+    return f'module "m" {{\n  source = "{source}"\n}}\n'
+
+
+def test_module_dirs_follows_local_modules_level_by_level(git_repo: GitRepo, cache: RepoCache) -> None:
     sha = git_repo.commit(
         {
-            "modules/vpc/main.tf": "# vpc\n",
-            "modules/vpc/vars.tf.json": "{}\n",
-            "modules/vpc/sub/x.tf": "# x\n",
-            "modules/vpc/README.md": "readme\n",
-            "modules/vpc2/main.tf": "# not this one\n",
-            "modules/[a]*/main.tf": "# literal name\n",
-            "main.tf": "# root\n",
+            "live/a/main.tf": module("../../modules/net"),
+            "live/b/main.tf": module("../../modules/my mods/[x]*"),
+            "live/b/sub/main.tf": module("../../../modules/unused"),  # a subdirectory is not the project
+            "modules/net/main.tf": module("../dns"),
+            "modules/net/extra.tf.json": '{"module": {"j": {"source": "../json"}}}',
+            "modules/dns/main.tf": module("../../../outside"),  # leaves the repository: dropped
+            "modules/json/main.tf": "",
+            "modules/my mods/[x]*/main.tf": module("../../deep1"),
+            "modules/deep1/main.tf": module("../deep2"),
+            "modules/deep2/main.tf": module("../deep3"),
+            "modules/deep3/main.tf": "",
+            "main.tf": module("./live/a"),
         },
         push="main",
     )
-    (git_repo.work / "modules/vpc/blob.tf").write_bytes(b"\xff\xfe\x00")
+    (git_repo.work / "modules/json/big.tf").write_text("#" * (1 << 20) + "\n" + module("../big"))
+    (git_repo.work / "modules/json/latin1.tf").write_bytes(module("../latin").encode() + b"\xff")
+    (git_repo.work / "modules/linked.txt").write_text(module("../linked"))
+    (git_repo.work / "modules/json/link.tf").symlink_to("../linked.txt")  # symlinks are not followed
     sha = git_repo.commit(push="main")
 
     async def scenario() -> None:
         await cache.fetch(KEY, git_repo.url, sha, None)
-        files = await cache.read_dir_files(KEY, sha, ["modules/vpc/"])
-        assert files == {"modules/vpc/main.tf": "# vpc\n", "modules/vpc/vars.tf.json": "{}\n"}
-        both = await cache.read_dir_files(KEY, sha, [".", "modules/vpc/sub", "modules/[a]*"])
-        assert both == {"main.tf": "# root\n", "modules/vpc/sub/x.tf": "# x\n", "modules/[a]*/main.tf": "# literal name\n"}
-        assert await cache.read_dir_files(KEY, sha, ["nowhere"]) == {}
-        assert await cache.read_dir_files(KEY, sha, []) == {}
-        with pytest.raises(GitError):
-            await cache.read_dir_files(KEY, sha, ["modules", "../outside"])
+        found = await cache.module_dirs(KEY, sha, ["live/a", "live/b", ".", "missing"], depth=3)
+        assert found == {
+            "live/a": {"modules/net", "modules/dns", "modules/json"},
+            "live/b": {"modules/my mods/[x]*", "modules/deep1", "modules/deep2"},  # three levels only
+            ".": {"live/a", "modules/net", "modules/dns", "modules/json"},
+            "missing": set(),
+        }
+        assert await cache.module_dirs(KEY, sha, [], depth=5) == {}
 
     run(scenario())
+
+
+def test_module_dirs_of_a_commit_not_in_the_mirror_is_a_git_error(git_repo: GitRepo, cache: RepoCache) -> None:
+    sha = git_repo.commit({"main.tf": module("./m"), "m/main.tf": ""}, push="main")
+    run(cache.fetch(KEY, git_repo.url, sha, None))
+    assert run(cache.module_dirs(KEY, "f" * 40, ["."], depth=2)) == {".": set()}  # nothing at that SHA
+    with pytest.raises(GitError):
+        run(cache.module_dirs(KEY, "not-a-sha", ["."], depth=2))
 
 
 def test_bad_inputs_are_rejected_before_git_runs(cache: RepoCache) -> None:
