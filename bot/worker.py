@@ -256,10 +256,13 @@ class Worker:
             run.repo.full_name, job.project.label, run.head_sha,
             f"{run.trigger} run {run.id}" + (f" on #{run.pull_number}" if run.pull_number else "")
             + f": {result['summary']}"))
+        project_status = []
         if job.run.command == "plan":
-            await self._set_status(job.run.repo, job.run.head_sha, plan_context(job.project.label),
-                                   "success" if status == "succeeded" else "failure", result["summary"])
-        await self._report_if_done(job.run)
+            project_status.append(self._set_status(job.run.repo, job.run.head_sha, plan_context(job.project.label),
+                                                    "success" if status == "succeeded" else "failure",
+                                                    result["summary"]))
+        # The project's status and the run's report (comment, overall statuses) go out together.
+        await asyncio.gather(*project_status, self._report_if_done(job.run))
 
     async def _execute(self, job: Job, output_log: BinaryIO) -> JobOutcome:
         if job.run.command == "plan":
