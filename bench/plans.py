@@ -13,7 +13,7 @@ warm-up) and then pushes to it ("warm": same working dir, `.terraform` kept), an
 runs a bare `terraform init && terraform plan` of a fresh copy of the same project
 with no plugin cache; the order of bot and bare alternates between rounds. The bot's
 own terraform time is read from the store (`jobs.result.terraform_seconds`: init +
-plan + show -json); overhead = webhook-to-comment minus that.
+plan); overhead = webhook-to-comment minus that.
 
 A traced round then runs once more with the bot's git and terraform wrapped in shell
 scripts that log start and end times, to show where the time goes. The wrappers cost
@@ -62,7 +62,7 @@ class PlanSample:
 
     @property
     def terraform_s(self) -> float:
-        """Terraform's own seconds (init + plan + show -json) of the longest job."""
+        """Terraform's own seconds (init when run + plan) of the longest job."""
         return max((j.result.get("terraform_seconds", 0.0) for j in self.jobs), default=0.0)
 
     @property
@@ -77,7 +77,7 @@ class PlanSample:
             "dispatch (stored -> job queued)": job.created_at - self.received_at,
             "queue (queued -> job started)": job.started_at - job.created_at,
             "job minus terraform (status, git)": (job.finished_at - job.started_at) - self.terraform_s,
-            "terraform (init + plan + show -json)": self.terraform_s,
+            "terraform (init when run + plan)": self.terraform_s,
             "report (job done -> comment)": self.comment_at - job.finished_at,
         }
 
