@@ -302,21 +302,27 @@ def test_webhook_that_cannot_be_stored_gets_a_503_and_is_handled_when_sent_again
         world.stop()
 
 
+def hold_a_staging_plan(world: World, gate: Path) -> tuple[int, int]:
+    """Open a pull request, let its autoplan finish, then start a plan of staging that waits
+    at the terraform gate; return the pull request's number and its count of bot comments."""
+    number = world.open_pr("resize", staging_change(world))
+    world.wait_comment(number, "**deploybot plan**")
+    world.wait_idle()
+    seen = len(world.bot_comments(number))
+    (gate / "open").unlink()
+    world.comment(number, "alice", "deploybot plan -p staging")
+    wait_for((gate / "waiting").exists, 60, "terraform plan to start")
+    return number, seen
+
+
 def test_worker_and_dispatcher_wait_for_room_to_record_and_carry_on_by_themselves(
         tmp_path: Path, filler: Filler, caplog: pytest.LogCaptureFixture):
     binary, gate = gated_terraform(tmp_path)
     world = World(tmp_path, binary=str(binary))
     caplog.set_level(logging.INFO)
     try:
-        number = world.open_pr("resize", staging_change(world))
-        world.wait_comment(number, "**deploybot plan**")
-        world.wait_idle()
-        seen = len(world.bot_comments(number))
-
         # A plan of staging is under way (terraform waits at the gate) ...
-        (gate / "open").unlink()
-        world.comment(number, "alice", "deploybot plan -p staging")
-        wait_for((gate / "waiting").exists, 60, "terraform plan to start")
+        number, seen = hold_a_staging_plan(world, gate)
         # ... and a plan of production is being handled, slowly: the forge asks the bot to
         # come back in three seconds for the pull request, so the handler reaches the store
         # only after the disk filled.
@@ -366,14 +372,7 @@ def test_bot_killed_on_a_full_disk_starts_again_and_recovers_once_there_is_room(
     binary, gate = gated_terraform(tmp_path)
     world = World(tmp_path, in_process=False, binary=str(binary))
     try:
-        number = world.open_pr("resize", staging_change(world))
-        world.wait_comment(number, "**deploybot plan**")
-        world.wait_idle()
-        seen = len(world.bot_comments(number))
-
-        (gate / "open").unlink()
-        world.comment(number, "alice", "deploybot plan -p staging")
-        wait_for((gate / "waiting").exists, 60, "terraform plan to start")
+        number, seen = hold_a_staging_plan(world, gate)
         filler.fill()
         world.kill_bot()
         os.killpg(int((gate / "pid").read_text()), signal.SIGKILL)  # terraform went with the bot
