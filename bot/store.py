@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     id TEXT PRIMARY KEY,          -- the forge's delivery id: a redelivery is a no-op
     forge TEXT NOT NULL,
     event TEXT NOT NULL,
-    body BLOB NOT NULL,
+    body BLOB NOT NULL,           -- emptied once handled without error
     status TEXT NOT NULL,         -- received | done | failed
     error TEXT NOT NULL DEFAULT '',
     received_at REAL NOT NULL,
@@ -254,10 +254,14 @@ class Store:
             )
 
     def finish_delivery(self, delivery_id: str, error: str = "") -> None:
+        """Mark a delivery handled. A handled one keeps its id (redeliveries stay no-ops) but
+        not its body, which nothing reads again: the store does not grow by every webhook's
+        25 KB, and the update need not rewrite them. A failed one keeps its body to look into."""
         with self._lock:
             self._db.execute(
-                "UPDATE deliveries SET status = ?, error = ? WHERE id = ?",
-                ("failed" if error else "done", error, delivery_id),
+                "UPDATE deliveries SET status = ?, error = ?, body = CASE WHEN ? THEN body ELSE x'' END"
+                " WHERE id = ?",
+                ("failed" if error else "done", error, bool(error), delivery_id),
             )
 
     def delivery_status(self, delivery_id: str) -> str | None:

@@ -73,3 +73,15 @@ def test_a_transaction_that_cannot_begin_leaves_the_store_usable(tmp_path: Path)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         attempt = pool.submit(store.try_lock, "k", REPO, 1, "alice").result(timeout=5)
     assert attempt.acquired
+
+
+def test_a_handled_delivery_keeps_its_id_but_not_its_body(tmp_path: Path):
+    store = Store(tmp_path / "db.sqlite3")
+    for name in ("done", "failed"):
+        store.add_delivery(Delivery(name, "github", "pull_request", b"x" * 25_000))
+    store.finish_delivery("done")
+    store.finish_delivery("failed", "forge API error: 404")
+    bodies = dict(store._db.execute("SELECT id, length(body) FROM deliveries").fetchall())
+    assert bodies == {"done": 0, "failed": 25_000}  # a failed one stays to be looked into
+    assert not store.add_delivery(Delivery("done", "github", "pull_request", b"{}"))  # still a duplicate
+    assert store.delivery_status("done") == "done" and store.delivery_status("failed") == "failed"
