@@ -309,6 +309,11 @@ class Store:
                 )
         return Run(run_id, repo, pull_number, head_sha, command, trigger, requested_by)
 
+    def has_run(self, key: str) -> bool:
+        """Whether a run with this key was added."""
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM runs WHERE key = ?", (key,)).fetchone() is not None
+
     def _jobs(self, where: str, args: tuple) -> list[Job]:
         with self._lock:
             rows = self._db.execute(

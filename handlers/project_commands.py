@@ -8,8 +8,9 @@ from typing import Sequence
 from bot.apply_gate import apply_blockers, may
 from bot.git import GitError
 from bot.models import Project, PullRequest, Repo
-from bot.statuses import APPLY_CONTEXT, PLAN_CONTEXT, plan_context
+from bot.statuses import APPLY_CONTEXT, PLAN_CONTEXT
 from bot.store import project_key
+from bot.vcs import ForgeError
 from handlers.context import HandlerContext
 from policies.autoplan import NarrowedProject, narrow_projects, projects_to_autoplan
 from policies.policy import RepoPolicy
@@ -67,35 +68,36 @@ def _module_dirs(ctx: HandlerContext, sha: str, project_dirs: list[str]) -> dict
 def start_plan(
     ctx: HandlerContext, pull: PullRequest, projects: list[Project], trigger: str, requested_by: str
 ) -> None:
-    """Lock the projects for this PR and queue one plan run for those it got."""
-    locked = _queue_run(ctx, pull, projects, "plan", trigger, requested_by)
-    for project in locked:
-        ctx.client.set_status(pull.head_sha, plan_context(project.label), "pending", "queued")
-    if locked:
-        ctx.client.set_status(pull.head_sha, PLAN_CONTEXT, "pending", f"planning {len(locked)} project(s)")
+    """Lock the projects for this PR and queue one plan run for those it got.
+
+    Each project's status comes from its job ("planning…" when it starts, then the outcome).
+    """
+    _queue_run(ctx, pull, projects, "plan", trigger, requested_by, PLAN_CONTEXT, "planning")
 
 
 def start_apply(
     ctx: HandlerContext, pull: PullRequest, projects: list[Project], trigger: str, requested_by: str
 ) -> None:
     """Queue one apply run; the worker checks every requirement again when it starts."""
-    locked = _queue_run(ctx, pull, projects, "apply", trigger, requested_by)
-    if locked:
-        ctx.client.set_status(pull.head_sha, APPLY_CONTEXT, "pending", f"applying {len(locked)} project(s)")
+    _queue_run(ctx, pull, projects, "apply", trigger, requested_by, APPLY_CONTEXT, "applying")
 
 
 def _queue_run(ctx: HandlerContext, pull: PullRequest, projects: list[Project], command: str,
-               trigger: str, requested_by: str) -> list[Project]:
-    """Lock what can be locked and queue a run of it; return the projects queued."""
+               trigger: str, requested_by: str, context: str, doing: str) -> None:
+    """Lock what can be locked, set the run's pending status (`doing` N projects), then queue the run."""
     locked = _lock(ctx, pull, projects, requested_by)
-    if not locked:
-        return []
-    run = ctx.store.add_run(f"{ctx.delivery_id}:{command}", pull.repo, pull.number, pull.head_sha,
-                            command, trigger, requested_by, locked)
-    if run is None:
-        return []  # this delivery was dispatched before a restart and already queued its run
-    ctx.wake_workers()
-    return locked
+    key = f"{ctx.delivery_id}:{command}"
+    if not locked or ctx.store.has_run(key):
+        return  # nothing to run; or this delivery was handled before a restart and queued its run
+    # Before the run is queued: set after, it could reach the forge after the worker's final
+    # status and leave a finished run pending (a retried call can take seconds). It is only
+    # a status: the run goes ahead without it.
+    try:
+        ctx.client.set_status(pull.head_sha, context, "pending", f"{doing} {len(locked)} project(s)")
+    except ForgeError as exc:
+        log.error("could not set %s on %s@%s: %s", context, pull.repo.full_name, pull.head_sha[:8], exc)
+    if ctx.store.add_run(key, pull.repo, pull.number, pull.head_sha, command, trigger, requested_by, locked):
+        ctx.wake_workers()
 
 
 def _lock(ctx: HandlerContext, pull: PullRequest, projects: list[Project], user: str) -> list[Project]:

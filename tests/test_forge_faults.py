@@ -480,11 +480,31 @@ def test_plan_comment_and_statuses_arrive_through_transient_faults(make_world: M
     assert fake.pending_faults == 0
     comment_posts = [r.status for r in fake.requests if r.method == "POST" and _matches(COMMENTS, r.path)]
     assert comment_posts[:3] == [502, 429, 201]
-    # Statuses are set from two threads at once (the handler's "queued", the worker's "planning…"),
-    # so the faults land on either; GitLab answers a second pending with 400 (the client's "done").
+    # Statuses come from the handler (the run's pending) and the worker (each project's), so the
+    # faults land on either; GitLab answers a second pending with 400 (the client's "done").
     status_posts = [r.status for r in fake.requests if r.method == "POST" and _matches(STATUSES, r.path)]
     assert status_posts.count(502) == 1 and status_posts.count(429) == 1
     assert set(status_posts) <= {201, 400, 429, 502} and 201 in status_posts
+
+
+def test_a_slow_pending_status_never_lands_after_the_plan_is_done(make_world: MakeWorld) -> None:
+    world = make_world()
+    fakes = github_fake if world.forge.name == "github" else gitlab_fake
+    rate_limited = fakes.too_many_requests(2) if world.forge.name == "github" else fakes.rate_limited(2)
+    # The first status of the pull request is held for two seconds: longer than its whole plan.
+    world.forge.fake.inject_faults("POST", STATUSES, [rate_limited])
+    number = world.open_pr("resize-staging", staging_change(world))
+    world.wait_comment(number, "**deploybot plan**", timeout=60)
+    world.wait_idle()  # the handler is done, its status call with it
+    store = world.store()
+    try:
+        wait_for(lambda: not store._db.execute("SELECT 1 FROM runs WHERE reported != 2").fetchone(),
+                 30, "the run's report, statuses included")
+    finally:
+        store.close()
+    statuses = world.statuses(number)
+    assert statuses["deploybot/plan"] == ("success", "1 project(s) planned")
+    assert statuses["deploybot/plan: staging"] == ("success", "+2 ~0 -0")
 
 
 def test_permanent_failure_to_report_is_logged_and_audited(make_world: MakeWorld,
