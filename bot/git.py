@@ -368,16 +368,20 @@ class RepoCache:
         """
         _check_sha(sha)
         mirror = self.mirror_path(key)
-        if not await self._has_commit(mirror, sha):
-            raise GitError(f"commit {sha} has not been fetched into {key}")
         dest = Path(dest).resolve()
-        if not self._is_checkout_of(dest, mirror):
-            if dest.exists() and any(dest.iterdir()):
-                raise GitError(f"{dest} exists and is not a checkout of {key}")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            # --shared borrows the mirror's objects (no copy); the pinning refs keep them alive.
-            await self._git(["clone", "--quiet", "--shared", "--no-checkout", str(mirror), str(dest)])
-        await self._git(["-C", str(dest), "checkout", "--quiet", "--force", "--detach", sha])
+        try:
+            if not self._is_checkout_of(dest, mirror):
+                if dest.exists() and any(dest.iterdir()):
+                    raise GitError(f"{dest} exists and is not a checkout of {key}")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                # --shared borrows the mirror's objects (no copy); the pinning refs keep them alive.
+                await self._git(["clone", "--quiet", "--shared", "--no-checkout", str(mirror), str(dest)])
+            await self._git(["-C", str(dest), "checkout", "--quiet", "--force", "--detach", sha])
+        except GitError:
+            # Asked only now, not before every checkout: the commit is almost always there.
+            if not await self._has_commit(mirror, sha):
+                raise GitError(f"commit {sha} has not been fetched into {key}") from None
+            raise
         excludes = [arg for name in keep for arg in ("-e", name)]
         await self._git(["-C", str(dest), "clean", "--quiet", "-ffdx", *excludes])
         return dest

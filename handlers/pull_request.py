@@ -51,10 +51,13 @@ def autoplan(event: PullRequestEvent, ctx: HandlerContext) -> None:
         if event.action != "updated":
             reply(ctx, pull.number, FORK_REFUSED)
         return
+    # Asked first: the forge answers while the head commit is still being fetched for the
+    # module scan below (see Deploybot.context_for), instead of after it.
+    allowed = may(ctx.client, event.sender, policy.plan)
     to_plan = changed_projects(ctx, pull, pull_projects(ctx, policy, pull))
     if not to_plan:
         return
-    if not may(ctx.client, event.sender, policy.plan):
+    if not allowed:
         reply(ctx, pull.number, AUTOPLAN_NOT_ALLOWED.format(user=event.sender))
         return
     start_plan(ctx, pull, to_plan, "autoplan", event.sender)
