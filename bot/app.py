@@ -35,7 +35,7 @@ from bot.models import CommentEvent, Event, PullRequestEvent, Repo
 from bot.store import Delivery, Job, Run, Store, repo_key
 from bot.terraform import Terraform, TerraformSettings, find_terraform
 from bot.vcs import ForgeError, VCSClient
-from bot.worker import Worker
+from bot.worker import Worker, disk_is_full
 from handlers.context import HandlerContext
 from policies.policy import Policy, load_policy_file
 
@@ -367,7 +367,7 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Ready to work: the store answers, terraform is there, every forge takes our credentials."""
+    """Ready to work: the store answers, its disk has room, terraform is there, every forge takes our credentials."""
     bot: Deploybot = request.app.state.bot
     checks: dict[str, str] = {}
     try:
@@ -375,6 +375,8 @@ async def readyz(request: Request) -> Response:
         checks["store"] = "ok"
     except sqlite3.Error as exc:
         checks["store"] = f"failed: {type(exc).__name__}"
+    # Ready means able to take webhooks: on a full disk each would get a 503 (they fail to store).
+    checks["disk"] = "failed: the data dir's disk is full" if disk_is_full(bot.config.server.data_dir) else "ok"
     binary = bot.terraform.binary
     checks["terraform"] = "ok" if os.access(binary, os.X_OK) else f"failed: {binary} is not executable"
     for name, forge in bot.forges.items():

@@ -192,10 +192,6 @@ class Worker:
     def _home(self, job: Job) -> Path:
         return self.config.server.data_dir / "homes" / f"job-{job.id}"
 
-    def _disk_is_full(self) -> bool:
-        """Whether the data dir's file system has (next to) no room left."""
-        st = os.statvfs(self.config.server.data_dir)
-        return st.f_bavail * st.f_frsize < LOW_DISK_BYTES
 
     async def _run_job(self, job: Job) -> None:
         with log_context(run=job.run.id, job=job.id, repo=job.run.repo.full_name,
@@ -235,7 +231,7 @@ class Worker:
             status = "failed"
         finally:
             self._running.pop(job.id, None)
-        if status == outcome.status == "failed" and not outcome.summary.startswith(DISK_FULL) and self._disk_is_full():
+        if status == outcome.status == "failed" and not outcome.summary.startswith(DISK_FULL) and disk_is_full(self.config.server.data_dir):
             # Then that is the likely cause, and not every tool says so: terraform 1.0 exits 0
             # with an empty plan file when the disk fills just as it saves the plan.
             outcome.summary = f"{DISK_FULL}: {outcome.summary}"
@@ -560,6 +556,12 @@ class JobLog:
     def _give_up(self, exc: OSError) -> None:
         log.warning("the job's log file stops here: %s", exc)
         self.close()
+
+
+def disk_is_full(path: Path) -> bool:
+    """Whether the file system holding `path` has (next to) no room left."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize < LOW_DISK_BYTES
 
 
 def _disk_full_error(exc: BaseException) -> bool:

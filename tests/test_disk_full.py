@@ -291,9 +291,12 @@ def test_webhook_that_cannot_be_stored_gets_a_503_and_is_handled_when_sent_again
         metrics = httpx.get(f"{world.url}/metrics", timeout=5).text
         assert 'deploybot_deliveries_total{event="issue_comment",forge="github",outcome="unavailable"} 2.0' in metrics
         assert healthy(world)
+        ready = httpx.get(f"{world.url}/readyz", timeout=30)
+        assert ready.status_code == 503 and ready.json()["checks"]["disk"] == "failed: the data dir's disk is full"
         assert not plan_comments(world, number)
 
         filler.free()
+        assert httpx.get(f"{world.url}/readyz", timeout=30).json()["checks"]["disk"] == "ok"
         assert world.forge.fake.redeliver(held.delivery_id) == 202
         assert "✅ `staging`: +2 ~0 -0" in world.wait_comment(number, "**deploybot plan**")
         world.wait_idle()

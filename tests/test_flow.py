@@ -407,11 +407,11 @@ def test_repo_file_from_the_base_branch_only_narrows(make_world: MakeWorld):
     assert "No allow-listed project matches `-p staging`" in world.wait_comment(number, "No allow-listed")
 
 
-def test_readiness_checks_store_terraform_and_forge_credentials(make_world: MakeWorld):
+def test_readiness_checks_store_disk_terraform_and_forge_credentials(make_world: MakeWorld):
     world = make_world()
     ready = httpx.get(f"{world.url}/readyz")
     assert ready.status_code == 200, ready.text
-    assert ready.json()["checks"] == {"store": "ok", "terraform": "ok", world.forge.name: "ok"}
+    assert ready.json()["checks"] == {"store": "ok", "disk": "ok", "terraform": "ok", world.forge.name: "ok"}
     assert httpx.get(f"{world.url}/healthz").json() == {"status": "ok"}
     world.forge.stop()  # the forge is unreachable: not ready, and it says why
     broken = httpx.get(f"{world.url}/readyz", timeout=60)
