@@ -187,6 +187,7 @@ class Deploybot:
             bot_login=self.forges[repo.forge].bot_login,
             wake_workers=lambda: self._call_in_loop(self.worker.wake),
             cancel_jobs=lambda jobs: self._call_in_loop(self.worker.cancel, jobs),
+            forget_pull=lambda repo, number: self._call_in_loop(self.worker.forget_pull_soon, repo, number),
             module_dirs=lambda sha, dirs, depth: self._module_dirs(repo, client, sha, dirs, depth),
         )
 

@@ -30,7 +30,7 @@ from bot.metrics import Metrics
 from bot.repo_guard import cap_output, checkout_problems, installed_module_problems
 from bot.models import PullRequest, Repo
 from bot.statuses import plan_context, report_aggregate_statuses
-from bot.store import Job, Run, SavedPlan, Store, StoreRetry, repo_key
+from bot.store import Job, Run, SavedPlan, Store, StoreRetry, project_key, repo_key
 from bot.terraform import PhaseResult, PlanSummary, Terraform, TerraformError, sha256_file, summarize_plan_file
 from bot.vcs import ForgeError, VCSClient
 from policies.policy import Policy
@@ -90,6 +90,7 @@ class Worker:
         self._running: dict[int, tuple[Job, asyncio.Task]] = {}
         self._stopped_by_shutdown: set[int] = set()  # jobs cancelled because the server stops
         self._loops: list[asyncio.Task] = []
+        self._forgetting: set[asyncio.Task] = set()  # kept referenced until done
         # Outcomes are recorded once the store can be written again (a full disk), never dropped.
         self._stored = StoreRetry("the worker", lambda: self._stopping)
 
@@ -276,16 +277,41 @@ class Worker:
                 return planned
         return await self._apply(job, output_log)
 
+    def _project_dir(self, kind: str, project_key: str) -> Path:
+        """Where a project's working dirs ("work") or saved plans ("plans") are kept."""
+        return self.config.server.data_dir / kind / re.sub(r"[^A-Za-z0-9._-]", "_", project_key)
+
     def _workdir(self, job: Job) -> Path:
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", job.project_key)
-        return self.config.server.data_dir / "work" / safe / f"pr-{job.run.pull_number}"
+        return self._project_dir("work", job.project_key) / f"pr-{job.run.pull_number}"
 
     def _planfile(self, job: Job) -> Path:
         # Outside the checkout, so code in the PR can never reach or swap it.
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", job.project_key)
-        path = self.config.server.data_dir / "plans" / safe / f"pr-{job.run.pull_number}-{job.run.head_sha}.tfplan"
+        path = self._project_dir("plans", job.project_key) / f"pr-{job.run.pull_number}-{job.run.head_sha}.tfplan"
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
+
+    def forget_pull_soon(self, repo: Repo, pull_number: int) -> None:
+        """`forget_pull` in a task of its own."""
+        task = asyncio.create_task(self.forget_pull(repo, pull_number))
+        self._forgetting.add(task)
+        task.add_done_callback(self._forgetting.discard)
+
+    async def forget_pull(self, repo: Repo, pull_number: int) -> None:
+        """Remove a closed pull request's working dirs and plan files, once none of its jobs runs.
+
+        Its plans were cancelled just before (they stop within `kill_grace`); a merge's
+        apply calls this itself when it is reported.
+        """
+        key = repo_key(repo)
+        while any(repo_key(job.run.repo) == key and job.run.pull_number == pull_number
+                  for job, _ in self._running.values()):
+            await asyncio.sleep(0.2)
+        policy = self.policy.repo(repo.full_name)
+        for project in policy.projects if policy else ():
+            project_dirs = self._project_dir("work", project_key(repo, project))
+            await asyncio.to_thread(shutil.rmtree, project_dirs / f"pr-{pull_number}", True)
+            for planfile in self._project_dir("plans", project_key(repo, project)).glob(f"pr-{pull_number}-*.tfplan"):
+                planfile.unlink(missing_ok=True)
 
     async def _checkout(self, job: Job, keep: Sequence[str] = KEEP_ON_RESET) -> Path | JobOutcome:
         """The project's directory in a checkout of exactly the run's head SHA; or why not."""
@@ -492,6 +518,7 @@ class Worker:
             for lock in self.store.locks_for_pull(run.repo, run.pull_number):
                 await self._stored(f"unlock {lock.project_key}",
                                    lambda: self.store.unlock(lock.project_key, run.pull_number))
+            self.forget_pull_soon(run.repo, run.pull_number)
         footer = _footer(run, jobs)
         client = self.clients(run.repo)
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+from bot.models import Repo
 from bot.store import Job, Store
 from bot.vcs import VCSClient
 from policies.policy import Policy
@@ -21,5 +22,6 @@ class HandlerContext:
     bot_login: str
     wake_workers: Callable[[], None]
     cancel_jobs: Callable[[list[Job]], None]  # stop running plans, report cancelled runs
+    forget_pull: Callable[[Repo, int], None]  # remove a closed pull request's working dirs and plan files
     # (sha, project dirs, depth) -> the local module dirs each calls at sha, read through git
     module_dirs: Callable[[str, Iterable[str], int], dict[str, set[str]]]

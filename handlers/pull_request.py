@@ -74,12 +74,13 @@ def closed(event: PullRequestEvent, ctx: HandlerContext) -> None:
         waiting = planned_projects(ctx, pull, projects)
         if waiting:
             start_apply(ctx, pull, waiting, "merge", event.sender)
-            return  # the worker frees the locks once the apply has run
+            return  # the worker frees the locks and the working dirs once the apply has run
         reply(ctx, pull.number, MERGED_WITHOUT_PLAN.format(sha=pull.head_sha[:8]))
     for plan in ctx.store.plans_for_pull(pull.repo, pull.number):
         ctx.store.delete_plan(plan.project_key, pull.number)
     for lock in ctx.store.locks_for_pull(pull.repo, pull.number):
         ctx.store.unlock(lock.project_key, pull.number)
+    ctx.forget_pull(pull.repo, pull.number)
 
 
 def _cancel_pull_jobs(ctx: HandlerContext, event: PullRequestEvent, command: str) -> None:

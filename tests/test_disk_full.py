@@ -354,7 +354,7 @@ def test_worker_and_dispatcher_wait_for_room_to_record_and_carry_on_by_themselve
         failed = world.wait_comment(number, "❌ `staging`", after=seen)
         assert "❌ `staging`: deploybot's disk is full: " in failed
         assert "Traceback" not in failed
-        assert world.statuses(number)["deploybot/plan: staging"][0] == "failure"
+        world.wait_status(number, "deploybot/plan: staging", "failure")  # sent alongside the comment
         assert "✅ `production`: +2 ~0 -0" in world.wait_comment(number, "`production`", after=seen)
         assert world.forge.fake.redeliver(refused.delivery_id) == 202
         wait_for(lambda: len(plan_comments(world, number)) == 4, 120, "the re-sent plan of staging")

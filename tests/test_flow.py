@@ -84,9 +84,9 @@ def test_autoplan_plans_only_changed_projects_once(make_world: MakeWorld):
     assert "<details>" in comment and "\x1b[" not in comment
 
     assert world.wait_status(number, "deploybot/plan", "success") == "1 project(s) planned"
+    world.wait_status(number, "deploybot/apply", "pending")  # set just after the plan's
+    assert world.wait_status(number, "deploybot/plan: staging", "success") == "+2 ~0 -0"
     statuses = world.statuses(number)
-    assert statuses["deploybot/plan: staging"] == ("success", "+2 ~0 -0")
-    assert statuses["deploybot/apply"][0] == "pending"
     assert "deploybot/plan: production" not in statuses
     metrics = httpx.get(f"{world.url}/metrics").text
     assert 'deploybot_job_duration_seconds_count{command="plan",outcome="succeeded"} 1.0' in metrics
@@ -232,16 +232,36 @@ def test_auto_apply_on_approval(make_world: MakeWorld):
     assert "`staging`: applied" in world.wait_comment(number, "**deploybot apply**")
 
 
+def pull_files(world: World, number: int) -> list[Path]:
+    """The staging working dir and plan files the bot keeps for a pull request."""
+    safe = f"{world.forge.name}_{REPO.lower()}_staging_default".replace("/", "_").replace(":", "_")
+    data = world.root / "data"
+    return [p for p in [data / "work" / safe / f"pr-{number}", *(data / "plans" / safe).glob(f"pr-{number}-*")]
+            if p.exists()]
+
+
 def test_apply_on_merge_then_locks_are_free(make_world: MakeWorld):
     world = make_world({"apply_on_merge": True})
     first = world.open_pr("resize-staging", staging_change(world))
     world.wait_comment(first, "**deploybot plan**")
+    assert len(pull_files(world, first)) == 2  # the working dir and the saved plan
     world.forge.merge(first)
     assert "`staging`: applied" in world.wait_comment(first, "**deploybot apply**")
     assert world.state_resources("staging") == 2
     world.wait_idle()
+    wait_for(lambda: not pull_files(world, first), 30, "the merged pull request's files to go")
     second = world.open_pr("again", staging_change(world, size="tiny"))
     assert "`staging`" in world.wait_comment(second, "**deploybot plan**")
+
+
+def test_a_closed_pull_request_leaves_no_working_dir_or_plan(make_world: MakeWorld):
+    world = make_world()  # no apply on merge: merging only closes it for the bot
+    number = world.open_pr("resize-staging", staging_change(world))
+    world.wait_comment(number, "**deploybot plan**")
+    assert len(pull_files(world, number)) == 2
+    world.forge.merge(number)
+    wait_for(lambda: not pull_files(world, number), 30, "the closed pull request's files to go")
+    assert world.state_resources("staging") == 0
 
 
 def test_lock_conflict_between_two_pulls_and_unlock(make_world: MakeWorld):

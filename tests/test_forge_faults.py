@@ -473,7 +473,7 @@ def test_plan_comment_and_statuses_arrive_through_transient_faults(make_world: M
     assert "`staging`: +2 ~0 -0" in comment
     assert world.wait_status(number, "deploybot/plan", "success") == "1 project(s) planned"
     world.wait_status(number, "deploybot/apply", "pending")
-    assert world.statuses(number)["deploybot/plan: staging"] == ("success", "+2 ~0 -0")
+    assert world.wait_status(number, "deploybot/plan: staging", "success") == "+2 ~0 -0"
 
     world.wait_idle()
     assert len([c for c in world.bot_comments(number) if "**deploybot plan**" in c]) == 1
