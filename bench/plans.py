@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import JobRecord, World, median
+from bot.git import git_subcommand
 from bot.sandbox import POLICY, project_files
 from bot.sandbox_forges import REPO
 from bot.terraform import find_terraform
@@ -153,18 +154,6 @@ def make_wrappers(directory: Path) -> tuple[dict[str, str], Path]:
     return env, trace
 
 
-def _git_subcommand(args: list[str]) -> str:
-    skip = False
-    for arg in args:
-        if skip:
-            skip = False
-        elif arg in ("-c", "-C", "--git-dir"):
-            skip = True
-        elif not arg.startswith("-"):
-            return arg
-    return "?"
-
-
 def read_trace(trace: Path) -> list[tuple[float, float, str]]:
     """(start, end, what) of every wrapped command."""
     starts: dict[str, tuple[float, str]] = {}
@@ -175,7 +164,7 @@ def read_trace(trace: Path) -> list[tuple[float, float, str]]:
             continue
         at, pid, kind, tool = float(parts[0]), parts[1], parts[2], parts[3]
         if kind == "start":
-            what = f"terraform {parts[4]}" if tool == "terraform" else f"git {_git_subcommand(parts[4:])}"
+            what = f"terraform {parts[4]}" if tool == "terraform" else f"git {git_subcommand(parts[4:])}"
             starts[pid] = (at, what)
         elif pid in starts:
             begun, what = starts.pop(pid)

@@ -481,15 +481,15 @@ class RepoCache:
                 pass
             await asyncio.shield(proc.wait())
             if isinstance(exc, TimeoutError):
-                raise GitError(f"git {_subcommand(args)} timed out after {timeout_s:g} s") from None
+                raise GitError(f"git {git_subcommand(args)} timed out after {timeout_s:g} s") from None
             raise
         if proc.returncode != 0:
             detail = _redact(err.decode("utf-8", "replace").strip(), secrets)
-            raise GitError(f"git {_subcommand(args)} failed ({proc.returncode}): {detail}")
+            raise GitError(f"git {git_subcommand(args)} failed ({proc.returncode}): {detail}")
         return out
 
 
-def _subcommand(args: Sequence[str]) -> str:
+def git_subcommand(args: Sequence[str]) -> str:
     """The git subcommand of an argument list, for error messages (no URLs, no paths)."""
     skip_next = False
     for arg in args:

@@ -302,15 +302,15 @@ class Worker:
         Its plans were cancelled just before (they stop within `kill_grace`); a merge's
         apply calls this itself when it is reported.
         """
-        key = repo_key(repo)
-        while any(repo_key(job.run.repo) == key and job.run.pull_number == pull_number
+        repo_id = repo_key(repo)
+        while any(repo_key(job.run.repo) == repo_id and job.run.pull_number == pull_number
                   for job, _ in self._running.values()):
             await asyncio.sleep(0.2)
         policy = self.policy.repo(repo.full_name)
         for project in policy.projects if policy else ():
-            project_dirs = self._project_dir("work", project_key(repo, project))
-            await asyncio.to_thread(shutil.rmtree, project_dirs / f"pr-{pull_number}", True)
-            for planfile in self._project_dir("plans", project_key(repo, project)).glob(f"pr-{pull_number}-*.tfplan"):
+            key = project_key(repo, project)
+            await asyncio.to_thread(shutil.rmtree, self._project_dir("work", key) / f"pr-{pull_number}", True)
+            for planfile in self._project_dir("plans", key).glob(f"pr-{pull_number}-*.tfplan"):
                 planfile.unlink(missing_ok=True)
 
     async def _checkout(self, job: Job, keep: Sequence[str] = KEEP_ON_RESET) -> Path | JobOutcome:
