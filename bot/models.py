@@ -81,6 +81,24 @@ class Review:
 
 
 @dataclass(frozen=True)
+class ForgeComment:
+    """A comment as the forge API reports it (never as a webhook body claims it)."""
+
+    id: int
+    author: str
+    body: str
+    created_at: str  # ISO 8601 in the forge's clock; "" if the forge did not say
+
+
+PLAN_ID_LENGTH = 12
+
+
+def plan_id(sha256: str) -> str:
+    """The short id of a saved plan that people approve: the start of its SHA-256."""
+    return sha256[:PLAN_ID_LENGTH]
+
+
+@dataclass(frozen=True)
 class Mergeability:
     """Whether the forge would let the PR merge, and why not."""
 

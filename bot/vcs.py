@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Protocol
 
-from bot.models import Mergeability, PullRequest, Review
+from bot.models import ForgeComment, Mergeability, PullRequest, Review
 
 StatusState = Literal["pending", "success", "failure", "error"]
 Permission = Literal["none", "read", "triage", "write", "maintain", "admin"]
@@ -24,8 +24,17 @@ class VCSClient(Protocol):
     def changed_files(self, number: int) -> list[str]:
         """Paths (repo-relative) changed by the pull request, renames on both sides."""
 
-    def create_comment(self, number: int, body: str) -> int:
-        """Post a comment; return its id."""
+    def create_comment(self, number: int, body: str) -> ForgeComment:
+        """Post a comment; return it as the forge recorded it (id and creation time)."""
+
+    def get_comment(self, number: int, comment_id: int) -> ForgeComment | None:
+        """A comment on the pull request as the forge has it now; None if there is none by that id."""
+
+    def commit_people(self, number: int) -> set[str]:
+        """Logins of everyone who authored or committed a commit of the pull request.
+
+        Commits whose author or committer the forge cannot tie to an account add nothing.
+        """
 
     def set_status(
         self, sha: str, context: str, state: StatusState, description: str, target_url: str = ""
