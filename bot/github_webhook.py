@@ -81,6 +81,8 @@ def _repo(payload: dict[str, Any]) -> Repo:
         clone_url=text(repo["clone_url"]),
         default_branch=text(repo["default_branch"]),
         installation_id=integer(installation["id"]) if "id" in installation else None,
+        # Pins the name to one repository: a deleted repository's name can be taken by another.
+        id=integer(repo["id"]) if "id" in repo else None,
     )
 
 

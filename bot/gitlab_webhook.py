@@ -162,12 +162,16 @@ def parse_event(event_name: str, payload: dict[str, Any]) -> Event | None:
 
 def _repo(payload: dict[str, Any]) -> Repo:
     project = payload["project"]
+    # Pins the path to one project: a deleted project's path can be taken by another. Note Hooks
+    # also carry it at the top level as `project_id`.
+    project_id = project["id"] if "id" in project else payload.get("project_id")
     return Repo(
         forge=FORGE,
         full_name=text(project["path_with_namespace"]),
         clone_url=text(project["git_http_url"]),
         default_branch=text(project["default_branch"]),
         installation_id=None,
+        id=integer(project_id) if project_id is not None else None,
     )
 
 

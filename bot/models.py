@@ -19,6 +19,10 @@ class Repo:
     clone_url: str
     default_branch: str
     installation_id: int | None = None  # GitHub App installation that sent the event
+    # The forge's numeric repository (GitLab: project) id. A name can be deleted and taken by
+    # someone else, an id cannot (policies.repo_identity). None: the payload named none, or a
+    # run stored before ids were kept. Last, with a default: stored runs load as they are.
+    id: int | None = None
 
 
 @dataclass(frozen=True)
