@@ -1,25 +1,28 @@
 """Whether a project may be applied now: facts from the forge API, judged by the policy.
 
-The facts are fetched at the moment of asking (reviews, approvers' permissions and
-teams, mergeability) and never taken from comment text or earlier events.
+The facts are fetched at the moment of asking (reviews, the pull request's commits,
+approvers' permissions and teams, mergeability) and never taken from comment text or
+earlier events. A forge that cannot answer fails the check closed, saying what it said.
 """
 
 from __future__ import annotations
 
 from bot.models import PullRequest, Project
-from bot.store import Store, project_key
-from bot.vcs import VCSClient
+from bot.store import SavedPlan, Store, project_key
+from bot.vcs import ForgeError, VCSClient
 from policies.apply_requirements import (
     ApplyFacts,
-    ApprovalComment,
-    approving_users,
+    CommentApproval,
+    PlanFacts,
     check_apply_requirements,
-    comment_approvers,
+    excluded_approvers,
+    plan_approvers,
 )
 from policies.authz import Actor, is_allowed, teams_to_check
 from policies.policy import RepoPolicy, Subjects
 
 OWN_APPLY_CONTEXT = "deploybot/apply"
+FORGE_FAILED = "could not check the apply requirements: {error}"
 
 
 def actor(client: VCSClient, user: str, *subjects: Subjects) -> Actor:
@@ -33,33 +36,40 @@ def may(client: VCSClient, user: str, subjects: Subjects) -> bool:
     return is_allowed(subjects, actor(client, user, subjects))
 
 
+def excluded(client: VCSClient, policy: RepoPolicy, pull: PullRequest) -> set[str]:
+    """Lower-cased logins who may not approve this pull request, with its commits as the forge lists them now."""
+    people = client.commit_people(pull.number) if "committers" in policy.approvers_exclude else set()
+    return excluded_approvers(policy, pull, people)
+
+
 def eligible_approvers(
-    client: VCSClient, store: Store, policy: RepoPolicy, pull: PullRequest, project: Project
+    client: VCSClient, store: Store, policy: RepoPolicy, pull: PullRequest, plan: SavedPlan
 ) -> set[str]:
-    """Users whose approval of the current head counts for this project."""
-    approvals = [ApprovalComment(user, sha, label) for user, sha, label in store.approvals(pull.repo, pull.number)]
-    candidates = approving_users(client.reviews(pull.number), pull.head_sha)
-    candidates |= comment_approvers(approvals, pull.head_sha, project.label)
-    # Nobody approves their own change, whatever the forge allows.
-    candidates = {u for u in candidates if u.lower() != pull.author.lower()}
+    """Users whose approval of exactly this saved plan counts."""
+    facts = PlanFacts(plan.head_sha, plan.sha256, plan.shown_at)
+    comments = [CommentApproval(a.user, a.approved_at) for a in store.plan_approvals(plan)]
+    candidates = plan_approvers(facts, client.reviews(pull.number), comments, excluded(client, policy, pull))
     return {u for u in candidates if may(client, u, policy.approvers)}
 
 
 def apply_blockers(
     client: VCSClient, store: Store, policy: RepoPolicy, pull: PullRequest, project: Project
 ) -> list[str]:
-    """Why this project may not be applied now (empty: it may)."""
+    """Why this project may not be applied now (empty: it may). Never raises ForgeError."""
     plan = store.get_plan(project_key(pull.repo, project), pull.number)
     requirements = policy.apply_requirements
-    facts = ApplyFacts(
-        head_sha=pull.head_sha,
-        plan_sha=plan.head_sha if plan else None,
-        approvers=eligible_approvers(client, store, policy, pull, project)
-        if "approved" in requirements else set(),
-        mergeable=client.mergeability(pull, frozenset({OWN_APPLY_CONTEXT}))
-        if "mergeable" in requirements else None,
-        behind_base=client.is_behind_base(pull) if "undiverged" in requirements else None,
-        base_ref=pull.base_ref,
-        author=pull.author,
-    )
+    try:
+        facts = ApplyFacts(
+            head_sha=pull.head_sha,
+            plan=PlanFacts(plan.head_sha, plan.sha256, plan.shown_at) if plan else None,
+            approvers=eligible_approvers(client, store, policy, pull, plan)
+            if plan and "approved" in requirements else set(),
+            mergeable=client.mergeability(pull, frozenset({OWN_APPLY_CONTEXT}))
+            if "mergeable" in requirements else None,
+            behind_base=client.is_behind_base(pull) if "undiverged" in requirements else None,
+            base_ref=pull.base_ref,
+        )
+    except ForgeError as exc:
+        return [FORGE_FAILED.format(error=exc)]
     return check_apply_requirements(policy, facts)
+

@@ -72,6 +72,7 @@ CREATE TABLE IF NOT EXISTS plans (
     sha256 TEXT NOT NULL,
     has_changes INTEGER NOT NULL,
     created_at REAL NOT NULL,
+    shown_at TEXT,                -- the forge's time of the comment that showed it; NULL: not shown yet
     PRIMARY KEY (project_key, pull_number)
 );
 CREATE TABLE IF NOT EXISTS locks (
@@ -105,15 +106,25 @@ CREATE TABLE IF NOT EXISTS used_once (
     expires_at REAL NOT NULL,     -- kept until then; afterwards the token or timestamp is stale anyway
     PRIMARY KEY (scope, value)
 );
-CREATE TABLE IF NOT EXISTS approvals (
-    repo TEXT NOT NULL,
+-- Approvals by SHA (before plan ids) approve no plan: dropped, never carried over.
+DROP TABLE IF EXISTS approvals;
+CREATE TABLE IF NOT EXISTS plan_approvals (
+    project_key TEXT NOT NULL,
     pull_number INTEGER NOT NULL,
+    plan_sha256 TEXT NOT NULL,    -- the approved plan; a new plan of the project deletes these rows
     user TEXT NOT NULL,
-    sha TEXT NOT NULL,
-    project_label TEXT,           -- NULL: every project of the PR
-    created_at REAL NOT NULL
+    comment_id INTEGER NOT NULL,  -- the `deploybot approve` comment
+    approved_at TEXT NOT NULL,    -- the forge's time of that comment
+    PRIMARY KEY (project_key, pull_number, plan_sha256, user)
+);
+CREATE TABLE IF NOT EXISTS acted_comments (
+    comment_key TEXT PRIMARY KEY, -- forge:repo:comment id: a comment is acted on once
+    delivery_id TEXT NOT NULL     -- whichever delivery brought it first (its retries go on)
 );
 """
+
+# Columns added after a table was first created: (table, column, definition).
+ADDED_COLUMNS = (("plans", "shown_at", "TEXT"),)
 
 FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
 
@@ -166,6 +177,21 @@ class SavedPlan:
     planfile: str
     sha256: str
     has_changes: bool
+    shown_at: str | None = None  # when the forge shows the comment with this plan; None: not shown
+
+
+def _saved_plan(row: sqlite3.Row) -> SavedPlan:
+    return SavedPlan(row["project_key"], row["pull_number"], row["head_sha"], row["planfile"],
+                     row["sha256"], bool(row["has_changes"]), row["shown_at"])
+
+
+@dataclass(frozen=True)
+class PlanApproval:
+    """A `deploybot approve` comment's approval of one saved plan."""
+
+    user: str
+    comment_id: int
+    approved_at: str  # the forge's time of the comment
 
 
 @dataclass(frozen=True)
@@ -210,6 +236,10 @@ class Store:
         # at 250 it is ~3 ms, for ~0.03 ms more per write on average.
         self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
         self._db.executescript(SCHEMA)
+        for table, column, definition in ADDED_COLUMNS:
+            columns = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     def close(self) -> None:
         with self._lock:
@@ -446,24 +476,38 @@ class Store:
 
     # Plans ------------------------------------------------------------------
 
-    def save_plan(self, plan: SavedPlan) -> None:
-        with self._lock:
-            self._db.execute(
+    def save_plan(self, plan: SavedPlan) -> SavedPlan | None:
+        """Save a project's new plan; return the plan it replaces, whose approvals are void."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM plans WHERE project_key = ? AND pull_number = ?",
+                             (plan.project_key, plan.pull_number)).fetchone()
+            db.execute(
                 "INSERT OR REPLACE INTO plans (project_key, pull_number, head_sha, planfile,"
-                " sha256, has_changes, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " sha256, has_changes, created_at, shown_at) VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
                 (plan.project_key, plan.pull_number, plan.head_sha, plan.planfile, plan.sha256,
                  int(plan.has_changes), time.time()),
             )
+            # Even a byte-identical plan: an approval is of the plan the approver was shown.
+            db.execute("DELETE FROM plan_approvals WHERE project_key = ? AND pull_number = ?",
+                       (plan.project_key, plan.pull_number))
+        return _saved_plan(row) if row is not None else None
+
+    def mark_plan_shown(self, key: str, pull_number: int, sha256: str, shown_at: str) -> bool:
+        """Record when the forge showed this plan on the pull request; False if it was replaced."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE plans SET shown_at = ? WHERE project_key = ? AND pull_number = ?"
+                " AND sha256 = ? AND shown_at IS NULL",
+                (shown_at, key, pull_number, sha256),
+            )
+            return cursor.rowcount == 1
 
     def get_plan(self, key: str, pull_number: int) -> SavedPlan | None:
         with self._lock:
             row = self._db.execute(
                 "SELECT * FROM plans WHERE project_key = ? AND pull_number = ?", (key, pull_number)
             ).fetchone()
-        if row is None:
-            return None
-        return SavedPlan(row["project_key"], row["pull_number"], row["head_sha"], row["planfile"],
-                         row["sha256"], bool(row["has_changes"]))
+        return _saved_plan(row) if row is not None else None
 
     def plans_for_pull(self, repo: Repo, pull_number: int) -> list[SavedPlan]:
         with self._lock:
@@ -471,14 +515,13 @@ class Store:
                 "SELECT * FROM plans WHERE project_key LIKE ? AND pull_number = ?",
                 (repo_key(repo) + ":%", pull_number),
             ).fetchall()
-        return [SavedPlan(r["project_key"], r["pull_number"], r["head_sha"], r["planfile"],
-                          r["sha256"], bool(r["has_changes"])) for r in rows]
+        return [_saved_plan(r) for r in rows]
 
     def delete_plan(self, key: str, pull_number: int) -> None:
-        with self._lock:
-            self._db.execute(
-                "DELETE FROM plans WHERE project_key = ? AND pull_number = ?", (key, pull_number)
-            )
+        with self._tx() as db:
+            db.execute("DELETE FROM plans WHERE project_key = ? AND pull_number = ?", (key, pull_number))
+            db.execute("DELETE FROM plan_approvals WHERE project_key = ? AND pull_number = ?",
+                       (key, pull_number))
 
     # Locks ------------------------------------------------------------------
 
@@ -587,25 +630,49 @@ class Store:
 
     # Approval comments --------------------------------------------------------
 
-    def add_approval(
-        self, repo: Repo, pull_number: int, user: str, sha: str, project_label: str | None
-    ) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO approvals (repo, pull_number, user, sha, project_label, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (repo_key(repo), pull_number, user, sha, project_label, time.time()),
-            )
+    def claim_comment(self, comment_key: str, delivery_id: str) -> bool:
+        """Whether this delivery may act on the comment: the first to bring it (or its retry) may."""
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO acted_comments (comment_key, delivery_id) VALUES (?, ?)",
+                       (comment_key, delivery_id))
+            row = db.execute("SELECT delivery_id FROM acted_comments WHERE comment_key = ?",
+                             (comment_key,)).fetchone()
+            return row["delivery_id"] == delivery_id
 
-    def approvals(self, repo: Repo, pull_number: int) -> list[tuple[str, str, str | None]]:
-        """(user, sha, project label or None) of every approval comment on the PR."""
+    def approve_plan(self, plan: SavedPlan, user: str, comment_id: int, approved_at: str) -> bool:
+        """Record a comment's approval of exactly this plan; False if the plan was replaced."""
+        with self._tx() as db:
+            current = db.execute(
+                "SELECT 1 FROM plans WHERE project_key = ? AND pull_number = ? AND sha256 = ?",
+                (plan.project_key, plan.pull_number, plan.sha256)).fetchone()
+            if current is None:
+                return False
+            db.execute(
+                "INSERT OR REPLACE INTO plan_approvals (project_key, pull_number, plan_sha256, user,"
+                " comment_id, approved_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (plan.project_key, plan.pull_number, plan.sha256, user, comment_id, approved_at),
+            )
+            return True
+
+    def plan_approvals(self, plan: SavedPlan) -> list[PlanApproval]:
+        """The comment approvals of exactly this plan (its SHA-256), oldest first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT user, sha, project_label FROM approvals WHERE repo = ? AND pull_number = ?"
-                " ORDER BY created_at",
-                (repo_key(repo), pull_number),
+                "SELECT user, comment_id, approved_at FROM plan_approvals WHERE project_key = ?"
+                " AND pull_number = ? AND plan_sha256 = ? ORDER BY comment_id",
+                (plan.project_key, plan.pull_number, plan.sha256),
             ).fetchall()
-        return [(r["user"], r["sha"], r["project_label"]) for r in rows]
+        return [PlanApproval(r["user"], r["comment_id"], r["approved_at"]) for r in rows]
+
+    def void_approvals_by(self, repo: Repo, pull_number: int, user: str) -> int:
+        """Delete a user's comment approvals on a pull request (they requested changes); how many."""
+        with self._lock:
+            cursor = self._db.execute(
+                "DELETE FROM plan_approvals WHERE project_key LIKE ? AND pull_number = ?"
+                " AND lower(user) = lower(?)",
+                (repo_key(repo) + ":%", pull_number, user),
+            )
+            return cursor.rowcount
 
 
 class _Transaction:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
 
 from bot.apply_gate import apply_blockers
+from policies.apply_requirements import merge_apply_refusals
 from bot.aws_credentials import CredentialsError, PhaseCredentials, PhaseRoles, session_name, with_credentials
 from bot.comments import ProjectOutcome, redact, render_run_comment, strip_ansi
 from bot.config import Config
@@ -28,7 +29,7 @@ from bot.git import KEEP_ON_RESET, GitError, RepoCache
 from bot.logs import log_context
 from bot.metrics import Metrics
 from bot.repo_guard import cap_output, checkout_problems, installed_module_problems
-from bot.models import PullRequest, Repo
+from bot.models import PullRequest, Repo, plan_id
 from bot.statuses import plan_context, report_aggregate_statuses
 from bot.store import Job, Run, SavedPlan, Store, StoreRetry, project_key, repo_key
 from bot.terraform import PhaseResult, PlanSummary, Terraform, TerraformError, sha256_file, summarize_plan_file
@@ -56,10 +57,12 @@ class JobOutcome:
     output: str = ""
     has_changes: bool = False
     terraform_seconds: float = 0.0  # terraform's own time, to tell the bot's overhead apart
+    plan_sha256: str = ""  # the plan a plan job saved, or an apply job applied
 
     def as_result(self) -> dict:
         return {"outcome": self.status, "summary": self.summary, "output": self.output,
-                "has_changes": self.has_changes, "terraform_seconds": round(self.terraform_seconds, 3)}
+                "has_changes": self.has_changes, "terraform_seconds": round(self.terraform_seconds, 3),
+                "plan_sha256": self.plan_sha256}
 
 
 class Worker:
@@ -285,8 +288,10 @@ class Worker:
         return self._project_dir("work", job.project_key) / f"pr-{job.run.pull_number}"
 
     def _planfile(self, job: Job) -> Path:
-        # Outside the checkout, so code in the PR can never reach or swap it.
-        path = self._project_dir("plans", job.project_key) / f"pr-{job.run.pull_number}-{job.run.head_sha}.tfplan"
+        # Outside the checkout, so code in the PR can never reach or swap it; one file per
+        # job, so a re-plan never overwrites the file of a plan someone may be looking at.
+        path = (self._project_dir("plans", job.project_key)
+                / f"pr-{job.run.pull_number}-{job.run.head_sha}-job{job.id}.tfplan")
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -428,21 +433,29 @@ class Worker:
                 summary = summarize_plan_file(planfile)
             except TerraformError as exc:
                 return JobOutcome("failed", str(exc), plan.output, terraform_seconds=seconds)
-        self.store.save_plan(SavedPlan(job.project_key, job.run.pull_number, job.run.head_sha,
-                                       str(planfile), sha256_file(planfile), summary.has_changes))
-        return JobOutcome("succeeded", summary.text, plan.output, summary.has_changes, seconds)
+        digest = sha256_file(planfile)
+        replaced = self.store.save_plan(SavedPlan(job.project_key, job.run.pull_number, job.run.head_sha,
+                                                  str(planfile), digest, summary.has_changes))
+        if replaced is not None and replaced.planfile != str(planfile):
+            Path(replaced.planfile).unlink(missing_ok=True)
+        text = f"plan `{plan_id(digest)}`: {summary.text}" if summary.has_changes else summary.text
+        return JobOutcome("succeeded", text, plan.output, summary.has_changes, seconds, digest)
 
     async def _apply(self, job: Job, output_log: BinaryIO) -> JobOutcome:
         run = job.run
+        # Read once: the refusals judge exactly the plan that is then applied.
+        plan = self.store.get_plan(job.project_key, run.pull_number)
         if run.pull_number:
             client = self.clients(run.repo)
-            pull = await asyncio.to_thread(client.get_pull_request, run.pull_number)
-            reasons = await asyncio.to_thread(self._apply_refusals, client, pull, job)
+            try:
+                pull = await asyncio.to_thread(client.get_pull_request, run.pull_number)
+            except ForgeError as exc:
+                return JobOutcome("refused", f"apply refused: could not check the apply requirements: {exc}")
+            reasons = await asyncio.to_thread(self._apply_refusals, client, pull, job, plan)
         else:
-            reasons = self._api_apply_refusals(job)
+            reasons = self._api_apply_refusals(job, plan)
         if reasons:
             return JobOutcome("refused", "apply refused: " + "; ".join(reasons))
-        plan = self.store.get_plan(job.project_key, run.pull_number)
         assert plan is not None  # the refusals checked it
         # Only now, after every refusal check, is the deploy role assumed; and the project is
         # checked out and initialised again: the working dir may have been used for another SHA.
@@ -455,12 +468,11 @@ class Worker:
         if failed := _phase_failure("apply", result):
             return JobOutcome("failed", failed, result.output)
         self.store.delete_plan(job.project_key, run.pull_number)
-        return JobOutcome("succeeded", "applied", result.output,
-                          terraform_seconds=init.duration_s + result.duration_s)
+        return JobOutcome("succeeded", f"applied plan `{plan_id(plan.sha256)}`", result.output,
+                          terraform_seconds=init.duration_s + result.duration_s, plan_sha256=plan.sha256)
 
-    def _apply_refusals(self, client: VCSClient, pull: PullRequest, job: Job) -> list[str]:
+    def _apply_refusals(self, client: VCSClient, pull: PullRequest, job: Job, plan: SavedPlan | None) -> list[str]:
         """Why this apply must not run; checked when the job starts, not when it was asked for."""
-        plan = self.store.get_plan(job.project_key, pull.number)
         if plan is None:
             return ["there is no saved plan — comment `deploybot plan` first"]
         if plan.head_sha != pull.head_sha:
@@ -468,16 +480,17 @@ class Worker:
                     f"{pull.head_sha[:8]} — comment `deploybot plan` again"]
         if not Path(plan.planfile).is_file() or sha256_file(Path(plan.planfile)) != plan.sha256:
             return ["the saved plan file is missing or was changed — comment `deploybot plan` again"]
-        if job.run.trigger == "merge":
-            return []  # the merge itself was the approval, under the forge's branch protection
         repo_policy = self.policy.repo(pull.repo.full_name)
         if repo_policy is None:
             return ["this repository is not in the deploybot policy"]
+        if job.run.trigger == "merge":
+            # The merge itself is the approval, so it must be a merge the policy trusts,
+            # as the forge API reports it now (never the webhook's word).
+            return merge_apply_refusals(repo_policy, pull)
         return apply_blockers(client, self.store, repo_policy, pull, job.project)
 
-    def _api_apply_refusals(self, job: Job) -> list[str]:
+    def _api_apply_refusals(self, job: Job, plan: SavedPlan | None) -> list[str]:
         """Why an apply started from the trigger API must not run: its plan and its approval."""
-        plan = self.store.get_plan(job.project_key, 0)
         if plan is None or plan.head_sha != job.run.head_sha:
             return [f"there is no saved plan of {job.project.label} for {job.run.head_sha[:8]}"]
         if not Path(plan.planfile).is_file() or sha256_file(Path(plan.planfile)) != plan.sha256:
@@ -522,8 +535,11 @@ class Worker:
         footer = _footer(run, jobs)
         client = self.clients(run.repo)
         try:
+            posted = None
             for body in render_run_comment(run.command, run.head_sha, outcomes, footer, client.comment_limit):
-                await asyncio.to_thread(client.create_comment, run.pull_number, body)
+                posted = await asyncio.to_thread(client.create_comment, run.pull_number, body)
+            if run.command == "plan" and posted is not None:
+                await self._mark_shown(run, jobs, posted.created_at)
             await asyncio.to_thread(report_aggregate_statuses, client, self.store, run)
             await self._stored(f"record the report of run {run.id}", lambda: self.store.finish_run_report(run.id))
         except ForgeError as exc:
@@ -533,6 +549,17 @@ class Worker:
                 sha=run.head_sha, detail=f"run {run.id} on #{run.pull_number}: {exc}"))
             log.error("could not report run %s on %s#%s: %s", run.id, run.repo.full_name,
                       run.pull_number, exc)
+
+    async def _mark_shown(self, run: Run, jobs: list[Job], shown_at: str) -> None:
+        """From now on the run's plans may be approved: the forge's time their comment was posted.
+
+        A plan never shown (its comment could not be posted) can never be approved.
+        """
+        for job in jobs:
+            digest = job.result.get("plan_sha256")
+            if job.status == "succeeded" and digest and shown_at:
+                await self._stored(f"record plan {plan_id(digest)} shown", lambda job=job, digest=digest:
+                                   self.store.mark_plan_shown(job.project_key, run.pull_number, digest, shown_at))
 
     async def _set_status(self, repo: Repo, sha: str, context: str, state: str, description: str) -> None:
         client = self.clients(repo)

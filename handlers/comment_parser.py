@@ -16,13 +16,13 @@ from typing import Literal
 USAGE = """\
 **deploybot** plans and applies the Terraform projects of this pull request.
 
-Usage: `deploybot <command> [-p PROJECT] [-d DIR] [-w WORKSPACE]`
+Usage: `deploybot <command> [-p PROJECT] [-d DIR] [-w WORKSPACE]`, or `deploybot approve [PLAN-ID ...]`
 
 | Command | What it does |
 | --- | --- |
 | `plan` | plan every project, or the ones the flags select |
 | `apply` | apply the saved plans, if every apply requirement holds |
-| `approve` | approve the current plans (for approvers) |
+| `approve` | approve the plans shown above (for approvers); name plan ids to approve only those |
 | `unlock` | release the project locks this pull request holds |
 | `cancel` | cancel this pull request's queued runs |
 | `help` | show this message |
@@ -54,6 +54,7 @@ _FLAGS = {
 }
 # ASCII only, on purpose: look-alike letters must not name a different project.
 _VALUE = re.compile(r"[A-Za-z0-9._/-]+")
+_PLAN_ID = re.compile(r"[0-9a-f]{12}")  # bot.models.plan_id
 # What we may echo back inside backticks without it turning into a mention, link or markup.
 _ECHOABLE = re.compile(r"[A-Za-z0-9._/=-]{1,64}")
 _NEWLINE = re.compile(r"\r\n|\r|\n")
@@ -67,6 +68,7 @@ class Command:
     project: str | None = None
     dir: str | None = None
     workspace: str | None = None
+    plan_ids: tuple[str, ...] = ()  # `approve` only: approve just these plans
 
 
 @dataclass(frozen=True)
@@ -127,9 +129,17 @@ def _parse_args(line: str, rest: str) -> Command | Reply:
         return _error(f"Unknown command{_echo(name)}.")
 
     values: dict[str, str] = {}
+    plan_ids: list[str] = []
     i = 0
     while i < len(args):
         arg = args[i]
+        if name == "approve" and not arg.startswith("-"):
+            if not _PLAN_ID.fullmatch(arg.lower()):
+                return _error(f"Not a plan id{_echo(arg)}: plan ids are the 12 hex digits shown with each plan.")
+            if arg.lower() not in plan_ids:
+                plan_ids.append(arg.lower())
+            i += 1
+            continue
         if arg == "--":
             return _error("Extra Terraform arguments cannot be passed from a comment.")
         flag, eq, inline = arg.partition("=") if arg.startswith("--") else (arg, "", "")
@@ -158,7 +168,8 @@ def _parse_args(line: str, rest: str) -> Command | Reply:
             if value.startswith("/"):
                 return _error("A directory must be relative to the repository root.")
         values[key] = value
-    return Command(name, values.get("project"), values.get("dir"), values.get("workspace"))  # type: ignore[arg-type]
+    return Command(name, values.get("project"), values.get("dir"), values.get("workspace"),  # type: ignore[arg-type]
+                   tuple(plan_ids))
 
 
 def _echo(word: str) -> str:

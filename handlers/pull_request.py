@@ -17,6 +17,7 @@ from handlers.project_commands import (
     start_plan,
 )
 from handlers.router import Router
+from policies.apply_requirements import merge_apply_refusals
 
 log = logging.getLogger("deploybot.handlers")
 router = Router()
@@ -29,6 +30,7 @@ AUTOPLAN_NOT_ALLOWED = (
     "deploybot did not autoplan: @{user} may not plan in this repository. "
     "Someone who may can comment `deploybot plan`."
 )
+MERGE_NOT_APPLIED = "🚫 This pull request was merged, but deploybot applied nothing: {reasons}."
 MERGED_WITHOUT_PLAN = (
     "This pull request was merged, but there is no saved plan with changes for its head {sha}, "
     "so deploybot applied nothing."
@@ -70,12 +72,19 @@ def closed(event: PullRequestEvent, ctx: HandlerContext) -> None:
     _cancel_pull_jobs(ctx, event, command="plan")
     policy = repo_policy(ctx, pull.repo)
     if pull.merged and policy is not None and policy.apply_on_merge:
-        projects = [n.project for n in pull_projects(ctx, policy, pull)]
-        waiting = planned_projects(ctx, pull, projects)
-        if waiting:
-            start_apply(ctx, pull, waiting, "merge", event.sender)
-            return  # the worker frees the locks and the working dirs once the apply has run
-        reply(ctx, pull.number, MERGED_WITHOUT_PLAN.format(sha=pull.head_sha[:8]))
+        # The merge is the approval: judge it as the forge API reports it, not as the payload says.
+        pull = ctx.client.get_pull_request(pull.number)
+        if refusals := merge_apply_refusals(policy, pull):
+            ctx.store.audit(event.sender, "apply", "refused", pull.repo.full_name, sha=pull.head_sha,
+                            detail="apply on merge: " + "; ".join(refusals))
+            reply(ctx, pull.number, MERGE_NOT_APPLIED.format(reasons="; ".join(refusals)))
+        else:
+            projects = [n.project for n in pull_projects(ctx, policy, pull)]
+            waiting = planned_projects(ctx, pull, projects)
+            if waiting:
+                start_apply(ctx, pull, waiting, "merge", event.sender)
+                return  # the worker frees the locks and the working dirs once the apply has run
+            reply(ctx, pull.number, MERGED_WITHOUT_PLAN.format(sha=pull.head_sha[:8]))
     for plan in ctx.store.plans_for_pull(pull.repo, pull.number):
         ctx.store.delete_plan(plan.project_key, pull.number)
     for lock in ctx.store.locks_for_pull(pull.repo, pull.number):

@@ -1,25 +1,30 @@
 """Whether an apply may run now, and if not, the reasons the bot posts.
 
-Every fact comes from the forge API at apply time (never from comment text), and
-every approval is tied to the exact head SHA: a push after an approval needs a
-new approval.
+An approval is of a plan, not of a commit: it counts only for the saved plan the
+approver could see when they acted (shown on the pull request no later than
+their review or comment), by someone who neither opened the pull request nor
+authored or committed any of its commits. Every fact comes from the forge API at
+apply time, never from comment text; every time is the forge's own clock.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
-from bot.models import Mergeability, Review
+from bot.models import Mergeability, PullRequest, Review, plan_id
 from policies.policy import ApplyRequirement, RepoPolicy
 
 __all__ = [
     "ApplyRequirement",
-    "ApprovalComment",
     "ApplyFacts",
-    "approving_users",
-    "comment_approvers",
+    "PlanFacts",
     "check_apply_requirements",
+    "excluded_approvers",
+    "merge_apply_refusals",
+    "plan_approvers",
+    "shown_by",
 ]
 
 # Review states that settle a reviewer's verdict; COMMENTED and PENDING leave the
@@ -32,45 +37,84 @@ def _same_sha(a: str | None, b: str | None) -> bool:
     return bool(a and b and a.strip().lower() == b.strip().lower())
 
 
-def approving_users(reviews: list[Review], head_sha: str) -> set[str]:
-    """Users whose latest deciding review approves exactly `head_sha`.
+def _forge_time(value: str | None) -> datetime | None:
+    """An ISO 8601 time as the forges write it ("2026-12-07T19:20:00Z"); None if unreadable."""
+    if not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
-    `reviews` must be oldest first (as `VCSClient.reviews` returns them). A later
-    CHANGES_REQUESTED or DISMISSED review cancels an approval, and so does any state
-    this code does not know; an approval of an older commit does not count.
+
+def shown_by(shown_at: str | None, moment: str | None) -> bool:
+    """Whether a plan shown at `shown_at` was on the pull request by `moment` (forge times).
+
+    GitHub reports times to the second, so the same second counts as "by": a plan
+    takes far longer than a second to make, so a re-plan cannot slip in unseen.
+    """
+    shown, acted = _forge_time(shown_at), _forge_time(moment)
+    return shown is not None and acted is not None and shown <= acted
+
+
+@dataclass(frozen=True)
+class PlanFacts:
+    """The saved plan an apply would run."""
+
+    head_sha: str  # the commit it was made from
+    sha256: str
+    shown_at: str | None  # when the forge showed it on the pull request; None: never shown
+
+
+@dataclass(frozen=True)
+class CommentApproval:
+    """A recorded `deploybot approve` of a plan, with the forge's time of the comment."""
+
+    user: str
+    approved_at: str
+
+
+def plan_approvers(
+    plan: PlanFacts,
+    reviews: list[Review],
+    comment_approvals: Iterable[CommentApproval],
+    excluded: set[str],
+) -> set[str]:
+    """Users whose approval counts for exactly this plan (before the approvers policy).
+
+    A review counts if it is the user's latest deciding review, approves the commit the
+    plan was made from, and was submitted once the plan was shown. A comment approval
+    was recorded for this very plan; a later "changes requested" by the same user voids
+    it. `reviews` must be oldest first. Users in `excluded` (lower case) never count.
     """
     latest: dict[str, Review] = {}
     for review in reviews:
         if review.state.upper() in _NEUTRAL_STATES or not review.user:
             continue
         latest[review.user.lower()] = review
-    return {
-        r.user
-        for r in latest.values()
-        if r.state.upper() == "APPROVED" and _same_sha(r.commit_sha, head_sha)
+    users = {
+        r.user for r in latest.values()
+        if r.state.upper() == "APPROVED" and _same_sha(r.commit_sha, plan.head_sha)
+        and shown_by(plan.shown_at, r.submitted_at)
     }
+    for approval in comment_approvals:
+        verdict = latest.get(approval.user.lower())
+        withdrawn = (verdict is not None and verdict.state.upper() != "APPROVED"
+                     and shown_by(approval.approved_at, verdict.submitted_at))
+        if approval.user and not withdrawn and shown_by(plan.shown_at, approval.approved_at):
+            users.add(approval.user)
+    return {u for u in users if u.lower() not in excluded}
 
 
-@dataclass(frozen=True)
-class ApprovalComment:
-    """A `deploybot approve` the bot recorded, with the head SHA it saw when it did."""
-
-    user: str
-    sha: str
-    project_label: str | None = None  # None: every project of the pull request
-
-
-def comment_approvers(
-    approvals: Iterable[ApprovalComment], head_sha: str, project_label: str | None
-) -> set[str]:
-    """Users who approved `project_label` (or all projects, for None) at exactly `head_sha`."""
-    return {
-        a.user
-        for a in approvals
-        if a.user
-        and _same_sha(a.sha, head_sha)
-        and (a.project_label is None or a.project_label == project_label)
-    }
+def excluded_approvers(repo: RepoPolicy, pull: PullRequest, commit_people: set[str]) -> set[str]:
+    """Lower-cased logins whose approval never counts for this pull request (four eyes)."""
+    excluded: set[str] = set()
+    if "author" in repo.approvers_exclude and pull.author:
+        excluded.add(pull.author.lower())
+    if "committers" in repo.approvers_exclude:
+        excluded |= {p.lower() for p in commit_people if p}
+    return excluded
 
 
 @dataclass(frozen=True)
@@ -78,14 +122,13 @@ class ApplyFacts:
     """What the forge says now about the pull request, gathered by the caller just before apply."""
 
     head_sha: str
-    plan_sha: str | None  # the head SHA the stored plan was made from; None if there is no plan
-    # Users whose approval counts (see approving_users / comment_approvers) AND whom
-    # the caller confirmed as eligible approvers (authz.is_allowed on repo.approvers).
+    plan: PlanFacts | None  # the saved plan of the project; None if there is none
+    # Users whose approval of this plan counts (plan_approvers) AND whom the caller
+    # confirmed as eligible approvers (authz.is_allowed on repo.approvers).
     approvers: set[str]
     mergeable: Mergeability | None  # None: the forge has not decided yet
     behind_base: bool | None  # None: unknown
     base_ref: str = ""  # only for the message ("behind main")
-    author: str = ""  # the PR author; their own approval never counts (four eyes)
 
 
 def _short(sha: str | None) -> str:
@@ -96,27 +139,27 @@ def check_apply_requirements(repo: RepoPolicy, facts: ApplyFacts) -> list[str]:
     """Human-readable reasons the apply may not run now; an empty list means it may."""
     reasons: list[str] = []
     head = _short(facts.head_sha)
+    plan = facts.plan
 
     # Always: apply runs the saved plan, so it must be a plan of this exact head.
     if not facts.head_sha:
         reasons.append("the head commit of the pull request is unknown — try again in a moment")
-    elif not facts.plan_sha:
+    elif plan is None:
         reasons.append(f"no plan for the current head {head} — comment `deploybot plan` first")
-    elif not _same_sha(facts.plan_sha, facts.head_sha):
+    elif not _same_sha(plan.head_sha, facts.head_sha):
         reasons.append(
-            f"the plan was made for {_short(facts.plan_sha)} but the head is now {head}"
+            f"the plan was made for {_short(plan.head_sha)} but the head is now {head}"
             " — comment `deploybot plan` again"
         )
 
     required = repo.apply_requirements
-    if ApplyRequirement.APPROVED in required:
-        author = facts.author.lower()
-        by_login = {u.lower(): u for u in facts.approvers if u and u.lower() != author}
-        have = len(by_login)
+    if ApplyRequirement.APPROVED in required and plan is not None:
+        have = len({u.lower() for u in facts.approvers})
         if have < repo.approvals:
             noun = "approval" if repo.approvals == 1 else "approvals"
-            who = f" ({', '.join(sorted(by_login.values(), key=str.lower))})" if have else ""
-            reasons.append(f"needs {repo.approvals} {noun} from approvers, has {have}{who}")
+            who = f" ({', '.join(sorted(facts.approvers, key=str.lower))})" if have else ""
+            reasons.append(f"plan `{plan_id(plan.sha256)}` needs {repo.approvals} {noun} from approvers,"
+                           f" has {have}{who}")
 
     if ApplyRequirement.MERGEABLE in required:
         if facts.mergeable is None:
@@ -133,3 +176,21 @@ def check_apply_requirements(repo: RepoPolicy, facts: ApplyFacts) -> list[str]:
             reasons.append(f"the branch is behind {base}: merge or rebase first")
 
     return reasons
+
+
+def merge_apply_refusals(repo: RepoPolicy, pull: PullRequest) -> list[str]:
+    """Why a merge must not apply this pull request, judged on the pull request as the API shows it.
+
+    The merge is then the only approval, so only merges into a branch the policy names
+    (or the default branch) apply: a developer can merge into an unprotected branch of
+    their own alone.
+    """
+    if not repo.apply_on_merge:
+        return ["this repository does not apply on merge"]
+    if not pull.merged:
+        return ["the forge does not report the pull request as merged"]
+    branches = repo.apply_on_merge_branches or (pull.repo.default_branch,)
+    if pull.base_ref not in branches:
+        allowed = ", ".join(f"`{b}`" for b in branches)
+        return [f"it was merged into `{pull.base_ref}`, and only merges into {allowed} apply"]
+    return []

@@ -16,7 +16,9 @@ Shape::
         approvers: {teams: [acme/platform]}  # whose approvals count
         apply_requirements: [approved, mergeable, undiverged]  # any subset; default [approved]
         approvals: 1                     # how many approvals `approved` needs (>= 1)
-        apply_on_merge: false            # apply automatically when the PR is merged
+        approvers_exclude: [author, committers]  # who never approves a PR: its opener, its commits' people
+        apply_on_merge: false            # apply automatically when the PR is merged into ...
+        apply_on_merge_branches: [main]  # ... one of these bases; default: the repo's default branch
         auto_apply_on_approval: false    # apply as soon as every requirement holds
         projects:                        # at least one
           - name: staging                # optional; unique per repo
@@ -42,6 +44,11 @@ Defaults and rules:
   ``undiverged`` (the branch is not behind its base). An up-to-date plan of the
   current head is always required on top of these.
 - ``auto_apply_on_approval: true`` needs ``approved`` among the requirements.
+- ``approvers_exclude``: ``author`` (whoever opened the pull request) and
+  ``committers`` (whoever authored or committed one of its commits) never approve
+  it. Both by default; ``[author]`` or ``[]`` loosen the four-eyes rule.
+- ``apply_on_merge`` applies only when the merged pull request's base is the
+  repository's default branch, or one of ``apply_on_merge_branches`` if given.
 - Without ``autoplan``, a project plans itself when a ``*.tf*`` file changes in its
   dir or in a local module dir it references. Globs: ``*`` stays inside one path
   segment, ``**`` spans segments, ``?`` is one character.
@@ -126,6 +133,9 @@ class RepoPolicy:
     apply_on_merge: bool
     auto_apply_on_approval: bool
     projects: tuple[Project, ...]
+    approvers_exclude: frozenset[str] = frozenset({"author", "committers"})
+    # Bases whose merges apply_on_merge applies; empty: the repository's default branch.
+    apply_on_merge_branches: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -178,9 +188,13 @@ _REPO_KEYS = (
     "apply_requirements",
     "approvals",
     "apply_on_merge",
+    "apply_on_merge_branches",
+    "approvers_exclude",
     "auto_apply_on_approval",
     "projects",
 )
+APPROVER_EXCLUSIONS = ("author", "committers")
+_BRANCH = re.compile(r"[A-Za-z0-9._/-]+")
 _SUBJECT_KEYS = ("users", "teams", "permission")
 _PROJECT_KEYS = ("name", "dir", "workspace", "autoplan")
 
@@ -292,7 +306,29 @@ def _repo(name: str, raw: Any, path: str) -> RepoPolicy:
         apply_on_merge=_bool(raw, "apply_on_merge", path),
         auto_apply_on_approval=auto_apply,
         projects=_projects(raw, path),
+        approvers_exclude=_approvers_exclude(raw, path),
+        apply_on_merge_branches=_branches(raw, "apply_on_merge_branches", path),
     )
+
+
+def _approvers_exclude(raw: dict[str, Any], path: str) -> frozenset[str]:
+    if "approvers_exclude" not in raw:
+        return frozenset(APPROVER_EXCLUSIONS)
+    path = f"{path}.approvers_exclude"
+    values = _expect(raw["approvers_exclude"], list, path, "a list")
+    for i, value in enumerate(values):
+        if value not in APPROVER_EXCLUSIONS:
+            raise PolicyError(f"{path}[{i}]: must be one of {', '.join(APPROVER_EXCLUSIONS)}")
+    return frozenset(values)
+
+
+def _branches(raw: dict[str, Any], key: str, path: str) -> tuple[str, ...]:
+    path = f"{path}.{key}"
+    values = _expect(raw.get(key, []), list, path, "a list")
+    for i, value in enumerate(values):
+        if not isinstance(value, str) or not _BRANCH.fullmatch(value) or ".." in value:
+            raise PolicyError(f"{path}[{i}]: not a branch name")
+    return tuple(values)
 
 
 def _subjects(raw: dict[str, Any], key: str, path: str, default: Subjects) -> Subjects:
