@@ -9,6 +9,7 @@ Shape::
 
     repos:
       acme/infrastructure-live:          # full name; GitLab nested paths (group/sub/repo) work too
+        id: 123456                       # optional: the forge's repository (GitLab: project) id
         allow_forks: false               # PRs from forks are never planned unless true
         repo_config_file: deploybot.yaml # optional repo-level narrowing file, read from the BASE branch
         plan:      {users: [], teams: [], permission: write}   # who may plan
@@ -52,6 +53,10 @@ Defaults and rules:
 - Without ``autoplan``, a project plans itself when a ``*.tf*`` file changes in its
   dir or in a local module dir it references. Globs: ``*`` stays inside one path
   segment, ``**`` spans segments, ``?`` is one character.
+- ``id`` pins the repository: events and trigger API calls for its name that
+  name another id are refused (a deleted repository's name can be taken by
+  someone else, its id cannot). Without it the bot pins the first id it sees;
+  see ``policies.repo_identity``.
 - Names, dirs and workspaces may contain only letters, digits, ``.``, ``_``,
   ``-`` (and ``/`` in names and dirs), so comments can name them.
 - Unknown keys, wrong types and duplicate keys are errors; error messages name
@@ -136,6 +141,8 @@ class RepoPolicy:
     approvers_exclude: frozenset[str] = frozenset({"author", "committers"})
     # Bases whose merges apply_on_merge applies; empty: the repository's default branch.
     apply_on_merge_branches: tuple[str, ...] = ()
+    # The forge's repository (GitLab: project) id; None: the first id seen is recorded instead.
+    id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -180,6 +187,7 @@ def select_projects(
 # --- loading -------------------------------------------------------------------
 
 _REPO_KEYS = (
+    "id",
     "allow_forks",
     "repo_config_file",
     "plan",
@@ -296,6 +304,7 @@ def _repo(name: str, raw: Any, path: str) -> RepoPolicy:
 
     return RepoPolicy(
         name=name,
+        id=_repo_id(raw, path),
         allow_forks=_bool(raw, "allow_forks", path),
         repo_config_file=repo_config_file,
         plan=_subjects(raw, "plan", path, DEFAULT_PLAN),
@@ -329,6 +338,15 @@ def _branches(raw: dict[str, Any], key: str, path: str) -> tuple[str, ...]:
         if not isinstance(value, str) or not _BRANCH.fullmatch(value) or ".." in value:
             raise PolicyError(f"{path}[{i}]: not a branch name")
     return tuple(values)
+
+
+def _repo_id(raw: dict[str, Any], path: str) -> int | None:
+    value = raw.get("id")
+    if "id" in raw and (type(value) is not int or value < 1):
+        # A quoted id would never equal the payload's number: refuse it rather than refuse every event.
+        raise PolicyError(f"{path}.id: must be the forge's numeric repository (GitLab: project) id,"
+                          " an unquoted integer >= 1")
+    return value
 
 
 def _subjects(raw: dict[str, Any], key: str, path: str, default: Subjects) -> Subjects:

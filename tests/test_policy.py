@@ -320,3 +320,18 @@ def test_select_root_dir():
     r = repo("projects: [{dir: .}, {dir: sub}]")
     assert select_projects(r, dir="./") == [Project(dir=".")]
     assert select_projects(r, dir=".") == [Project(dir=".")]
+
+
+# --- pinned repository ids ---------------------------------------------------------
+
+
+def test_repo_id_is_optional_and_pins_a_positive_integer():
+    assert repo().id is None
+    assert repo("id: 123456\n" + MINIMAL).id == 123456
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "'123456'", "true", "1.5", "null", "[1]"])
+def test_repo_id_must_be_an_unquoted_positive_integer(value: str):
+    # A quoted or wrong id would never match a payload's and would refuse every event: say so at load.
+    assert_matches(error(one_repo(f"id: {value}\n" + MINIMAL)),
+                   r"^repos\.acme/infra\.id: must be the forge's numeric repository \(GitLab: project\) id")
