@@ -674,6 +674,12 @@ class Store:
             )
             return cursor.rowcount
 
+    def lock_holder(self, key: str) -> Lock | None:
+        """Who holds a project's lock, without taking it (`try_lock` takes a free lock); None if free."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM locks WHERE project_key = ?", (key,)).fetchone()
+        return Lock(row["project_key"], row["repo"], row["pull_number"], row["holder"]) if row else None
+
 
 class _Transaction:
     """`with store._tx() as db:` — one IMMEDIATE transaction under the store's lock."""
