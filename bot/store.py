@@ -121,6 +121,11 @@ CREATE TABLE IF NOT EXISTS acted_comments (
     comment_key TEXT PRIMARY KEY, -- forge:repo:comment id: a comment is acted on once
     delivery_id TEXT NOT NULL     -- whichever delivery brought it first (its retries go on)
 );
+CREATE TABLE IF NOT EXISTS repo_ids (
+    repo_key TEXT PRIMARY KEY,    -- forge:full name, lower-cased (repo_key)
+    repo_id INTEGER NOT NULL,     -- the forge's id first seen for that name: a later other id is refused
+    first_seen REAL NOT NULL
+);
 """
 
 # Columns added after a table was first created: (table, column, definition).
@@ -679,6 +684,32 @@ class Store:
         with self._lock:
             row = self._db.execute("SELECT * FROM locks WHERE project_key = ?", (key,)).fetchone()
         return Lock(row["project_key"], row["repo"], row["pull_number"], row["holder"]) if row else None
+
+    # Repository ids -------------------------------------------------------------
+
+    def repo_id(self, key: str) -> int | None:
+        """The forge id on record for a repository (`repo_key`), or None."""
+        with self._lock:
+            row = self._db.execute("SELECT repo_id FROM repo_ids WHERE repo_key = ?", (key,)).fetchone()
+        return row["repo_id"] if row else None
+
+    def record_repo_id(self, key: str, repo_id: int) -> int:
+        """Record the id seen for a repository unless one is on record; return the id on record now.
+
+        One transaction: of two deliveries naming different ids at once, one is first and the
+        other sees its id.
+        """
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO repo_ids (repo_key, repo_id, first_seen) VALUES (?, ?, ?)",
+                       (key, repo_id, time.time()))
+            return db.execute("SELECT repo_id FROM repo_ids WHERE repo_key = ?", (key,)).fetchone()["repo_id"]
+
+    def forget_repo_id(self, key: str) -> int | None:
+        """Delete a repository's recorded id (it was re-created on purpose); return the id it had, or None."""
+        with self._tx() as db:
+            row = db.execute("SELECT repo_id FROM repo_ids WHERE repo_key = ?", (key,)).fetchone()
+            db.execute("DELETE FROM repo_ids WHERE repo_key = ?", (key,))
+        return row["repo_id"] if row else None
 
 
 class _Transaction:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bot import github_webhook, gitlab_webhook
+from bot.store import Store
 from policies.repo_identity import check_repo_id
 
 # --- the decision (pure) ---------------------------------------------------------------
@@ -68,3 +71,19 @@ def test_gitlab_project_id_is_read_from_the_project_or_the_top_level():
     assert gitlab_webhook.parse_event("Note Hook", {**GITLAB_NOTE, "project": project}).repo.id == 77
     bare = {k: v for k, v in GITLAB_NOTE.items() if k != "project_id"} | {"project": project}
     assert gitlab_webhook.parse_event("Note Hook", bare).repo.id is None
+
+
+# --- the store keeps the first id seen ---------------------------------------------------
+
+
+def test_store_records_the_first_id_and_forgets_it_on_request(tmp_path: Path):
+    store = Store(tmp_path / "db.sqlite3")
+    assert store.repo_id("github:acme/infra") is None
+    assert store.record_repo_id("github:acme/infra", 123) == 123
+    assert store.record_repo_id("github:acme/infra", 456) == 123  # the first stays on record
+    assert store.repo_id("github:acme/infra") == 123
+    assert store.repo_id("gitlab:acme/infra") is None  # each forge has its own names
+    assert store.forget_repo_id("github:acme/infra") == 123
+    assert store.forget_repo_id("github:acme/infra") is None
+    assert store.record_repo_id("github:acme/infra", 456) == 456
+    store.close()
