@@ -191,6 +191,17 @@ class LocalForge:
             raise KeyError(f"no delivery {delivery_id}")
         return self._send(original.event, original.action, original.body, delivery_id, redelivery=True)
 
+    def replay(self, delivery_id: str) -> int:
+        """Send a past delivery's body again under a new delivery id: what someone who captured it can do.
+
+        The signature covers the body only (GitHub) or is a fixed token (GitLab), so it still holds.
+        """
+        with self._lock:
+            original = next((d for d in self._deliveries if d.delivery_id == delivery_id), None)
+        if original is None:
+            raise KeyError(f"no delivery {delivery_id}")
+        return self._send(original.event, original.action, original.body, str(uuid.uuid4()))
+
     def _action(self, payload: dict[str, Any]) -> str:
         """The action a payload reports (what `Delivery.action` records)."""
         raise NotImplementedError

@@ -40,7 +40,7 @@ class SandboxForge(Protocol):
     def stop(self) -> None: ...
     def config_section(self, root: Path) -> dict: ...
     def set_webhook(self, bot_url: str) -> None: ...
-    def open(self, branch: str, author: str = "alice", fork: bool = False) -> int: ...
+    def open(self, branch: str, author: str = "alice", fork: bool = False, base: str = "main") -> int: ...
     def synchronize(self, number: int) -> None: ...
     def comment(self, number: int, user: str, body: str) -> int: ...
     def edit_comment(self, number: int, comment_id: int, body: str, user: str) -> None: ...
@@ -114,8 +114,8 @@ class SandboxGitHub(_LocalForge):
     def set_webhook(self, bot_url: str) -> None:
         self.fake.set_webhook(f"{bot_url}/webhooks/github", WEBHOOK_SECRET)
 
-    def open(self, branch: str, author: str = "alice", fork: bool = False) -> int:
-        return self.fake.open_pull(REPO, branch, author=author, fork=fork, title=f"Change {branch}")
+    def open(self, branch: str, author: str = "alice", fork: bool = False, base: str = "main") -> int:
+        return self.fake.open_pull(REPO, branch, base, author=author, fork=fork, title=f"Change {branch}")
 
     def synchronize(self, number: int) -> None:
         self.fake.synchronize(REPO, number)
@@ -176,8 +176,8 @@ class SandboxGitLab(_LocalForge):
     def set_webhook(self, bot_url: str) -> None:
         self.fake.set_webhook(f"{bot_url}/webhooks/gitlab", WEBHOOK_SECRET)
 
-    def open(self, branch: str, author: str = "alice", fork: bool = False) -> int:
-        return self.fake.open_merge_request(REPO, branch, author=author, fork=fork, title=f"Change {branch}")
+    def open(self, branch: str, author: str = "alice", fork: bool = False, base: str = "main") -> int:
+        return self.fake.open_merge_request(REPO, branch, base, author=author, fork=fork, title=f"Change {branch}")
 
     def synchronize(self, number: int) -> None:
         self.fake.push(REPO, number)

@@ -100,10 +100,10 @@ class World:
     # Acting like people on GitHub ---------------------------------------------------
 
     def open_pr(self, branch: str, files: dict[str, str | None], author: str = "alice",
-                fork: bool = False) -> int:
-        self.repo.branch(branch, "main")
+                fork: bool = False, base: str = "main") -> int:
+        self.repo.branch(branch, base)
         self.repo.commit(files, f"Change on {branch}", push=branch)
-        return self.forge.open(branch, author=author, fork=fork)
+        return self.forge.open(branch, author=author, fork=fork, base=base)
 
     def push(self, number: int, branch: str, files: dict[str, str | None]) -> str:
         """Commit to the pull request's branch and let the forge tell the bot."""
