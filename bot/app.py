@@ -21,10 +21,10 @@ from starlette.routing import Route
 
 import handlers
 from bot import github_webhook, gitlab_webhook, trigger_api
-from bot.api_runs import ApiRuns
+from bot.api_runs import ApiError, ApiRuns
 from bot.ci_auth import HmacVerifier, OidcVerifier
 from bot.config import Config
-from bot.dispatcher import Dispatcher
+from bot.dispatcher import Dispatcher, repo_id_refusal
 from bot.git import GitError, RepoCache
 from bot.metrics import Metrics
 from bot.github_client import GitHubApp, github_login_of
@@ -110,20 +110,31 @@ class Deploybot:
         self.slack = _slack_notifier(config)
         self.api_runs = ApiRuns(
             store=self.store, policy=self.policy,
-            lookup_repo=lambda forge, name: self.forge(forge).lookup_repo(name),
+            lookup_repo=lambda forge, name: self.checked_repo(self.forge(forge).lookup_repo(name)),
             client_for=self.client_for,
             default_forge=next(iter(self.forges), github_webhook.FORGE),
             forges=frozenset(self.forges),
             wake_workers=lambda: self._call_in_loop(self.worker.wake),
             cancel_run=lambda run_id: self._call_in_loop(self.worker.report_run, run_id),
         )
-        self.dispatcher = Dispatcher(self.store, handlers.router, self.context_for, self.metrics)
+        self.dispatcher = Dispatcher(self.store, handlers.router, self.context_for, self.metrics, self.policy)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._prefetches: set[asyncio.Task] = set()  # kept referenced until done
 
     def client_for(self, repo: Repo) -> VCSClient:
         """The forge client for a repository."""
         return self.forge(repo.forge).client_for(repo)
+
+    def checked_repo(self, repo: Repo) -> Repo:
+        """A repository the forge API described, if its id is the one the policy means.
+
+        Else ApiError 403: the trigger API refuses the call and audits the reason, as the
+        dispatcher does for webhooks (bot.dispatcher.repo_id_refusal).
+        """
+        refusal = repo_id_refusal(self.store, self.policy, repo)
+        if refusal is not None:
+            raise ApiError(403, refusal)
+        return repo
 
     def forge(self, name: str) -> Forge:
         if name not in self.forges:

@@ -12,11 +12,13 @@ from typing import Callable
 from bot import github_webhook, gitlab_webhook
 from bot.metrics import Metrics
 from bot.logs import log_context
-from bot.models import CommentEvent, Event
-from bot.store import Delivery, Store, StoreRetry
+from bot.models import CommentEvent, Event, Repo, ReviewEvent
+from bot.store import Delivery, Store, StoreRetry, repo_key
 from bot.vcs import ForgeError
 from handlers.context import HandlerContext
 from handlers.router import Router
+from policies.policy import Policy
+from policies.repo_identity import check_repo_id
 
 log = logging.getLogger("deploybot.dispatcher")
 
@@ -44,6 +46,36 @@ def parse_delivery(delivery: Delivery) -> Event | None:
     return PARSERS[delivery.forge](delivery.event, payload)
 
 
+def repo_id_refusal(store: Store, policy: Policy, repo: Repo) -> str | None:
+    """Why nothing may run for `repo` because of its forge id (policies.repo_identity); None if it may.
+
+    Webhooks (here, before any handler) and the trigger API (bot.app) both ask. Only
+    allow-listed repositories are held to an id: others run nothing anyway. Without a
+    pinned id the id seen is recorded before it is compared, so the first one seen wins.
+    """
+    repo_policy = policy.repo(repo.full_name)
+    if repo_policy is None:
+        return None
+    key = repo_key(repo)
+    if repo_policy.id is not None:
+        recorded = None  # the policy is the authority: the record is neither read nor written
+    elif repo.id is not None:
+        recorded = store.record_repo_id(key, repo.id)
+    else:
+        recorded = store.repo_id(key)  # an event without an id is never recorded
+    reason = check_repo_id(repo_policy.id, recorded, repo.id)
+    return f"{repo.forge} repository {repo.full_name}: {reason}" if reason else None
+
+
+def _sender(event: Event) -> str:
+    """Who caused the event, as its payload names them."""
+    if isinstance(event, CommentEvent):
+        return event.author
+    if isinstance(event, ReviewEvent):
+        return event.reviewer
+    return event.sender
+
+
 class Dispatcher:
     """Runs handlers for stored deliveries in order; what a crash cut off runs again on start."""
 
@@ -53,11 +85,13 @@ class Dispatcher:
         router: Router,
         context_for: Callable[[Delivery, Event], HandlerContext],
         metrics: Metrics,
+        policy: Policy = Policy(repos={}),  # whose allow-listed repositories are held to their ids
     ) -> None:
         self.store = store
         self.router = router
         self.context_for = context_for
         self.metrics = metrics
+        self.policy = policy
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task | None = None
@@ -104,11 +138,20 @@ class Dispatcher:
         try:
             event = parse_delivery(delivery)
             if event is not None:
-                ctx = self.context_for(delivery, event)
                 repo, pull = ((event.repo, event.pull_number) if isinstance(event, CommentEvent)
                               else (event.pull.repo, event.pull.number))
                 with log_context(repo=repo.full_name, pr=pull):
-                    await asyncio.to_thread(self.router.dispatch, event, ctx)
+                    # Before the handlers and before the context (which starts fetching the head
+                    # commit): a repository that took an allow-listed name gets nothing done.
+                    refusal = repo_id_refusal(self.store, self.policy, repo)
+                    if refusal is None:
+                        ctx = self.context_for(delivery, event)
+                        await asyncio.to_thread(self.router.dispatch, event, ctx)
+                    else:
+                        self.store.audit(_sender(event), "webhook", "refused", repo.full_name,
+                                         detail=f"{delivery.event} delivery {delivery.id}: {refusal}")
+                        # Finished as failed: it keeps its body to look into, and the log says why.
+                        error = f"refused: {refusal}"
         except ForgeError as exc:
             self.metrics.forge_errors.labels(delivery.forge).inc()
             error = f"forge API error: {exc}"

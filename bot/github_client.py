@@ -383,7 +383,7 @@ class GitHubApp:
                              status=response.status_code)
         data = response.json()
         return Repo(forge="github", full_name=data["full_name"], clone_url=data["clone_url"],
-                    default_branch=data["default_branch"], installation_id=installation_id)
+                    default_branch=data["default_branch"], installation_id=installation_id, id=int(data["id"]))
 
     def check(self) -> None:
         """Raise ForgeError unless GitHub accepts the App's JWT (a readiness check: one attempt, no retries)."""

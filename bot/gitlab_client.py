@@ -418,7 +418,8 @@ class GitLabClient:
         data = self._call(f"looking up {self.repo.full_name}",
                           lambda: self._gl.projects.get(self.repo.full_name).attributes)
         return Repo(forge="gitlab", full_name=str(data["path_with_namespace"]),
-                    clone_url=str(data["http_url_to_repo"]), default_branch=str(data["default_branch"]))
+                    clone_url=str(data["http_url_to_repo"]), default_branch=str(data["default_branch"]),
+                    id=int(data["id"]))
 
     def commit_sha(self, ref: str) -> str | None:
         """The commit a branch, tag, ref or SHA names in this project, or None."""
