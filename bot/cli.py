@@ -1,4 +1,7 @@
-"""The `deploybot` command: `serve` runs the bot, `sandbox` walks a local trial end to end."""
+"""The `deploybot` command: `serve` runs the bot, `sandbox` walks a local trial end to end.
+
+`repo-id forget` lets the bot take a re-created repository's new id (see policies.repo_identity).
+"""
 
 from __future__ import annotations
 
@@ -41,12 +44,23 @@ def main(argv: list[str] | None = None) -> int:
                        help="the deploybot URL (default: $DEPLOYBOT_SERVER)")
     audit.add_argument("--limit", type=int, default=100, help="how many of the newest entries")
 
+    repo_id = commands.add_parser("repo-id", help="the forge ids the bot holds repository names to")
+    repo_id_commands = repo_id.add_subparsers(dest="repo_id_command", required=True)
+    forget = repo_id_commands.add_parser(
+        "forget", help="forget the id recorded for a repository that was re-created on purpose:"
+                       " the next event's id is recorded instead")
+    forget.add_argument("--config", help="YAML config file of the server (default: $DEPLOYBOT_CONFIG)")
+    forget.add_argument("forge", choices=["github", "gitlab"])
+    forget.add_argument("name", help="the repository's full name, e.g. acme/infrastructure-live")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args.config, args.log_level)
         if args.command == "audit":
             return _audit(args.server, args.limit)
+        if args.command == "repo-id":
+            return _forget_repo_id(args.config, args.forge, args.name)
         if args.command == "run":
             from bot.run_cli import main as run_main
 
@@ -85,6 +99,28 @@ def _audit(server: str | None, limit: int) -> int:
         when = datetime.datetime.fromtimestamp(entry["at"], datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         where = " ".join(x for x in (entry["repo"], entry["project"], entry["sha"][:8]) if x)
         print(f"{when}  {entry['actor']:<24} {entry['action']:<10} {entry['outcome']:<12} {where}  {entry['detail']}")
+    return 0
+
+
+def _forget_repo_id(config_path: str | None, forge: str, name: str) -> int:
+    """Delete the id recorded for a repository in the server's store, and audit it."""
+    import getpass
+
+    from bot.models import Repo
+    from bot.store import Store, repo_key
+
+    config = load_config(config_path)
+    store = Store(config.server.database_path)
+    try:
+        forgotten = store.forget_repo_id(repo_key(Repo(forge, name, clone_url="", default_branch="")))
+        if forgotten is None:
+            # Exit 1: a misspelt name must not look like a reset.
+            print(f"deploybot: no id is recorded for {forge} repository {name}", file=sys.stderr)
+            return 1
+        store.audit(f"cli:{getpass.getuser()}", "repo-id forget", "forgotten", name, detail=f"{forge} id {forgotten}")
+    finally:
+        store.close()
+    print(f"forgot id {forgotten} of {forge} repository {name}: the id of its next event is recorded instead")
     return 0
 
 

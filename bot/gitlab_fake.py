@@ -1337,6 +1337,20 @@ class FakeGitLab(LocalForge):
                 raise _ApiError(404, "404 Not found")
             return JSONResponse(self._member_json(user_id, *membership))
 
+    def recreate_project(self, path_with_namespace: str) -> int:
+        """Delete a project and create another at the same path, as someone who took the path would.
+
+        The new one has a new id and no merge requests or statuses; it keeps the git data and
+        the members, so only its id tells it apart. Returns the id.
+        """
+        with self._lock:
+            old = self._project(path_with_namespace)
+            del self._projects[old.id]
+            new = _Project(next(self._ids), old.path, old.git_dir, old.default_branch, self._now(),
+                           members=dict(old.members))
+            self._projects[new.id] = new
+            return new.id
+
 
 # -- faults as GitLab answers them -------------------------------------------------------------
 

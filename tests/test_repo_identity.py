@@ -1,14 +1,33 @@
-"""Repositories are known by id, not only by name: a re-created name does not inherit the policy."""
+"""Repositories are known by id, not only by name: a re-created name does not inherit the policy.
+
+The attack: an allow-listed repository is deleted (or renamed away) and someone creates
+another by the same name, on the same forge the bot serves. Its pull requests must run
+nothing: end to end on both forges, by webhook and by the trigger API, next to the honest
+repository that keeps working.
+"""
 
 from __future__ import annotations
 
+import copy
+import json
+import secrets
+import sqlite3
+import time
+import uuid
 from pathlib import Path
+from typing import Callable, Iterator
 
+import httpx
 import pytest
 
-from bot import github_webhook, gitlab_webhook
+from bot import cli, github_webhook, gitlab_webhook
+from bot.ci_auth import hmac_signature
+from bot.local_forge import stable_id
+from bot.sandbox import REPO
+from bot.sandbox_forges import FORGES, WEBHOOK_SECRET
 from bot.store import Store
 from policies.repo_identity import check_repo_id
+from tests.world import TEST_POLICY, World, staging_change
 
 # --- the decision (pure) ---------------------------------------------------------------
 
@@ -87,3 +106,170 @@ def test_store_records_the_first_id_and_forgets_it_on_request(tmp_path: Path):
     assert store.forget_repo_id("github:acme/infra") is None
     assert store.record_repo_id("github:acme/infra", 456) == 456
     store.close()
+
+
+# --- end to end: the real bot, both forges ---------------------------------------------------
+
+MakeWorld = Callable[..., World]
+KEY = "jenkins-hmac-key-0123456789abcdef"
+
+
+@pytest.fixture(params=sorted(FORGES))
+def make_world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeWorld]:
+    """Worlds on each forge in turn: the repository's policy changed by `policy_changes`, and `callers`."""
+    worlds: list[World] = []
+
+    def make(policy_changes: dict | None = None, callers: list | None = None, **kwargs) -> World:
+        policy = copy.deepcopy(TEST_POLICY)
+        policy["repos"][REPO].update(policy_changes or {})
+        if callers:
+            policy["callers"] = callers
+        world = World(tmp_path / f"world{len(worlds)}", policy, forge=request.param, **kwargs)
+        worlds.append(world)
+        return world
+
+    yield make
+    for world in worlds:
+        world.stop()
+
+
+def recreate(world: World) -> int:
+    """Delete the repository and let someone create another by its name; its new id."""
+    fake = world.forge.fake
+    return fake.recreate_repo(REPO) if world.forge.name == "github" else fake.recreate_project(REPO)
+
+
+def repo_key(world: World) -> str:
+    return f"{world.forge.name}:{REPO.lower()}"
+
+
+def run_count(world: World) -> int:
+    with sqlite3.connect(world.root / "data" / "deploybot.sqlite3") as db:
+        return db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+
+
+def refusals(world: World, action: str) -> list[dict]:
+    store = world.store()
+    try:
+        return [e for e in store.audit_entries(500) if e["action"] == action and e["outcome"] == "refused"]
+    finally:
+        store.close()
+
+
+def recorded_id(world: World) -> int | None:
+    store = world.store()
+    try:
+        return store.repo_id(repo_key(world))
+    finally:
+        store.close()
+
+
+def test_a_repository_that_takes_a_known_name_inherits_nothing(make_world: MakeWorld):
+    world = make_world()
+    number = world.open_pr("honest", staging_change(world))
+    world.wait_comment(number, "**deploybot plan**")
+    original = stable_id(REPO)  # the id the local forges gave the repository
+    assert recorded_id(world) == original  # the first id seen is recorded
+
+    # Positive control: the same repository keeps working.
+    world.push(number, "honest", staging_change(world, "medium"))
+    world.wait_status(number, "deploybot/plan", "success")
+
+    new_id = recreate(world)
+    assert new_id != original
+    runs = run_count(world)
+    attack = world.open_pr("taken-name", staging_change(world, "medium"), author="alice")
+    world.comment(attack, "bob", "deploybot apply")
+    world.wait_idle()
+
+    assert run_count(world) == runs  # nothing planned, nothing applied
+    assert world.bot_comments(attack) == []
+    assert world.state_resources("staging") == 0
+    refused = refusals(world, "webhook")
+    assert [e["actor"] for e in refused] == ["bob", "alice"]  # newest first
+    assert all(e["repo"] == REPO for e in refused)
+    assert f"repository id {new_id} is not the id deploybot first saw for this name ({original})" in refused[0]["detail"]
+    assert "deploybot repo-id forget" in refused[0]["detail"]
+    assert recorded_id(world) == original  # the impostor's id was never recorded
+
+    # The documented reset: the new repository was meant to take the name.
+    assert cli.main(["repo-id", "forget", "--config", str(world.config_path), world.forge.name, REPO]) == 0
+    assert cli.main(["repo-id", "forget", "--config", str(world.config_path), world.forge.name, REPO]) == 1
+    world.comment(attack, "alice", "deploybot plan")
+    world.wait_comment(attack, "**deploybot plan**")
+    assert recorded_id(world) == new_id
+    forgotten = [e for e in world.store().audit_entries(500) if e["action"] == "repo-id forget"]
+    assert forgotten[0]["detail"] == f"{world.forge.name} id {original}"
+
+
+def post_webhook(world: World, event: str, body: bytes) -> httpx.Response:
+    """A webhook signed as the world's forge signs it, under a new delivery id."""
+    headers = {"Content-Type": "application/json"}
+    if world.forge.name == "github":
+        headers |= {"X-GitHub-Event": event, "X-GitHub-Delivery": str(uuid.uuid4()),
+                    "X-Hub-Signature-256": github_webhook.sign(body, WEBHOOK_SECRET.encode())}
+    else:
+        headers |= {"X-Gitlab-Event": event, "Idempotency-Key": str(uuid.uuid4()), "X-Gitlab-Token": WEBHOOK_SECRET}
+    return httpx.post(f"{world.url}/webhooks/{world.forge.name}", content=body, headers=headers, timeout=30)
+
+
+def test_a_pinned_id_admits_that_repository_only(make_world: MakeWorld):
+    pinned = stable_id(REPO)
+    world = make_world({"id": pinned})
+    number = world.open_pr("honest", staging_change(world))
+    world.wait_comment(number, "**deploybot plan**")  # positive control: the pinned repository plans
+    assert recorded_id(world) is None  # the policy is the authority: nothing is recorded
+
+    # A signed payload that names no id cannot show it is the pinned repository.
+    opened = world.forge.fake.deliveries[0]
+    payload = json.loads(opened.body)
+    if world.forge.name == "github":
+        del payload["repository"]["id"]
+    else:
+        del payload["project"]["id"]
+    runs = run_count(world)
+    assert post_webhook(world, opened.event, json.dumps(payload).encode()).status_code == 202
+    world.wait_idle()
+    assert run_count(world) == runs
+    assert f"the forge named no repository id, and the policy pins id {pinned}" in refusals(world, "webhook")[0]["detail"]
+
+    new_id = recreate(world)
+    attack = world.open_pr("taken-name", staging_change(world, "medium"), author="alice")
+    world.wait_idle()
+    assert run_count(world) == runs
+    assert world.bot_comments(attack) == []
+    refused = refusals(world, "webhook")
+    assert len(refused) == 2
+    assert f"repository id {new_id} is not the id the policy pins ({pinned})" in refused[0]["detail"]
+
+
+def post_run(world: World, payload: dict) -> httpx.Response:
+    """POST /api/v1/runs as the HMAC caller `jenkins`."""
+    body = json.dumps(payload).encode()
+    timestamp, nonce = str(int(time.time())), secrets.token_hex(16)
+    headers = {"X-Deploybot-Key-Id": "jenkins", "X-Deploybot-Timestamp": timestamp, "X-Deploybot-Nonce": nonce,
+               "Content-Type": "application/json",
+               "X-Deploybot-Signature": hmac_signature(KEY.encode(), "POST", "/api/v1/runs", timestamp, nonce, body)}
+    return httpx.post(f"{world.url}/api/v1/runs", content=body, headers=headers, timeout=30)
+
+
+def test_the_trigger_api_refuses_a_repository_that_took_a_known_name(make_world: MakeWorld, tmp_path: Path):
+    key_file = tmp_path / "jenkins.key"
+    key_file.write_text(KEY)
+    world = make_world(callers=[{"name": "jenkins", "hmac": {"key_file": str(key_file)},
+                                 "repos": {REPO: {"projects": ["staging"], "commands": ["plan"]}}}])
+    request = {"repo": REPO, "ref": "refs/heads/main", "project": "staging", "command": "plan",
+               "forge": world.forge.name}
+
+    honest = post_run(world, request)  # positive control; the forge API's id is recorded
+    assert honest.status_code == 201, honest.text
+    world.wait_idle()
+    assert recorded_id(world) == stable_id(REPO)
+
+    new_id = recreate(world)
+    refused = post_run(world, request)
+    assert refused.status_code == 403
+    assert f"repository id {new_id} is not the id deploybot first saw for this name" in refused.json()["error"]
+    assert "deploybot repo-id forget" in refused.json()["error"]
+    audited = refusals(world, "api-plan")
+    assert audited[0]["actor"] == "caller:jenkins" and f"repository id {new_id}" in audited[0]["detail"]
