@@ -75,6 +75,68 @@ def test_dir_is_passed_through_unnormalised():
     assert parse_comment("deploybot apply -d ./staging/") == Command("apply", dir="./staging/")
 
 
+def test_approve_names_plan_ids():
+    assert parse_comment("deploybot approve 0123456789ab fedcba987654") == Command(
+        "approve", plan_ids=("0123456789ab", "fedcba987654")
+    )
+    assert parse_comment("deploybot approve fedcba987654 0123456789ab").plan_ids == (  # type: ignore[union-attr]
+        "fedcba987654", "0123456789ab"
+    )
+    assert parse_comment("@deploybot approve 0123456789ab\nfor the staging plan") == Command(
+        "approve", plan_ids=("0123456789ab",)
+    )
+
+
+def test_plan_ids_in_upper_case_are_read_as_lower_case():
+    assert parse_comment("deploybot approve 0123456789AB FEDCBA987654") == Command(
+        "approve", plan_ids=("0123456789ab", "fedcba987654")
+    )
+
+
+def test_repeated_plan_ids_collapse():
+    assert parse_comment("deploybot approve 0123456789ab 0123456789AB fedcba987654 0123456789ab") == Command(
+        "approve", plan_ids=("0123456789ab", "fedcba987654")
+    )
+
+
+def test_approve_takes_flags_and_plan_ids_together():
+    expected = Command("approve", project="staging", plan_ids=("0123456789ab",))
+    assert parse_comment("deploybot approve -p staging 0123456789ab") == expected
+    assert parse_comment("deploybot approve 0123456789ab --project=staging") == expected
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "deploybot approve 0123456789a",  # 11 digits
+        "deploybot approve 0123456789abc",  # 13 digits
+        "deploybot approve 0123456789ag",  # not hex
+        "deploybot approve 0123456789ab 0123456789a",  # one bad id spoils the command
+        "deploybot approve 0x23456789ab",
+        "deploybot approve 0123456789\uff41b",  # full-width a
+        "deploybot approve '0123456789ab '",
+        "deploybot approve all",
+    ],
+)
+def test_malformed_plan_ids_get_a_usage_reply(body: str):
+    text = reply_text(body)
+    assert text.startswith("Not a plan id")
+    assert "plan ids are the 12 hex digits shown with each plan" in text
+    assert text.endswith(USAGE)
+
+
+def test_bad_plan_id_is_echoed_only_when_harmless():
+    assert reply_text("deploybot approve 0123456789a").startswith("Not a plan id `0123456789a`:")
+    assert "@everyone" not in reply_text("deploybot approve @everyone")
+
+
+@pytest.mark.parametrize("name", ["plan", "apply", "unlock", "cancel"])
+def test_plan_ids_belong_to_approve_only(name: str):
+    text = reply_text(f"deploybot {name} 0123456789ab")
+    assert "Unexpected argument `0123456789ab`." in text
+    assert text.endswith(USAGE)
+
+
 def test_custom_bot_name():
     assert parse_comment("tfbot plan", bot_name="tfbot") == Command("plan")
     assert parse_comment("deploybot plan", bot_name="tfbot") is None

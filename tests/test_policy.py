@@ -272,6 +272,74 @@ def test_policy_error_is_a_value_error():
     assert issubclass(PolicyError, ValueError)
 
 
+# --- four eyes and apply on merge ---------------------------------------------------------
+
+
+def test_approvers_exclude_defaults_to_author_and_committers():
+    assert repo().approvers_exclude == frozenset({"author", "committers"})
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("[author, committers]", {"author", "committers"}),
+        ("[committers, author]", {"author", "committers"}),
+        ("[author]", {"author"}),
+        ("[committers]", {"committers"}),
+        ("[]", set()),
+    ],
+)
+def test_approvers_exclude_may_be_loosened(value: str, expected: set[str]):
+    assert repo(f"approvers_exclude: {value}\n" + MINIMAL).approvers_exclude == frozenset(expected)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("[reviewers]", r"^repos\.acme/infra\.approvers_exclude\[0\]: must be one of author, committers$"),
+        ("[author, Committers]", r"^repos\.acme/infra\.approvers_exclude\[1\]: must be one of author, committers$"),
+        ("[author, null]", r"^repos\.acme/infra\.approvers_exclude\[1\]: must be one of"),
+        ("[[author]]", r"^repos\.acme/infra\.approvers_exclude\[0\]: must be one of"),
+        ("author", r"^repos\.acme/infra\.approvers_exclude: must be a list, not a string$"),
+        ("null", r"^repos\.acme/infra\.approvers_exclude: must be a list, not null$"),
+        ("{author: true}", r"^repos\.acme/infra\.approvers_exclude: must be a list, not a mapping$"),
+    ],
+)
+def test_invalid_approvers_exclude_names_the_bad_key(value: str, message: str):
+    assert_matches(error(one_repo(f"approvers_exclude: {value}\n" + MINIMAL)), message)
+
+
+def test_apply_on_merge_branches_default_to_none_given():
+    # Empty: the repository's default branch (policies.apply_requirements.merge_apply_refusals).
+    assert repo().apply_on_merge_branches == ()
+
+
+def test_apply_on_merge_branches_are_a_list_of_names_in_order():
+    r = repo("apply_on_merge: true\napply_on_merge_branches: [main, release/2026.12, hot_fix-1]\n" + MINIMAL)
+    assert r.apply_on_merge_branches == ("main", "release/2026.12", "hot_fix-1")
+    assert repo("apply_on_merge_branches: []\n" + MINIMAL).apply_on_merge_branches == ()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("[main, 'a b']", r"^repos\.acme/infra\.apply_on_merge_branches\[1\]: not a branch name$"),
+        ("['']", r"^repos\.acme/infra\.apply_on_merge_branches\[0\]: not a branch name$"),
+        ("[5]", r"apply_on_merge_branches\[0\]: not a branch name"),
+        ("[null]", r"apply_on_merge_branches\[0\]: not a branch name"),
+        ("[[main]]", r"apply_on_merge_branches\[0\]: not a branch name"),
+        ("['release/../main']", r"apply_on_merge_branches\[0\]: not a branch name"),
+        ("['a..b']", r"apply_on_merge_branches\[0\]: not a branch name"),
+        ("['ma\u0456n']", r"apply_on_merge_branches\[0\]: not a branch name"),  # Cyrillic і
+        ("['main;rm']", r"apply_on_merge_branches\[0\]: not a branch name"),
+        ("main", r"^repos\.acme/infra\.apply_on_merge_branches: must be a list, not a string$"),
+        ("null", r"^repos\.acme/infra\.apply_on_merge_branches: must be a list, not null$"),
+    ],
+)
+def test_invalid_apply_on_merge_branches_name_the_bad_key(value: str, message: str):
+    assert_matches(error(one_repo(f"apply_on_merge_branches: {value}\n" + MINIMAL)), message)
+
+
 # --- select_projects ---------------------------------------------------------------------
 
 
