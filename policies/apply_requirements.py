@@ -98,10 +98,11 @@ def plan_approvers(
         if r.state.upper() == "APPROVED" and _same_sha(r.commit_sha, plan.head_sha)
         and shown_by(plan.shown_at, r.submitted_at)
     }
+    withdrawals = [r for r in reviews if r.state.upper() not in _NEUTRAL_STATES | {"APPROVED"}]
     for approval in comment_approvals:
-        verdict = latest.get(approval.user.lower())
-        withdrawn = (verdict is not None and verdict.state.upper() != "APPROVED"
-                     and shown_by(approval.approved_at, verdict.submitted_at))
+        # Any change request (or dismissal) since the comment voids it, whatever came after.
+        withdrawn = any(r.user.lower() == approval.user.lower() and shown_by(approval.approved_at, r.submitted_at)
+                        for r in withdrawals)
         if approval.user and not withdrawn and shown_by(plan.shown_at, approval.approved_at):
             users.add(approval.user)
     return {u for u in users if u.lower() not in excluded}
@@ -190,7 +191,7 @@ def merge_apply_refusals(repo: RepoPolicy, pull: PullRequest) -> list[str]:
     if not pull.merged:
         return ["the forge does not report the pull request as merged"]
     branches = repo.apply_on_merge_branches or (pull.repo.default_branch,)
-    if pull.base_ref not in branches:
+    if not pull.base_ref or pull.base_ref not in branches:
         allowed = ", ".join(f"`{b}`" for b in branches)
         return [f"it was merged into `{pull.base_ref}`, and only merges into {allowed} apply"]
     return []
