@@ -438,7 +438,7 @@ class Worker:
                                                   str(planfile), digest, summary.has_changes))
         if replaced is not None and replaced.planfile != str(planfile):
             Path(replaced.planfile).unlink(missing_ok=True)
-        text = f"plan `{plan_id(digest)}`: {summary.text}" if summary.has_changes else summary.text
+        text = f"{summary.text} (plan `{plan_id(digest)}`)" if summary.has_changes else summary.text
         return JobOutcome("succeeded", text, plan.output, summary.has_changes, seconds, digest)
 
     async def _apply(self, job: Job, output_log: BinaryIO) -> JobOutcome:

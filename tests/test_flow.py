@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator
@@ -85,7 +86,8 @@ def test_autoplan_plans_only_changed_projects_once(make_world: MakeWorld):
 
     assert world.wait_status(number, "deploybot/plan", "success") == "1 project(s) planned"
     world.wait_status(number, "deploybot/apply", "pending")  # set just after the plan's
-    assert world.wait_status(number, "deploybot/plan: staging", "success") == "+2 ~0 -0"
+    assert re.fullmatch(r"\+2 ~0 -0 \(plan `[0-9a-f]{12}`\)",
+                        world.wait_status(number, "deploybot/plan: staging", "success"))
     statuses = world.statuses(number)
     assert "deploybot/plan: production" not in statuses
     metrics = httpx.get(f"{world.url}/metrics").text
@@ -217,7 +219,8 @@ def test_approval_comments_count_only_from_approvers(make_world: MakeWorld):
     assert "apply refused" in world.wait_comment(number, "**deploybot apply**", after=seen)
 
     world.comment(number, "bob", "deploybot approve -p staging")
-    assert world.head(number)[:8] in world.wait_comment(number, "@bob approved `staging`")
+    approved = world.wait_comment(number, "@bob approved")
+    assert re.search(r"approved plan `[0-9a-f]{12}` of `staging`\.$", approved)
     seen = len(world.bot_comments(number))
     world.comment(number, "bob", "deploybot apply")
     assert "`staging`: applied" in world.wait_comment(number, "**deploybot apply**", after=seen)
