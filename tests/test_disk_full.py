@@ -252,7 +252,7 @@ def test_plan_that_fills_the_disk_fails_clearly_keeps_the_lock_and_plans_again_o
         world.comment(number, "alice", "deploybot plan")
         planned = world.wait_comment(number, "**deploybot plan**", after=seen)
         assert f"**deploybot plan** for `{sha[:8]}`" in planned and "✅ `staging`: +50 ~0 -0" in planned
-        assert world.wait_status(number, "deploybot/plan: staging", "success") == "+50 ~0 -0"
+        assert world.wait_status(number, "deploybot/plan: staging", "success").startswith("+50 ~0 -0 (plan `")
         world.wait_idle()
         assert_store_intact_and_settled(world, number)
     finally:
