@@ -48,7 +48,7 @@ import requests
 import urllib3
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from github import Auth, GithubException, UnknownObjectException
+from github import Auth, GithubException
 
 from bot.models import Mergeability, PullRequest, Repo, Review
 from bot.vcs import ForgeError, Permission, StatusState
@@ -63,6 +63,24 @@ STATUS_DESCRIPTION_LIMIT = 140  # GitHub answers 422 to longer commit status des
 PERMISSIONS: tuple[Permission, ...] = ("none", "read", "triage", "write", "maintain", "admin")
 MERGEABLE_STATES = frozenset({"clean", "unstable", "has_hooks"})
 PASSING_CHECK_CONCLUSIONS = frozenset({"success", "neutral", "skipped"})  # what branch protection accepts
+# A blocked pull request's GraphQL `reviewDecision` that blocks it, in the bot's words.
+REVIEW_DECISION_REASONS = {
+    "REVIEW_REQUIRED": "it lacks the approving reviews {base} requires",
+    "CHANGES_REQUESTED": "a reviewer requested changes",
+}
+# Classic protection settings that can block a merge and that the bot does not check (see `mergeability`).
+UNCHECKED_SETTINGS = {
+    "required_signatures": "signed commits",
+    "required_conversation_resolution": "resolved conversations",
+    "lock_branch": "an unlocked branch",
+}
+# Ruleset rules that govern pushes to the branch or how it is merged, never whether a pull request may be.
+MERGE_NEUTRAL_RULES = frozenset({"creation", "deletion", "non_fast_forward", "required_linear_history"})
+REVIEW_DECISION_QUERY = """
+query($owner: String!, $name: String!, $number: Int!) {
+  repository(owner: $owner, name: $name) { pullRequest(number: $number) { reviewDecision } }
+}
+"""
 
 log = logging.getLogger("deploybot.forge")
 T = TypeVar("T")
@@ -646,31 +664,43 @@ class GitHubClient:
             raise
 
     def mergeability(self, pull: PullRequest, ignore_contexts: frozenset[str]) -> Mergeability:
-        """Whether GitHub would merge the PR, not counting the given status contexts."""
+        """Whether GitHub would merge the PR, not counting the given status contexts (the bot's own).
+
+        From the pull request's `mergeable` and `mergeable_state`, asked again (`mergeable_retries`
+        times in all) while GitHub is still computing them:
+
+        - `clean`, `unstable` (only checks that are not required fail), `has_hooks`: mergeable.
+        - still null / `unknown` after the retries: not, GitHub has not computed it.
+        - `dirty` (`mergeable` false): not, it conflicts with the base branch.
+        - `draft`: not. `behind`: not, the base branch wants it up to date first.
+        - `blocked`: the base branch's protection or rulesets are not met: required checks,
+          required or CODEOWNERS reviews, or another rule. See `_blocked`: mergeable only when
+          the one thing missing is a required status in `ignore_contexts`, which would
+          otherwise keep a branch that requires `deploybot/apply` from ever being applied.
+        - any other state: not, naming it.
+        """
 
         def fetch() -> Mergeability:
             pr = self._repo.get_pull(pull.number)
             for _ in range(self._mergeable_retries - 1):
-                if pr.mergeable is not None:
+                if pr.mergeable is not None and pr.mergeable_state != "unknown":
                     break
                 # GitHub computes mergeability in the background after a push; asking starts it.
                 time.sleep(self._mergeable_retry_delay)
                 pr = self._repo.get_pull(pull.number)
-            if pr.mergeable is None:
+            state, base = pr.mergeable_state, pr.base.ref
+            if pr.mergeable is None or state == "unknown":
                 return Mergeability(False, "GitHub has not computed mergeability yet")
-            if pr.mergeable is False:
-                return Mergeability(False, "the pull request has merge conflicts")
-            if pr.draft:
-                return Mergeability(False, "the pull request is a draft")
-            state = pr.mergeable_state
+            if pr.mergeable is False or state == "dirty":
+                return Mergeability(False, f"it has conflicts with {base}")
+            if pr.draft or state == "draft":
+                return Mergeability(False, "it is a draft")
             if state in MERGEABLE_STATES:
                 return Mergeability(True)
-            if state == "blocked":
-                return self._required_checks_pass(pr.base.ref, pr.head.sha, ignore_contexts)
             if state == "behind":
-                return Mergeability(False, "the head branch is behind the base branch")
-            if state == "dirty":
-                return Mergeability(False, "the pull request has merge conflicts")
+                return Mergeability(False, f"it is behind {base}, which requires it to be up to date")
+            if state == "blocked":
+                return self._blocked(pr.number, base, pr.head.sha, ignore_contexts)
             return Mergeability(False, f"GitHub reports mergeable state {state!r}")
 
         return self._call(f"checking mergeability of pull request #{pull.number} of {self.repo.full_name}", fetch)
@@ -725,14 +755,78 @@ class GitHubClient:
         credentials = f"x-access-token:{self._token()}".encode()
         return "Basic " + base64.b64encode(credentials).decode("ascii")
 
-    def _required_checks_pass(self, branch: str, sha: str, ignore: frozenset[str]) -> Mergeability:
-        """Decide a "blocked" PR by the required checks alone, minus the ones we were told to ignore."""
+    def _blocked(self, number: int, base: str, sha: str, ignore: frozenset[str]) -> Mergeability:
+        """Decide a `blocked` pull request: mergeable only if all GitHub waits for is an ignored status.
+
+        Deny by default: `blocked` counts as mergeable only when the bot sees that
+        1. every required status check (classic protection and rulesets) not in `ignore` succeeded,
+        2. the GraphQL `reviewDecision` is APPROVED or null (no review required): GitHub's own
+           verdict on required approvals, CODEOWNERS, changes requested and stale approvals,
+           which the bot could not work out from the reviews alone,
+        3. nothing else that can block a merge is required: signed commits, resolved
+           conversations, a locked branch, or a ruleset rule other than `pull_request`,
+           `required_status_checks` and those that govern pushes only, and
+        4. a required status in `ignore` has not succeeded yet, so it explains the block.
+        Otherwise GitHub blocks for something the bot cannot see, and it is not mergeable.
+        A required check pinned to one App (`app_id`) counts whoever reported it.
+        """
+        protection = self._classic_protection(base)
+        rules = self._branch_rules(base)
+        classic_checks = protection.get("required_status_checks") or {}
+        required = set(classic_checks.get("contexts") or [])
+        required.update(c["context"] for c in classic_checks.get("checks") or [])
+        for rule in rules:
+            if rule.get("type") == "required_status_checks":
+                parameters = rule.get("parameters") or {}
+                required.update(c["context"] for c in parameters.get("required_status_checks") or [])
+        results = self._check_results(sha)
+        for context in sorted(required - ignore):
+            state = results.get(context)
+            if state is None:
+                return Mergeability(False, f"required status check {context!r} has not been reported")
+            if state != "success":
+                return Mergeability(False, f"required status check {context!r} is {state}")
+        decision = self._review_decision(number)
+        if decision in REVIEW_DECISION_REASONS:
+            return Mergeability(False, REVIEW_DECISION_REASONS[decision].format(base=base))
+        unchecked = [words for setting, words in UNCHECKED_SETTINGS.items()
+                     if (protection.get(setting) or {}).get("enabled")]
+        for rule in rules:
+            kind, parameters = rule.get("type"), rule.get("parameters") or {}
+            if kind == "pull_request" and parameters.get("required_review_thread_resolution"):
+                unchecked.append("resolved conversations")
+            elif kind not in MERGE_NEUTRAL_RULES | {"pull_request", "required_status_checks"}:
+                unchecked.append(f"the ruleset rule {kind!r}")
+        if unchecked:
+            return Mergeability(False, f"it is blocked by {base}'s protection, which also requires "
+                                       f"{', '.join(sorted(set(unchecked)))} (the bot cannot check those)")
+        if not any(results.get(context) != "success" for context in required & ignore):
+            return Mergeability(False, f"it is blocked by {base}'s protection (missing required reviews or checks)")
+        return Mergeability(True)
+
+    def _classic_protection(self, branch: str) -> dict:
+        """The branch's classic protection; {} for a branch without (GitHub: 404 "Branch not protected")."""
         try:
-            checks = self._request("GET", f"/branches/{_quote(branch)}/protection/required_status_checks")
-            required = set(checks.get("contexts") or [])
-            required.update(c["context"] for c in checks.get("checks") or [])
-        except UnknownObjectException:
-            required = set()  # branch not protected or no required checks
+            return self._request("GET", f"/branches/{_quote(branch)}/protection")
+        except GithubException as exc:
+            if exc.status == 404 and _github_message(exc) == "Branch not protected":
+                return {}
+            raise
+
+    def _branch_rules(self, branch: str) -> list[dict]:
+        """The active ruleset rules for the branch, from every level (repository, organization)."""
+        url = f"{self._repo.url}/rules/branches/{_quote(branch)}"
+        rules: list[dict] = []
+        page = 1
+        while True:
+            _, batch = self._gh.requester.requestJsonAndCheck("GET", url, parameters={"per_page": 100, "page": page})
+            rules.extend(batch)
+            if len(batch) < 100:  # a short page is the last
+                return rules
+            page += 1
+
+    def _check_results(self, sha: str) -> dict[str, str]:
+        """Each status context and check run of the commit: "success", or what else it is."""
         results = {s.context: s.state for s in self._repo.get_commit(sha).get_combined_status().statuses}
         # GitHub Actions and other Apps report check runs, not statuses; both satisfy a required context.
         for run in self._repo.get_commit(sha).get_check_runs():
@@ -742,13 +836,14 @@ class GitHubClient:
                 results[run.name] = "success"
             else:
                 results.setdefault(run.name, run.conclusion or "failure")
-        for context in sorted(required - ignore):
-            state = results.get(context)
-            if state is None:
-                return Mergeability(False, f"required status check {context!r} has not been reported")
-            if state != "success":
-                return Mergeability(False, f"required status check {context!r} is {state}")
-        return Mergeability(True)
+        return results
+
+    def _review_decision(self, number: int) -> str | None:
+        """The pull request's GraphQL `reviewDecision`: APPROVED, CHANGES_REQUESTED, REVIEW_REQUIRED or None."""
+        owner, name = self.repo.full_name.split("/", 1)
+        _, data = self._gh.requester.graphql_query(REVIEW_DECISION_QUERY,
+                                                  {"owner": owner, "name": name, "number": number})
+        return data["data"]["repository"]["pullRequest"]["reviewDecision"]
 
     def _request(self, verb: str, path: str, payload: dict | None = None) -> dict:
         """A JSON call below the repository URL, for endpoints PyGithub has no direct method for."""

@@ -27,7 +27,7 @@ import secrets
 import string
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -55,12 +55,23 @@ PERMISSION_LEVELS = ("none", "read", "triage", "write", "maintain", "admin")
 LEGACY_PERMISSION = {"maintain": "write", "triage": "read"}  # what the old `permission` field reports
 STATUS_STATES = ("error", "failure", "pending", "success")
 REVIEW_STATES = ("APPROVED", "CHANGES_REQUESTED", "COMMENTED")
+# Classic branch protection's on/off settings: GET .../protection reports each as {"enabled": ...}.
+PROTECTION_SETTINGS = (
+    "enforce_admins", "required_signatures", "required_linear_history", "allow_force_pushes", "allow_deletions",
+    "block_creations", "required_conversation_resolution", "lock_branch", "allow_fork_syncing",
+)
+# The settings a pull request here never meets: the fake's commits are unsigned and a locked branch takes
+# no merge. (It has no review threads, so every conversation counts as resolved.)
+UNMET_SETTINGS = frozenset({"required_signatures", "lock_branch"})
+# Ruleset rules that never keep a pull request from merging here; `pull_request` and
+# `required_status_checks` are judged by its reviews and checks, and any other rule blocks it.
+NON_BLOCKING_RULES = frozenset({"creation", "deletion", "non_fast_forward", "required_linear_history"})
 JWT_MAX_LIFETIME = 600
 COMMENT_MAX_LENGTH = 65536
 STATUS_DESCRIPTION_MAX_LENGTH = 140
 # What an installation of deploybot's App is granted (reported with each token, not enforced).
 TOKEN_PERMISSIONS = {
-    "administration": "read",  # branch protection: required status checks
+    "administration": "read",  # classic branch protection: required checks, reviews, settings
     "checks": "read",
     "contents": "read",
     "issues": "write",
@@ -110,13 +121,26 @@ class _Pull:
 
 
 @dataclass
+class _Protection:
+    """A branch's classic protection, as GET .../branches/{branch}/protection reports it."""
+
+    contexts: list[str] = field(default_factory=list)  # required status checks
+    required_reviews: int = 0  # required approving reviews; 0: reviews not required
+    settings: set[str] = field(default_factory=set)  # the PROTECTION_SETTINGS that are on
+
+    def requires_anything(self) -> bool:
+        return bool(self.contexts or self.required_reviews or self.settings)
+
+
+@dataclass
 class _Repo:
     full_name: str
     git_dir: Path
     default_branch: str
     id: int
     permissions: dict[str, str] = field(default_factory=dict)
-    required_contexts: dict[str, list[str]] = field(default_factory=dict)
+    protection: dict[str, _Protection] = field(default_factory=dict)  # branch -> its classic protection
+    rules: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # branch -> active ruleset rules
     pulls: dict[int, _Pull] = field(default_factory=dict)
     statuses: list[dict[str, Any]] = field(default_factory=list)  # oldest first
     check_runs: list[dict[str, Any]] = field(default_factory=list)
@@ -240,12 +264,31 @@ class FakeGitHub(LocalForge):
             self._teams.setdefault(team, {})[user] = (role, state)
 
     def set_required_contexts(self, repo: str, branch: str, contexts: list[str]) -> None:
-        """Protect a branch with required status checks (an empty list removes them)."""
+        """Require status checks in a branch's classic protection (an empty list stops requiring them)."""
         with self._lock:
-            if contexts:
-                self._repo(repo).required_contexts[branch] = list(contexts)
+            self._protect(repo, branch, contexts=list(contexts))
+
+    def set_required_reviews(self, repo: str, branch: str, count: int) -> None:
+        """Require `count` approving reviews in a branch's classic protection (0 stops requiring reviews)."""
+        with self._lock:
+            self._protect(repo, branch, required_reviews=count)
+
+    def set_protection_setting(self, repo: str, branch: str, setting: str, enabled: bool) -> None:
+        """Turn one of the classic protection's on/off `PROTECTION_SETTINGS` on or off."""
+        if setting not in PROTECTION_SETTINGS:
+            raise ValueError(f"classic branch protection has no setting {setting!r}")
+        with self._lock:
+            settings = set(self._repo(repo).protection.get(branch, _Protection()).settings)
+            if enabled:
+                settings.add(setting)
             else:
-                self._repo(repo).required_contexts.pop(branch, None)
+                settings.discard(setting)
+            self._protect(repo, branch, settings=settings)
+
+    def set_branch_rules(self, repo: str, branch: str, rules: list[dict[str, Any]]) -> None:
+        """The rulesets' active rules for a branch, each `{"type": ..., "parameters": ...}` as GitHub lists them."""
+        with self._lock:
+            self._repo(repo).rules[branch] = [copy.deepcopy(rule) for rule in rules]
 
     def set_mergeable_state(self, repo: str, number: int, state: str | None, mergeable: bool | None = True) -> None:
         """Override what GitHub reports as mergeable/mergeable_state; state None computes it again."""
@@ -507,6 +550,15 @@ class FakeGitHub(LocalForge):
         repo.statuses.append(status)
         return status
 
+    def _protect(self, repo: str, branch: str, **changes: Any) -> None:
+        """Change a branch's classic protection; one left requiring nothing is removed (GitHub: not protected)."""
+        protections = self._repo(repo).protection
+        protection = replace(protections.get(branch, _Protection()), **changes)
+        if protection.requires_anything():
+            protections[branch] = protection
+        else:
+            protections.pop(branch, None)
+
     def _installation_of(self, full_name: str) -> int | None:
         return next((i for i, repos in sorted(self._installations.items()) if full_name in repos), None)
 
@@ -523,16 +575,59 @@ class FakeGitHub(LocalForge):
             return False, "dirty"
         if pull.draft:
             return True, "draft"
-        results = {ctx: s["state"] for ctx, s in self._latest_statuses(repo, pull.head_sha).items()}
-        for run in repo.check_runs:
-            if run["sha"] == pull.head_sha:
-                ok = run["status"] == "completed" and run["conclusion"] in ("success", "neutral", "skipped")
-                results[run["name"]] = "success" if ok else "failure"
-        if any(results.get(ctx) != "success" for ctx in repo.required_contexts.get(pull.base_ref, [])):
+        if self._protection_blocks(repo, pull):
             return True, "blocked"
-        if any(state in ("failure", "error") for state in results.values()):
+        if any(state in ("failure", "error") for state in self._check_results(repo, pull.head_sha).values()):
             return True, "unstable"
         return True, "clean"
+
+    def _check_results(self, repo: _Repo, sha: str) -> dict[str, str]:
+        """Each status context and check run of a commit: its state, check runs counted as branch protection does."""
+        results = {ctx: s["state"] for ctx, s in self._latest_statuses(repo, sha).items()}
+        for run in repo.check_runs:
+            if run["sha"] == sha:
+                ok = run["status"] == "completed" and run["conclusion"] in ("success", "neutral", "skipped")
+                results[run["name"]] = "success" if ok else "failure"
+        return results
+
+    def _protection_blocks(self, repo: _Repo, pull: _Pull) -> bool:
+        """Whether the base branch's classic protection or its rulesets keep the pull request from merging."""
+        protection = repo.protection.get(pull.base_ref, _Protection())
+        rules = repo.rules.get(pull.base_ref, [])
+        if protection.settings & UNMET_SETTINGS:
+            return True
+        if any(r["type"] not in NON_BLOCKING_RULES | {"pull_request", "required_status_checks"} for r in rules):
+            return True
+        required = set(protection.contexts)
+        for rule in rules:
+            if rule["type"] == "required_status_checks":
+                required.update(c["context"] for c in rule["parameters"]["required_status_checks"])
+        results = self._check_results(repo, pull.head_sha)
+        if any(results.get(context) != "success" for context in required):
+            return True
+        return self._review_decision(repo, pull) in ("REVIEW_REQUIRED", "CHANGES_REQUESTED")
+
+    def _review_decision(self, repo: _Repo, pull: _Pull) -> str | None:
+        """GraphQL's `reviewDecision`: None unless the base branch requires reviews (classic or ruleset).
+
+        Each reviewer's latest approval or change request counts, and only from people with
+        write access, as on GitHub.
+        """
+        protection = repo.protection.get(pull.base_ref, _Protection())
+        counts = [protection.required_reviews] if protection.required_reviews else []
+        counts += [rule["parameters"]["required_approving_review_count"]
+                   for rule in repo.rules.get(pull.base_ref, []) if rule["type"] == "pull_request"]
+        if not counts:
+            return None
+        latest: dict[str, str] = {}
+        for review in sorted(self._reviews.values(), key=lambda r: r.id):
+            if (review.repo, review.number) == (repo.full_name, pull.number) and review.state != "COMMENTED":
+                latest[review.user] = review.state  # DISMISSED undoes that reviewer's earlier verdict
+        writers = PERMISSION_LEVELS[PERMISSION_LEVELS.index("write"):]
+        verdicts = [state for user, state in latest.items() if repo.permissions.get(user, "none") in writers]
+        if "CHANGES_REQUESTED" in verdicts:
+            return "CHANGES_REQUESTED"
+        return "APPROVED" if verdicts.count("APPROVED") >= max(counts) else "REVIEW_REQUIRED"
 
     # -- JSON shapes ---------------------------------------------------------------------------
 
@@ -586,7 +681,7 @@ class FakeGitHub(LocalForge):
         data = self._rewrite(self._templates["pull_request"]["repository"], full_name)
         fork = full_name != repo.full_name
         data.update(
-            id=stable_id(full_name) if fork else repo.id,  # a re-created repository has a new id
+            id=stable_id(full_name),
             node_id=_node_id("R", full_name),
             name=name,
             full_name=full_name,
@@ -815,11 +910,8 @@ class FakeGitHub(LocalForge):
             Route(f"{repo}/commits/{{ref:path}}/status", self._combined_status, methods=["GET"]),
             Route(f"{repo}/commits/{{ref:path}}/check-runs", self._list_check_runs, methods=["GET"]),
             Route(f"{repo}/collaborators/{{user}}/permission", self._get_permission, methods=["GET"]),
-            Route(
-                f"{repo}/branches/{{branch:path}}/protection/required_status_checks",
-                self._required_status_checks,
-                methods=["GET"],
-            ),
+            Route(f"{repo}/branches/{{branch:path}}/protection", self._branch_protection, methods=["GET"]),
+            Route(f"{repo}/rules/branches/{{branch:path}}", self._branch_rules, methods=["GET"]),
             Route(f"{repo}/commits/{{ref:path}}", self._get_commit, methods=["GET"]),
             Route(f"{repo}/compare/{{basehead:path}}", self._compare, methods=["GET"]),
             Route(f"{repo}/installation", self._repo_installation, methods=["GET"]),
@@ -827,6 +919,7 @@ class FakeGitHub(LocalForge):
             Route(f"{repo}/contents/{{path:path}}", self._get_contents, methods=["GET"]),
             Route("/orgs/{org}/teams/{slug}/memberships/{user}", self._team_membership, methods=["GET"]),
             Route("/user", self._get_user, methods=["GET"]),
+            Route("/graphql", _with_json(self._graphql), methods=["POST"]),
             Route("/app-manifests/{code}/conversions", self._manifest_conversion, methods=["POST"]),
         ]
 
@@ -1150,23 +1243,76 @@ class FakeGitHub(LocalForge):
                 {"permission": LEGACY_PERMISSION.get(level, level), "role_name": level, "user": self._user_json(user)}
             )
 
-    def _required_status_checks(self, request: Request) -> Response:
+    def _branch_protection(self, request: Request) -> Response:
+        """GET .../branches/{branch}/protection: the classic protection; 404 "Branch not protected" without one."""
         repo = self._authorized_repo(request)
         branch = request.path_params["branch"]
+        if rev_parse(repo.git_dir, f"refs/heads/{branch}") is None:
+            raise _ApiError(404, "Branch not found")
         with self._lock:
-            contexts = repo.required_contexts.get(branch)
-        if contexts is None:
-            raise _ApiError(404, "Branch not protected")
-        url = f"{self._api_url}/repos/{repo.full_name}/branches/{branch}/protection/required_status_checks"
-        return JSONResponse(
-            {
-                "url": url,
+            protection = repo.protection.get(branch)
+            if protection is None:
+                raise _ApiError(404, "Branch not protected")
+            protection = copy.deepcopy(protection)
+        url = f"{self._api_url}/repos/{repo.full_name}/branches/{branch}/protection"
+        data: dict[str, Any] = {"url": url}
+        if protection.contexts:
+            data["required_status_checks"] = {
+                "url": f"{url}/required_status_checks",
                 "strict": False,
-                "contexts": contexts,
-                "contexts_url": f"{url}/contexts",
-                "checks": [{"context": c, "app_id": None} for c in contexts],
+                "contexts": protection.contexts,
+                "contexts_url": f"{url}/required_status_checks/contexts",
+                "checks": [{"context": c, "app_id": None} for c in protection.contexts],
             }
-        )
+        if protection.required_reviews:
+            data["required_pull_request_reviews"] = {
+                "url": f"{url}/required_pull_request_reviews",
+                "dismiss_stale_reviews": False,
+                "require_code_owner_reviews": False,
+                "require_last_push_approval": False,
+                "required_approving_review_count": protection.required_reviews,
+            }
+        for setting in PROTECTION_SETTINGS:
+            data[setting] = {"enabled": setting in protection.settings}
+        for setting in ("enforce_admins", "required_signatures"):  # the two GitHub gives their own URL
+            data[setting] = {"url": f"{url}/{setting}", **data[setting]}
+        return JSONResponse(data)
+
+    def _branch_rules(self, request: Request) -> Response:
+        """GET .../rules/branches/{branch}: the active ruleset rules for a branch (which need not exist)."""
+        repo = self._authorized_repo(request)
+        with self._lock:
+            rules = [
+                {**rule, "ruleset_source_type": "Repository", "ruleset_source": repo.full_name,
+                 "ruleset_id": stable_id(f"{repo.full_name} ruleset")}
+                for rule in copy.deepcopy(repo.rules.get(request.path_params["branch"], []))
+            ]
+        return _paginated(request, rules)
+
+    def _graphql(self, request: Request, data: dict[str, Any]) -> Response:
+        """POST /graphql: the one query deploybot sends, a pull request's `reviewDecision`.
+
+        Variables `owner`, `name` and `number`. As GitHub does, what cannot be resolved is
+        null in `data` and named in `errors`, with status 200.
+        """
+        installation = self._installation(request)
+        query, variables = data.get("query"), data.get("variables")
+        if not isinstance(query, str) or "reviewDecision" not in query or not isinstance(variables, dict):
+            unknown = "the fake GitHub answers only deploybot's reviewDecision query"
+            return JSONResponse({"errors": [{"message": unknown}]})
+        full_name, number = f"{variables.get('owner')}/{variables.get('name')}", variables.get("number")
+        with self._lock:
+            repo = self._repos.get(full_name) if full_name in self._installations.get(installation, set()) else None
+            if repo is None:
+                message = f"Could not resolve to a Repository with the name '{full_name}'."
+                return JSONResponse({"data": {"repository": None}, "errors": [_not_resolved(["repository"], message)]})
+            pull = repo.pulls.get(number) if isinstance(number, int) else None
+            if pull is None:
+                message = f"Could not resolve to a PullRequest with the number of {number}."
+                return JSONResponse({"data": {"repository": {"pullRequest": None}},
+                                     "errors": [_not_resolved(["repository", "pullRequest"], message)]})
+            decision = self._review_decision(repo, pull)
+        return JSONResponse({"data": {"repository": {"pullRequest": {"reviewDecision": decision}}}})
 
     def _get_app(self, request: Request) -> Response:
         """GET /app, as the App (JWT)."""
@@ -1333,22 +1479,6 @@ class FakeGitHub(LocalForge):
             }
         )
 
-    def recreate_repo(self, full_name: str) -> int:
-        """Delete a repository and create another by the same name, as someone who took the name would.
-
-        The new one has a new id and no pull requests, comments, reviews or statuses; it keeps
-        the git data, the people's permissions and the installation (an App installed on all of
-        the organisation's repositories covers it), so only its id tells it apart. Returns the id.
-        """
-        with self._lock:
-            old = self._repo(full_name)
-            new = _Repo(full_name, old.git_dir, old.default_branch, id=next(self._ids),
-                        permissions=dict(old.permissions))
-            self._repos[full_name] = new
-            self._comments = {i: c for i, c in self._comments.items() if c.repo != full_name}
-            self._reviews = {i: r for i, r in self._reviews.items() if r.repo != full_name}
-            return new.id
-
 
 # -- faults as GitHub answers them -------------------------------------------------------------
 
@@ -1417,6 +1547,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code in (404, 405):  # GitHub answers 404 to unknown paths and wrong methods alike
         return _error(404, "Not Found")
     return _error(exc.status_code, str(exc.detail))
+
+
+def _not_resolved(path: list[str], message: str) -> dict[str, Any]:
+    """A GraphQL error for a field that resolved to nothing, as GitHub words it."""
+    return {"type": "NOT_FOUND", "path": path, "locations": [{"line": 1, "column": 1}], "message": message}
 
 
 def _invalid(resource: str, field: str, message: str | None = None) -> _ApiError:

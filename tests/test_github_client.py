@@ -9,7 +9,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bot.github_client import GitHubApp, GitHubClient
-from bot.github_fake import FakeGitHub
+from bot.github_fake import Fault, FakeGitHub
 from bot.models import Repo
 from bot.vcs import ForgeError
 from tests.forge_support import Received, commit, git, push_to_feature, webhook_receiver
@@ -330,7 +330,7 @@ def test_mergeability_states(fake: FakeGitHub, client: GitHubClient, repo_dirs: 
     assert behind.mergeable is False and "behind" in behind.reason
 
     fake.set_mergeable_state(REPO, number, "dirty", mergeable=False)
-    assert "merge conflicts" in client.mergeability(pull, frozenset()).reason
+    assert "conflicts with main" in client.mergeability(pull, frozenset()).reason
 
     fake.set_mergeable_state(REPO, number, "unknown", mergeable=None)
     patient = GitHubClient(fake.url or "", repo_model(repo_dirs), client._token, mergeable_retry_delay=0.01)
@@ -393,6 +393,158 @@ def test_fake_answers_like_github_to_bad_requests(fake: FakeGitHub, app: GitHubA
     unknown = httpx.get(f"{fake.url}/repos/{REPO}/wiki", headers=auth)
     assert unknown.status_code == 404 and unknown.json()["message"] == "Not Found"
     assert httpx.delete(f"{fake.url}/repos/{REPO}/pulls/1", headers=auth).status_code == 404
+
+
+# -- mergeability: GitHub's states, branch protection and rulesets ------------------------------
+
+OWN = frozenset({"deploybot/apply"})  # the bot's own apply status, which mergeability may ignore
+
+
+def protection_answers(fake: FakeGitHub) -> list[int]:
+    return [r.status for r in fake.requests if r.path == f"/repos/{REPO}/branches/main/protection"]
+
+
+@pytest.mark.parametrize(
+    "state, mergeable, expected, words",
+    [
+        ("clean", True, True, ""),
+        ("unstable", True, True, ""),  # only checks that are not required fail
+        ("has_hooks", True, True, ""),
+        ("dirty", False, False, "conflicts with main"),
+        ("behind", True, False, "behind main"),
+        ("draft", True, False, "draft"),
+        ("unknown", None, False, "not computed"),
+        ("blocked", True, False, "blocked by main's protection (missing required reviews or checks)"),
+        ("some_new_state", True, False, "'some_new_state'"),
+    ],
+)
+def test_mergeable_states_each_with_a_reason(
+    fake: FakeGitHub, client: GitHubClient, repo_dirs: tuple[Path, Path],
+    state: str, mergeable: bool | None, expected: bool, words: str,
+) -> None:
+    number = fake.open_pull(REPO, "feature")
+    fake.set_mergeable_state(REPO, number, state, mergeable=mergeable)
+    patient = GitHubClient(fake.url or "", repo_model(repo_dirs), client._token, mergeable_retry_delay=0.01)
+    result = patient.mergeability(client.get_pull_request(number), OWN)
+    assert result.mergeable is expected and words in result.reason
+
+
+def test_blocked_base_without_classic_protection_is_no_error(fake: FakeGitHub, client: GitHubClient) -> None:
+    """GitHub's 404 "Branch not protected" means no classic requirements, not a failure."""
+    number = fake.open_pull(REPO, "feature")
+    pull = client.get_pull_request(number)
+    client.set_status(pull.head_sha, "deploybot/apply", "pending", "waiting for apply")
+    fake.set_mergeable_state(REPO, number, "blocked")  # blocked by something the bot cannot see
+    result = client.mergeability(pull, OWN)
+    assert result.mergeable is False and "blocked by main's protection" in result.reason
+    assert protection_answers(fake) == [404]
+    answer = httpx.get(f"{fake.url}/repos/{REPO}/branches/main/protection",
+                       headers={"Authorization": f"token {client._token()}"})
+    assert answer.json()["message"] == "Branch not protected"
+
+
+def test_required_reviews_block_although_every_check_but_ours_passed(fake: FakeGitHub, client: GitHubClient) -> None:
+    fake.set_permission(REPO, "bob", "write")
+    fake.set_permission(REPO, "eve", "read")
+    number = fake.open_pull(REPO, "feature")
+    pull = client.get_pull_request(number)
+    fake.set_required_contexts(REPO, "main", ["ci/test", "deploybot/apply"])
+    fake.set_required_reviews(REPO, "main", 1)
+    fake.set_status(REPO, pull.head_sha, "ci/test", "success")
+    client.set_status(pull.head_sha, "deploybot/apply", "pending", "waiting for apply")
+    assert fake.pull(REPO, number)["mergeable_state"] == "blocked"
+    missing = client.mergeability(pull, OWN)
+    assert missing.mergeable is False and "lacks the approving reviews main requires" in missing.reason
+
+    fake.review(REPO, number, "eve", "APPROVED")  # no write access: GitHub does not count it
+    assert client.mergeability(pull, OWN).mergeable is False
+    approval = fake.review(REPO, number, "bob", "APPROVED")
+    assert client.mergeability(pull, OWN).mergeable is True  # only our own status is missing now
+    assert client.mergeability(pull, frozenset()).mergeable is False
+
+    fake.review(REPO, number, "bob", "CHANGES_REQUESTED")
+    changes = client.mergeability(pull, OWN)
+    assert changes.mergeable is False and "requested changes" in changes.reason
+    fake.dismiss_review(REPO, number, approval)
+    assert "requested changes" in client.mergeability(pull, OWN).reason
+
+
+def test_blocked_with_our_status_passed_is_not_mergeable(fake: FakeGitHub, client: GitHubClient) -> None:
+    """Once our own required status succeeded, it cannot be why GitHub blocks."""
+    number = fake.open_pull(REPO, "feature")
+    pull = client.get_pull_request(number)
+    fake.set_required_contexts(REPO, "main", ["deploybot/apply"])
+    client.set_status(pull.head_sha, "deploybot/apply", "success", "applied")
+    fake.set_mergeable_state(REPO, number, "blocked")
+    result = client.mergeability(pull, OWN)
+    assert result.mergeable is False and "missing required reviews or checks" in result.reason
+
+
+def test_rulesets_count_on_a_base_without_classic_protection(fake: FakeGitHub, client: GitHubClient) -> None:
+    fake.set_permission(REPO, "bob", "write")
+    number = fake.open_pull(REPO, "feature")
+    pull = client.get_pull_request(number)
+    fake.set_branch_rules(REPO, "main", [
+        {"type": "deletion"},
+        {"type": "required_status_checks", "parameters": {
+            "strict_required_status_checks_policy": False,
+            "required_status_checks": [{"context": "deploybot/apply"}, {"context": "ci/test"}],
+        }},
+        {"type": "pull_request", "parameters": {
+            "required_approving_review_count": 1, "dismiss_stale_reviews_on_push": False,
+            "require_code_owner_review": False, "require_last_push_approval": False,
+            "required_review_thread_resolution": False,
+        }},
+    ])
+    client.set_status(pull.head_sha, "deploybot/apply", "pending", "waiting for apply")
+    fake.set_status(REPO, pull.head_sha, "ci/test", "failure")
+    failing = client.mergeability(pull, OWN)
+    assert failing.mergeable is False and "'ci/test' is failure" in failing.reason
+    fake.set_status(REPO, pull.head_sha, "ci/test", "success")
+    assert "approving reviews" in client.mergeability(pull, OWN).reason
+    fake.review(REPO, number, "bob", "APPROVED")
+    assert fake.pull(REPO, number)["mergeable_state"] == "blocked"
+    assert client.mergeability(pull, OWN).mergeable is True
+    assert set(protection_answers(fake)) == {404}
+
+
+@pytest.mark.parametrize(
+    "protect, words",
+    [
+        (lambda fake: fake.set_protection_setting(REPO, "main", "required_signatures", True), "signed commits"),
+        (lambda fake: fake.set_protection_setting(REPO, "main", "required_conversation_resolution", True),
+         "resolved conversations"),
+        (lambda fake: fake.set_branch_rules(REPO, "main", [{"type": "required_deployments", "parameters": {
+            "required_deployment_environments": ["staging"]}}]), "the ruleset rule 'required_deployments'"),
+        (lambda fake: fake.set_branch_rules(REPO, "main", [{"type": "pull_request", "parameters": {
+            "required_approving_review_count": 0, "required_review_thread_resolution": True}}]),
+         "resolved conversations"),
+    ],
+)
+def test_requirements_the_bot_cannot_check_keep_it_blocked(
+    fake: FakeGitHub, client: GitHubClient, protect: Callable[[FakeGitHub], None], words: str
+) -> None:
+    """Our pending status would explain the block, but so might a rule the bot cannot check: deny."""
+    number = fake.open_pull(REPO, "feature")
+    pull = client.get_pull_request(number)
+    fake.set_required_contexts(REPO, "main", ["deploybot/apply"])
+    client.set_status(pull.head_sha, "deploybot/apply", "pending", "waiting for apply")
+    assert client.mergeability(pull, OWN).mergeable is True  # our own status alone: mergeable
+    protect(fake)
+    assert fake.pull(REPO, number)["mergeable_state"] == "blocked"
+    result = client.mergeability(pull, OWN)
+    assert result.mergeable is False and words in result.reason and "cannot check" in result.reason
+
+
+def test_other_protection_errors_are_forge_errors(fake: FakeGitHub, client: GitHubClient) -> None:
+    """Only "Branch not protected" means no protection; any other answer fails the check."""
+    number = fake.open_pull(REPO, "feature")
+    fake.set_mergeable_state(REPO, number, "blocked")
+    fake.inject_faults("GET", r"/branches/main/protection$", [Fault(403, body={
+        "message": "Resource not accessible by integration", "documentation_url": "https://docs.github.com/rest"})])
+    with pytest.raises(ForgeError) as caught:
+        client.mergeability(client.get_pull_request(number), OWN)
+    assert caught.value.status == 403 and "Resource not accessible by integration" in str(caught.value)
 
 
 # -- webhooks ----------------------------------------------------------------------------------
