@@ -83,8 +83,6 @@ UNSETTLED_MERGE_STATUSES = frozenset({"unchecked", "checking", "preparing", "app
 CI_MERGE_STATUSES = frozenset({"ci_must_pass", "ci_still_running"})
 PASSING_STATUSES = frozenset({"success", "skipped"})
 MERGE_STATUS_REASONS = {
-    "conflict": "the merge request has merge conflicts",
-    "draft_status": "the merge request is a draft",
     "not_approved": "the merge request lacks the approvals GitLab requires",
     "requested_changes": "a reviewer requested changes",
     "discussions_not_resolved": "the merge request has unresolved threads",
@@ -102,6 +100,9 @@ MERGE_STATUS_REASONS = {
     "locked_paths": "paths the merge request changes are locked",
     "locked_lfs_files": "LFS files the merge request changes are locked",
     "title_regex": "the title does not match the project's required pattern",
+    # GitLab before 15.6: `merge_status` alone, which speaks of conflicts and nothing else.
+    "can_be_merged": "GitLab reports only merge_status (GitLab before 15.6), which does not say whether "
+                     "approvals, threads or the pipeline block the merge",
 }
 
 
@@ -359,11 +360,18 @@ class GitLabClient:
     def mergeability(self, pull: PullRequest, ignore_contexts: frozenset[str]) -> Mergeability:
         """Whether GitLab would merge the MR, judging "pipeline must succeed" without `ignore_contexts`.
 
-        From `detailed_merge_status` (plus `draft` and `has_conflicts`): "mergeable" merges;
-        `ci_must_pass` and `ci_still_running` are decided by the head commit's statuses, every
-        one not ignored (and not `allow_failure`) having to be success (or skipped), so the
-        bot's own pending `deploybot/apply` cannot block its own apply; anything else does
-        not merge, and the reason names it.
+        From `detailed_merge_status` (plus `draft` and `has_conflicts`), asked again
+        (`mergeable_retries` times in all) while GitLab is still checking (`unchecked`,
+        `checking`, `preparing`, `approvals_syncing`); still so after that: not mergeable.
+        Only "mergeable" merges, with one exception: `ci_must_pass` and `ci_still_running`
+        are decided by the head commit's statuses, every one not ignored (and not
+        `allow_failure`) having to be success (or skipped), so the bot's own pending
+        `deploybot/apply` cannot block its own apply. That is sound because GitLab reports
+        the pipeline only once every other check (approvals, threads, rebase, conflicts, …)
+        passed. Every other status (`not_approved`, `discussions_not_resolved`,
+        `need_rebase`, `conflict`, …, and any GitLab adds later) does not merge, and the
+        reason names it. GitLab before 15.6 sends only `merge_status`, whose "can_be_merged"
+        speaks of conflicts alone: not mergeable either (deny by default).
         """
 
         def fetch() -> Mergeability:
@@ -378,9 +386,10 @@ class GitLabClient:
             if status in UNSETTLED_MERGE_STATUSES:
                 return Mergeability(False, f"GitLab has not checked mergeability yet ({status})")
             if data.get("draft") or data.get("work_in_progress") or status == "draft_status":
-                return Mergeability(False, "the merge request is a draft (GitLab: draft_status)")
+                return Mergeability(False, "it is a draft (GitLab: draft_status)")
             if data.get("has_conflicts") or status == "conflict":
-                return Mergeability(False, "the merge request has merge conflicts (GitLab: conflict)")
+                return Mergeability(False, f"it has conflicts with {data.get('target_branch') or pull.base_ref} "
+                                           f"(GitLab: {status})")
             if status == "mergeable":
                 return Mergeability(True)
             if status in CI_MERGE_STATUSES:
@@ -519,12 +528,20 @@ def _approved_sha(
 
 
 def _merge_status(data: dict[str, Any]) -> str:
-    """`detailed_merge_status`, or what the older `merge_status` implies on GitLab before 15.6."""
+    """`detailed_merge_status`; before GitLab 15.6, which sends only `merge_status`, what that says.
+
+    `merge_status` is git's view alone: "cannot_be_merged" is a conflict, "can_be_merged"
+    stays itself (it leaves approvals, threads and the pipeline open, so it is not
+    "mergeable"), and the rest ("unchecked", "checking", "cannot_be_merged_recheck", …) are
+    still being checked.
+    """
     detailed = data.get("detailed_merge_status")
     if detailed:
         return str(detailed)
-    legacy = data.get("merge_status")
-    return {"can_be_merged": "mergeable", "cannot_be_merged": "conflict"}.get(str(legacy), "unchecked")
+    legacy = str(data.get("merge_status"))
+    if legacy == "cannot_be_merged":
+        return "conflict"
+    return legacy if legacy == "can_be_merged" else "unchecked"
 
 
 def _active(member: dict[str, Any]) -> bool:

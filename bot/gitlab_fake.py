@@ -215,6 +215,9 @@ class FakeGitLab(LocalForge):
         )
         # Whether GET .../approvals reports `approved_by[].approved_at` (GitLab 18.4 and later).
         self.report_approval_times = True
+        # Whether a merge request in the REST API has `detailed_merge_status` (GitLab 15.6 and
+        # later); False: only the older `merge_status`.
+        self.report_detailed_merge_status = True
 
         self._users: dict[int, _User] = {}
         self._projects: dict[int, _Project] = {}
@@ -876,7 +879,7 @@ class FakeGitLab(LocalForge):
             "work_in_progress": mr.draft,
             "milestone": None,
             "merge_when_pipeline_succeeds": False,
-            "merge_status": "cannot_be_merged" if conflicts else "can_be_merged",
+            "merge_status": _merge_status(detailed, conflicts),
             "detailed_merge_status": detailed,
             "sha": head.head_sha,
             "merge_commit_sha": mr.merge_commit_sha,
@@ -910,6 +913,8 @@ class FakeGitLab(LocalForge):
         if diverged:
             base = rev_parse(project.git_dir, f"refs/heads/{mr.target_branch}")
             data["diverged_commits_count"] = count_commits(project.git_dir, head.head_sha, base) if base else 0
+        if not self.report_detailed_merge_status:
+            del data["detailed_merge_status"]
         return data
 
     def _status_json(self, status: _Status) -> dict[str, Any]:
@@ -1458,6 +1463,13 @@ def _diff_json(f: _Diff) -> dict[str, Any]:
     return {"diff": f.diff, "new_path": f.new_path, "old_path": f.old_path, "a_mode": f.a_mode, "b_mode": f.b_mode,
             "new_file": f.new_file, "renamed_file": f.renamed_file, "deleted_file": f.deleted_file,
             "generated_file": False}
+
+
+def _merge_status(detailed: str, conflicts: bool) -> str:
+    """The older `merge_status` beside a `detailed_merge_status`: git's view alone (conflicts), or still checking."""
+    if detailed in ("unchecked", "checking", "preparing"):
+        return detailed
+    return "cannot_be_merged" if conflicts or detailed == "conflict" else "can_be_merged"
 
 
 def _shape(template: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from bot.gitlab_client import NOTE_LIMIT, GitLabClient, _approved_sha
-from bot.gitlab_fake import FakeGitLab
+from bot.gitlab_fake import DETAILED_MERGE_STATUSES, FakeGitLab, Fault
 from bot.gitlab_webhook import InvalidSignature, delivery_id, parse_event, verify_signing_token, verify_token
 from bot.models import CommentEvent, PullRequestEvent, Repo, ReviewEvent
 from bot.vcs import ForgeError
@@ -420,6 +420,73 @@ def test_is_behind_base(fake: FakeGitLab, client: GitLabClient, repo_dirs: tuple
         params={"include_diverged_commits_count": "true"},
     ).json()
     assert detail["diverged_commits_count"] == 1
+
+
+# -- mergeability: only "mergeable" merges ----------------------------------------------------------
+
+UNSETTLED = ("unchecked", "checking", "preparing", "approvals_syncing")  # GitLab is still checking
+OWN = frozenset({"deploybot/apply"})  # the bot's own apply status, which mergeability may ignore
+
+
+@pytest.mark.parametrize("status", sorted(DETAILED_MERGE_STATUSES - {"mergeable", "ci_must_pass", "ci_still_running"}))
+def test_every_other_merge_status_blocks_with_its_name(fake: FakeGitLab, client: GitLabClient, status: str) -> None:
+    iid = fake.open_merge_request(PROJECT, "feature")
+    pull = client.get_pull_request(iid)
+    client.set_status(pull.head_sha, "deploybot/apply", "pending", "waiting for apply")
+    fake.set_detailed_merge_status(PROJECT, iid, status)
+    result = client.mergeability(pull, OWN)
+    assert result.mergeable is False
+    if status in UNSETTLED:  # asked again, then given up on
+        assert result.reason == f"GitLab has not checked mergeability yet ({status})"
+    elif status == "conflict":
+        assert result.reason == "it has conflicts with main (GitLab: conflict)"
+    else:
+        assert result.reason.endswith(f"(GitLab: {status})") and "GitLab would not merge it" not in result.reason
+
+
+def test_an_unknown_merge_status_blocks(fake: FakeGitLab, client: GitLabClient) -> None:
+    """A status GitLab adds later is not "mergeable": it blocks, naming it."""
+    iid = fake.open_merge_request(PROJECT, "feature")
+    fake.set_detailed_merge_status(PROJECT, iid, "mergeable")
+    pull = client.get_pull_request(iid)
+    fake.inject_faults("GET", rf"/merge_requests/{iid}$", [Fault(200, body={
+        **fake.mr(PROJECT, iid), "detailed_merge_status": "some_new_check"})])
+    result = client.mergeability(pull, OWN)
+    assert result.mergeable is False and result.reason == "GitLab would not merge it (GitLab: some_new_check)"
+
+
+def test_pipeline_blocks_unless_only_our_status_is_missing(fake: FakeGitLab, client: GitLabClient) -> None:
+    fake.set_project_settings(PROJECT, pipeline_must_succeed=True, approvals_required=1)
+    iid = fake.open_merge_request(PROJECT, "feature", author="alice")
+    pull = client.get_pull_request(iid)
+    fake.set_commit_status(PROJECT, pull.head_sha, "test", "success")
+    client.set_status(pull.head_sha, "deploybot/apply", "pending", "waiting for apply")
+    # GitLab names the pipeline only once every other check passed: approvals come first.
+    assert fake.mr(PROJECT, iid)["detailed_merge_status"] == "not_approved"
+    blocked = client.mergeability(pull, OWN)
+    assert blocked.mergeable is False and "approvals" in blocked.reason
+    fake.approve(PROJECT, iid, "bob")
+    assert fake.mr(PROJECT, iid)["detailed_merge_status"] == "ci_still_running"
+    assert client.mergeability(pull, OWN).mergeable is True
+
+
+def test_merge_status_alone_is_not_enough(fake: FakeGitLab, client: GitLabClient) -> None:
+    """GitLab before 15.6 sends only `merge_status`, which says nothing of approvals, threads or pipelines."""
+    fake.report_detailed_merge_status = False
+    fake.set_project_settings(PROJECT, approvals_required=1)
+    iid = fake.open_merge_request(PROJECT, "feature", author="alice")
+    pull = client.get_pull_request(iid)
+    assert "detailed_merge_status" not in fake.mr(PROJECT, iid)
+    assert fake.mr(PROJECT, iid)["merge_status"] == "can_be_merged"  # although an approval is missing
+    result = client.mergeability(pull, OWN)
+    assert result.mergeable is False and "before 15.6" in result.reason and "(GitLab: can_be_merged)" in result.reason
+
+    fake.set_detailed_merge_status(PROJECT, iid, "conflict")
+    assert fake.mr(PROJECT, iid)["merge_status"] == "cannot_be_merged"
+    assert "conflicts with main" in client.mergeability(pull, OWN).reason
+    fake.set_detailed_merge_status(PROJECT, iid, "checking")
+    assert fake.mr(PROJECT, iid)["merge_status"] == "checking"
+    assert "not checked" in client.mergeability(pull, OWN).reason
 
 
 # -- repository -------------------------------------------------------------------------------------
