@@ -49,8 +49,9 @@ import urllib3
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from github import Auth, GithubException
+from github.IssueComment import IssueComment
 
-from bot.models import Mergeability, PullRequest, Repo, Review
+from bot.models import ForgeComment, Mergeability, PullRequest, Repo, Review
 from bot.vcs import ForgeError, Permission, StatusState
 
 USER_AGENT = "deploybot"
@@ -81,6 +82,9 @@ query($owner: String!, $name: String!, $number: Int!) {
   repository(owner: $owner, name: $name) { pullRequest(number: $number) { reviewDecision } }
 }
 """
+PULL_COMMITS_LISTED = 250  # GitHub lists no more commits of a pull request than this
+WEB_FLOW = "web-flow"  # the account GitHub commits as itself: web edits, merges of the base branch
+GHOST = "ghost"  # who GitHub shows for a deleted account
 
 log = logging.getLogger("deploybot.forge")
 T = TypeVar("T")
@@ -176,34 +180,35 @@ DEFAULT_RETRY = RetryPolicy()
 
 
 def post_once(
-    post: Callable[[], int],
-    identical: Callable[[], list[int]],
+    post: Callable[[], ForgeComment],
+    identical: Callable[[], list[ForgeComment]],
     classify: Callable[[BaseException], Transient | None],
     what: str,
-) -> Callable[[], int]:
+) -> Callable[[], ForgeComment]:
     """One attempt at creating a comment, for `RetryPolicy.run`, that never makes it twice.
 
     Creating a comment is not idempotent, and a 5xx, a timeout or a dropped connection does
-    not say whether the forge made it. So the first attempt notes the ids `identical()` lists
-    (comments with the same body, recent ones), and an attempt after such an answer lists
-    them again: a new one is ours and its id is returned instead of posting again. After a
-    rate limit or a refused connection (never carried out) it simply posts again. Costs one
-    extra read per comment; a clock far ahead of the forge's (beyond the look-back) makes the
-    listing miss, and the worst case is the old one: a duplicate comment.
+    not say whether the forge made it. So the first attempt notes the ids of the comments
+    `identical()` lists (comments with the same body, recent ones), and an attempt after such
+    an answer lists them again: a new one is ours and is returned instead of posting again.
+    After a rate limit or a refused connection (never carried out) it simply posts again.
+    Costs one extra read per comment; a clock far ahead of the forge's (beyond the look-back)
+    makes the listing miss, and the worst case is the old one: a duplicate comment.
     """
     before: set[int] | None = None
     maybe_posted = False
 
-    def attempt() -> int:
+    def attempt() -> ForgeComment:
         nonlocal before, maybe_posted
         if before is None:
-            before = set(identical())
+            before = {comment.id for comment in identical()}
         elif maybe_posted:
-            new = sorted(set(identical()) - before)
+            new = [comment for comment in identical() if comment.id not in before]
             if new:
+                ours = max(new, key=lambda comment: comment.id)  # forges number comments in order
                 log.warning("%s: the forge made comment %s although it answered an error; not posting it again",
-                            what, new[-1])
-                return new[-1]
+                            what, ours.id)
+                return ours
         try:
             return post()
         except Exception as exc:
@@ -580,8 +585,8 @@ class GitHubClient:
 
         return self._call(f"listing files of pull request #{number} of {self.repo.full_name}", fetch)
 
-    def create_comment(self, number: int, body: str) -> int:
-        """Post a comment on the pull request's conversation; return its id.
+    def create_comment(self, number: int, body: str) -> ForgeComment:
+        """Post a comment on the pull request's conversation; return it as GitHub recorded it.
 
         Posted at most once across retries (see `post_once`): identical comments of the last
         few minutes are listed first, and after an answer that leaves open whether GitHub made
@@ -589,14 +594,63 @@ class GitHubClient:
         """
         since = datetime.fromtimestamp(max(time.time() - COMMENT_LOOKBACK, 0), UTC)
 
-        def identical() -> list[int]:
+        def identical() -> list[ForgeComment]:
             wanted = _normalized(body)
-            return [c.id for c in self._repo.get_issue(number).get_comments(since=since)
+            return [_forge_comment(c) for c in self._repo.get_issue(number).get_comments(since=since)
                     if _normalized(c.body or "") == wanted]
 
         what = f"commenting on pull request #{number} of {self.repo.full_name}"
-        return self._call(what, post_once(lambda: self._repo.get_issue(number).create_comment(body).id,
+        return self._call(what, post_once(lambda: _forge_comment(self._repo.get_issue(number).create_comment(body)),
                                           identical, _github_exception_transient, what))
+
+    def get_comment(self, number: int, comment_id: int) -> ForgeComment | None:
+        """A comment on the pull request's conversation as GitHub has it now; None if there is none by that id.
+
+        `GET /issues/comments/{id}` finds a comment on any issue or pull request of the
+        repository, so one whose `issue_url` names another is not this pull request's.
+        """
+        try:
+            data = self._call(f"reading comment {comment_id} of pull request #{number} of {self.repo.full_name}",
+                              lambda: self._request("GET", f"/issues/comments/{int(comment_id)}"))
+        except ForgeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        if not str(data.get("issue_url") or "").endswith(f"/issues/{int(number)}"):
+            return None
+        user = data.get("user")
+        return ForgeComment(
+            id=int(data["id"]),
+            author=str(user["login"]) if isinstance(user, dict) else GHOST,
+            body=str(data.get("body") or ""),
+            created_at=str(data.get("created_at") or ""),
+        )
+
+    def commit_people(self, number: int) -> set[str]:
+        """Logins of everyone who authored or committed a commit of the pull request.
+
+        From `GET /pulls/{number}/commits`: each commit's `author` and `committer` account.
+        GitHub gives none (null) when a commit's email belongs to no account, and names
+        `web-flow` for commits GitHub made itself (web edits, "Update branch"): neither is a
+        person. GitHub lists at most 250 commits of a pull request; for a longer one this
+        raises ForgeError rather than answer with people missing.
+        """
+
+        def fetch() -> set[str]:
+            pr = self._repo.get_pull(number)
+            commits = list(pr.get_commits())
+            # `pr.commits` costs a request (the pull is fetched lazily): asked only when the list may be cut short.
+            if len(commits) >= PULL_COMMITS_LISTED and pr.commits > len(commits):
+                raise ForgeError(f"pull request #{number} of {self.repo.full_name} has {pr.commits} commits, "
+                                 f"more than the {len(commits)} GitHub lists", status=422)
+            people: set[str] = set()
+            for commit in commits:
+                for account in (commit.author, commit.committer):
+                    if account is not None and account.login != WEB_FLOW:
+                        people.add(account.login)
+            return people
+
+        return self._call(f"listing commits of pull request #{number} of {self.repo.full_name}", fetch)
 
     def set_status(self, sha: str, context: str, state: StatusState, description: str, target_url: str = "") -> None:
         """Set a commit status; the description is cut to GitHub's 140 characters.
@@ -619,7 +673,7 @@ class GitHubClient:
         def fetch() -> list[Review]:
             return [
                 Review(
-                    user=review.user.login if review.user else "ghost",
+                    user=review.user.login if review.user else GHOST,
                     state=review.state,
                     commit_sha=review.commit_id,
                     submitted_at=_iso(review.submitted_at),
@@ -877,6 +931,20 @@ def _forge_error(exc: BaseException, action: str) -> ForgeError | None:
 
 def _normalized(body: str) -> str:
     return body.replace("\r\n", "\n").strip()
+
+
+def _forge_comment(comment: IssueComment) -> ForgeComment:
+    """A PyGithub issue comment as a ForgeComment.
+
+    GitHub's timestamps are whole seconds in UTC ("2011-04-14T16:00:49Z"), so `_iso` of the
+    datetime PyGithub parsed is the API's own string (its `raw_data` would fetch listed comments again).
+    """
+    return ForgeComment(
+        id=comment.id,
+        author=comment.user.login if comment.user else GHOST,
+        body=comment.body or "",
+        created_at=_iso(comment.created_at),
+    )
 
 
 def _error_message(response: httpx.Response) -> str:

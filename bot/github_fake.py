@@ -8,7 +8,8 @@ person drives GitHub (open a pull request, comment, review, merge) and it sends
 the matching signed webhooks, built from GitHub's published example payloads.
 
 Repositories are real bare git repositories on disk: SHAs, changed files,
-comparisons and file contents come from git itself.
+comparisons and file contents come from git itself. A commit names the account whose
+email (`set_user_email`) its author or committer has, as GitHub does; others none.
 
 Faults: `inject_faults` (from `bot.local_forge`) makes the next matching API requests
 fail; `server_error`, `too_many_requests`, `secondary_rate_limit` and `primary_rate_limit`
@@ -80,6 +81,8 @@ TOKEN_PERMISSIONS = {
     "pull_requests": "read",
     "statuses": "write",
 }
+PULL_COMMITS_LIMIT = 250  # GitHub lists no more commits of a pull request
+WEB_FLOW = "web-flow"  # the account of GitHub's own commits (merge button, web edits): noreply@github.com
 PAYLOAD_TEMPLATE_REPO = "Codertocat/Hello-World"
 PAYLOAD_TEMPLATE_HEAD_SHA = "ec26c3e57ca3a959ca5aad62de7213c562f8c821"
 
@@ -221,6 +224,8 @@ class FakeGitHub(LocalForge):
         self._manifest_codes: dict[str, tuple[dict[str, Any], float]] = {}  # code -> (conversion, expiry)
         self._teams: dict[str, dict[str, tuple[str, str]]] = {}  # "org/slug" -> user -> (role, state)
         self._comments: dict[int, _Comment] = {}
+        # Verified emails (lower case) -> login: all GitHub goes by to tie a commit to an account.
+        self._emails: dict[str, str] = {"noreply@github.com": WEB_FLOW}
         self._reviews: dict[int, _Review] = {}
         self._ids = iter(range(1000, 10**9))
         self._templates = {
@@ -257,6 +262,11 @@ class FakeGitHub(LocalForge):
             raise ValueError(f"unknown permission {level!r}")
         with self._lock:
             self._repo(repo).permissions[user] = level
+
+    def set_user_email(self, login: str, email: str) -> None:
+        """Give a user a verified email: commits whose author or committer has it name that user."""
+        with self._lock:
+            self._emails[email.lower()] = login
 
     def add_team_member(self, team: str, user: str, role: str = "member", state: str = "active") -> None:
         """Put a user in `org/team-slug`; state "pending" models an unaccepted invitation."""
@@ -903,9 +913,11 @@ class FakeGitHub(LocalForge):
             Route(f"{repo}/pulls/{{number:int}}", self._get_pull, methods=["GET"]),
             Route(f"{repo}/pulls/{{number:int}}/files", self._list_files, methods=["GET"]),
             Route(f"{repo}/pulls/{{number:int}}/reviews", self._list_reviews, methods=["GET"]),
+            Route(f"{repo}/pulls/{{number:int}}/commits", self._list_pull_commits, methods=["GET"]),
             Route(f"{repo}/issues/{{number:int}}/comments", _with_json(self._create_comment), methods=["POST"]),
             Route(f"{repo}/issues/{{number:int}}/comments", self._list_comments, methods=["GET"]),
             Route(f"{repo}/issues/comments/{{comment_id:int}}", _with_json(self._update_comment), methods=["PATCH"]),
+            Route(f"{repo}/issues/comments/{{comment_id:int}}", self._get_comment, methods=["GET"]),
             Route(f"{repo}/statuses/{{sha}}", _with_json(self._create_status), methods=["POST"]),
             Route(f"{repo}/commits/{{ref:path}}/status", self._combined_status, methods=["GET"]),
             Route(f"{repo}/commits/{{ref:path}}/check-runs", self._list_check_runs, methods=["GET"]),
@@ -1099,6 +1111,13 @@ class FakeGitHub(LocalForge):
             ]
         return _paginated(request, items)
 
+    def _list_pull_commits(self, request: Request) -> Response:
+        """GET .../pulls/{number}/commits: the pull request's commits, oldest first, no more than 250."""
+        repo, pull = self._request_pull(request)
+        shas = git(repo.git_dir, "rev-list", "--reverse", f"{pull.base_sha}..{pull.head_sha}").split()
+        page, headers = _page(request, shas[:PULL_COMMITS_LIMIT])
+        return JSONResponse([self._commit_json(repo, sha) for sha in page], headers=headers)
+
     def _list_reviews(self, request: Request) -> Response:
         repo, pull = self._request_pull(request)
         with self._lock:
@@ -1135,6 +1154,15 @@ class FakeGitHub(LocalForge):
                 status_code=201,
                 headers={"Location": f"{self._api_url}/repos/{repo.full_name}/issues/comments/{comment.id}"},
             )
+
+    def _get_comment(self, request: Request) -> Response:
+        """GET .../issues/comments/{comment_id}: a comment on any issue or pull request of the repository."""
+        repo = self._authorized_repo(request)
+        with self._lock:
+            comment = self._comments.get(request.path_params["comment_id"])
+            if comment is None or comment.repo != repo.full_name:
+                raise _ApiError(404, "Not Found")
+            return JSONResponse(self._comment_json(comment))
 
     def _update_comment(self, request: Request, data: dict[str, Any]) -> Response:
         repo = self._authorized_repo(request)
@@ -1385,6 +1413,9 @@ class FakeGitHub(LocalForge):
 
     def _commit_json(self, repo: _Repo, sha: str) -> dict[str, Any]:
         info = commit_info(repo.git_dir, sha)
+        with self._lock:
+            author = self._emails.get(info.author_email.lower())
+            committer = self._emails.get(info.committer_email.lower())
         sha, tree = info.sha, info.tree
         api, web = f"{self._api_url}/repos/{repo.full_name}", f"{self._api_url}/{repo.full_name}"
         return {
@@ -1402,8 +1433,9 @@ class FakeGitHub(LocalForge):
                 "comment_count": 0,
                 "verification": {"verified": False, "reason": "unsigned", "signature": None, "payload": None},
             },
-            "author": None,
-            "committer": None,
+            # The accounts of the commit's emails; null where no account has the email.
+            "author": self._user_json(author) if author else None,
+            "committer": self._user_json(committer) if committer else None,
             "parents": [
                 {"sha": p, "url": f"{api}/commits/{p}", "html_url": f"{web}/commit/{p}"} for p in info.parents
             ],

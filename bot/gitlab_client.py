@@ -56,7 +56,7 @@ from bot.github_client import (
     retry_after_seconds,
     transport_transient,
 )
-from bot.models import Mergeability, PullRequest, Repo, Review
+from bot.models import ForgeComment, Mergeability, PullRequest, Repo, Review
 from bot.vcs import ForgeError, Permission, StatusState
 
 USER_AGENT = "deploybot"
@@ -64,6 +64,21 @@ NOTE_LIMIT = 1_000_000  # characters: GitLab refuses longer notes (400 "is too l
 STATUS_DESCRIPTION_LIMIT = 255  # kept short, like a column that holds it
 PER_PAGE = 100  # GitLab's maximum page size
 APPROVED_NOTE = "approved this merge request"  # the system note GitLab adds for each approval
+# Who made a merge request's commits: REST names only emails, GraphQL the users they belong to.
+# 100 is the most GitLab gives a page; commits are paged with `after`.
+COMMIT_PEOPLE_QUERY = """
+query($project: ID!, $iid: String!, $after: String) {
+  project(fullPath: $project) {
+    mergeRequest(iid: $iid) {
+      committers(first: 100) { pageInfo { hasNextPage } nodes { username } }
+      commits(first: 100, after: $after) {
+        pageInfo { hasNextPage endCursor }
+        nodes { author { username } }
+      }
+    }
+  }
+}
+"""
 DEFAULT_RETRY = RetryPolicy()
 
 log = logging.getLogger("deploybot.forge")
@@ -200,8 +215,8 @@ class GitLabClient:
 
         return self._call(f"listing the diffs of merge request !{number} of {self.repo.full_name}", fetch)
 
-    def create_comment(self, number: int, body: str) -> int:
-        """Post a note on the merge request; return its id. GitLab takes up to `NOTE_LIMIT` characters.
+    def create_comment(self, number: int, body: str) -> ForgeComment:
+        """Post a note (up to `NOTE_LIMIT` characters) on the merge request; return it as GitLab recorded it.
 
         Posted at most once across retries (see `bot.github_client.post_once`): identical notes
         of the last few minutes are listed first, and after an answer that leaves open whether
@@ -211,19 +226,64 @@ class GitLabClient:
         wanted = _normalized(body)
         notes = self._project.mergerequests.get(number, lazy=True).notes
 
-        def identical() -> list[int]:
+        def identical() -> list[ForgeComment]:
             found = []
             for note in notes.list(iterator=True, sort="desc", order_by="created_at"):
                 created = _parse_time(note.created_at)
                 if created is not None and created < threshold:
                     break
                 if not note.system and _normalized(str(note.body)) == wanted:
-                    found.append(int(note.id))
+                    found.append(_forge_comment(note.attributes))
             return found
 
         what = f"commenting on merge request !{number} of {self.repo.full_name}"
-        return self._call(what, post_once(lambda: int(notes.create({"body": body}).id), identical,
+        return self._call(what, post_once(lambda: _forge_comment(notes.create({"body": body}).attributes), identical,
                                           self._transient, what))
+
+    def get_comment(self, number: int, comment_id: int) -> ForgeComment | None:
+        """A note on the merge request as GitLab has it now; None if there is none by that id, or it is a system note.
+
+        System notes ("approved this merge request", "added 1 commit") are GitLab's own record
+        of events, nobody's comment.
+        """
+        try:
+            note = self._call(f"reading note {comment_id} of merge request !{number} of {self.repo.full_name}",
+                              lambda: self._project.mergerequests.get(number, lazy=True).notes.get(comment_id))
+        except ForgeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        if note.attributes.get("system"):
+            return None
+        return _forge_comment(note.attributes)
+
+    def commit_people(self, number: int) -> set[str]:
+        """Usernames of everyone who authored or committed a commit of the merge request.
+
+        From GitLab's GraphQL API (the REST API names no users for commits): the merge
+        request's `committers` (users with the committer email of one of its commits, merge
+        commits aside, as GitLab counts them) and each commit's `author` (the user with the
+        author email, if any). Commits come 100 a page. A merge request with more committers
+        than one page holds raises ForgeError rather than answer with people missing.
+        """
+        action = f"listing the commits of merge request !{number} of {self.repo.full_name}"
+        people: set[str] = set()
+        after: str | None = None
+        while True:
+            variables = {"project": self.repo.full_name, "iid": str(number), "after": after}
+            project = self._graphql(action, COMMIT_PEOPLE_QUERY, variables).get("project")
+            merge_request = project.get("mergeRequest") if isinstance(project, dict) else None
+            if not isinstance(merge_request, dict):  # GitLab answers null for what the token cannot see, too
+                raise ForgeError(f"GitLab has no merge request !{number} in {self.repo.full_name}", status=404)
+            committers, commits = merge_request["committers"], merge_request["commits"]
+            if committers["pageInfo"]["hasNextPage"]:
+                raise ForgeError(f"merge request !{number} of {self.repo.full_name} has more committers than "
+                                 f"GitLab lists at once", status=422)
+            people.update(str(user["username"]) for user in committers["nodes"])
+            people.update(str(commit["author"]["username"]) for commit in commits["nodes"] if commit.get("author"))
+            if not commits["pageInfo"]["hasNextPage"]:
+                return people
+            after = commits["pageInfo"]["endCursor"]
 
     def set_status(self, sha: str, context: str, state: StatusState, description: str, target_url: str = "") -> None:
         """Set the commit status `context` (GitLab's `name`); a repeat of its current state is a success."""
@@ -478,6 +538,20 @@ class GitLabClient:
             url=str(data.get("web_url") or ""),
         )
 
+    def _graphql(self, action: str, query: str, variables: dict[str, Any]) -> dict[str, Any]:
+        """The `data` of a GraphQL query (`POST /api/graphql`, the same token), retried like any read.
+
+        GitLab answers a query it cannot run with 200 and a list of `errors`: a ForgeError here.
+        """
+        answer = self._call(action, lambda: self._gl.http_post(f"{self.url}/api/graphql",
+                                                               post_data={"query": query, "variables": variables}))
+        data = answer.get("data") if isinstance(answer, dict) else None
+        errors = answer.get("errors") if isinstance(answer, dict) else None
+        if errors or not isinstance(data, dict):
+            messages = "; ".join(str(e.get("message")) if isinstance(e, dict) else str(e) for e in errors or [])
+            raise ForgeError(f"GitLab GraphQL error while {action}: {_error_text(messages or 'no data')}", status=200)
+        return data
+
     def _call(self, action: str, fn: Callable[[], T]) -> T:
         """`fn()` (python-gitlab calls) under the retry policy; failures become ForgeError, token scrubbed."""
         return self._retry.run(fn, self._transient, lambda exc: self._forge_error(exc, action), what=action,
@@ -575,6 +649,16 @@ def _error_text(message: Any) -> str:
 
 def _normalized(body: str) -> str:
     return body.replace("\r\n", "\n").strip()
+
+
+def _forge_comment(note: dict[str, Any]) -> ForgeComment:
+    """A note as GitLab's API reports it, as a ForgeComment (`created_at` as GitLab wrote it)."""
+    return ForgeComment(
+        id=int(note["id"]),
+        author=str((note.get("author") or {}).get("username") or ""),
+        body=str(note.get("body") or ""),
+        created_at=str(note.get("created_at") or ""),
+    )
 
 
 def _quote(segment: str) -> str:

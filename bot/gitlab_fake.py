@@ -12,7 +12,14 @@ GitLab would send, built from GitLab's documented example payloads
 (`bot/payloads/gitlab_*.json`).
 
 Projects are real bare git repositories on disk: SHAs, diffs, comparisons, conflicts,
-merge commits and file contents come from git itself.
+merge commits and file contents come from git itself. A commit's author or committer is
+the user with its email (`set_user_email`), as GitLab finds them; other emails are nobody.
+
+GraphQL (`POST /api/graphql`): just enough to ask who made a merge request's commits
+(`project(fullPath:) { mergeRequest(iid:) { commits, committers } }`, paged with
+`first`/`after`). Queries are parsed and run against those types: a field they lack is
+GitLab's error answer; fragments, directives and mutations are not understood. The bot
+token sees every project, no token none (they are private), any other token is a 401.
 
 Faults: `inject_faults` (from `bot.local_forge`) makes the next matching API requests
 fail (patterns see the raw path, `projects/group%2Frepo/...`); `server_error` and
@@ -27,6 +34,7 @@ CI jobs and external tools report, and "pipelines must succeed" looks at those.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -56,6 +64,8 @@ from bot.local_forge import git_bytes
 from bot.local_forge import merge_commit, merge_conflicts, raw_changes, raw_path, rev_parse, stable_id
 
 API_PREFIX = "/api/v4"
+GRAPHQL_PATH = "/api/graphql"
+GRAPHQL_MAX_PAGE_SIZE = 100  # GitLab's most nodes a connection gives at once
 FAKE_VERSION = "18.0.0-fake"
 NOTE_MAX_LENGTH = 1_000_000
 DEFAULT_PER_PAGE = 20
@@ -86,6 +96,7 @@ class _User:
     name: str
     created_at: datetime
     state: str = "active"
+    email: str | None = None  # primary, confirmed: how GitLab ties commits to the user
 
 
 @dataclass
@@ -234,7 +245,8 @@ class FakeGitLab(LocalForge):
         self.bot_user_id = self.add_user(bot_username, name="deploybot")
 
         self.app = Starlette(
-            routes=[Route(API_PREFIX + "/{rest:path}", self._dispatch, methods=["GET", "POST", "PUT", "DELETE"])],
+            routes=[Route(API_PREFIX + "/{rest:path}", self._dispatch, methods=["GET", "POST", "PUT", "DELETE"]),
+                    Route(GRAPHQL_PATH, self._graphql, methods=["POST"])],
             middleware=[Middleware(RequestLog, record=self._record_request, raw_path=True),
                         Middleware(FaultInjector, forge=self, raw_path=True)],
         )
@@ -298,6 +310,18 @@ class FakeGitLab(LocalForge):
             user = _User(next(self._user_ids), username, name or username.title(), self._now())
             self._users[user.id] = user
             return user.id
+
+    def set_user_email(self, username: str, email: str) -> None:
+        """Give a user (made if new) a confirmed email: commits with it as author or committer email are theirs.
+
+        An email is one user's only, as in GitLab ("has already been taken").
+        """
+        with self._lock:
+            user_id = self.add_user(username)
+            owner = self._user_by_email(email)
+            if owner is not None and owner.id != user_id:
+                raise ValueError(f"{email} is already the email of {owner.username}")
+            self._users[user_id].email = email
 
     def set_access_level(self, project: str, username: str, level: int | None) -> None:
         """Make a user a direct project member with an access level (10 Guest … 50 Owner); None removes."""
@@ -583,6 +607,9 @@ class FakeGitLab(LocalForge):
 
     def _user_by_name(self, username: str) -> _User | None:
         return next((u for u in self._users.values() if u.username.lower() == username.lower()), None)
+
+    def _user_by_email(self, email: str) -> _User | None:
+        return next((u for u in self._users.values() if u.email and u.email.lower() == email.lower()), None)
 
     def _add_note(self, project: _Project, mr: _MergeRequest, author_id: int, body: str, system: bool) -> _Note:
         now = self._now()
@@ -1004,6 +1031,7 @@ class FakeGitLab(LocalForge):
             ("GET", (*mr, "approvals"), self._get_approvals),
             ("GET", (*mr, "notes"), self._list_notes),
             ("POST", (*mr, "notes"), self._create_note),
+            ("GET", (*mr, "notes", "{note_id:int}"), self._get_note),
             ("PUT", (*mr, "notes", "{note_id:int}"), self._update_note),
             ("POST", ("projects", "{project}", "statuses", "{sha}"), self._create_status),
             ("GET", ("projects", "{project}", "repository", "commits", "{sha}", "statuses"), self._list_statuses),
@@ -1047,7 +1075,8 @@ class FakeGitLab(LocalForge):
 
     def _fault_authorized(self, request: Request) -> bool:
         """Faults come after authentication: only requests with a token GitLab accepts get them."""
-        if not raw_path(request.scope).startswith(API_PREFIX + "/"):
+        path = raw_path(request.scope)
+        if path != GRAPHQL_PATH and not path.startswith(API_PREFIX + "/"):
             return False
         try:
             self._authenticate(request)
@@ -1059,10 +1088,7 @@ class FakeGitLab(LocalForge):
         return {"message": f"{status} {SERVER_ERROR_PHRASES.get(status, 'Error')}"}
 
     def _authenticate(self, request: Request) -> None:
-        token = request.headers.get("private-token")
-        if token is None:
-            scheme, _, value = request.headers.get("authorization", "").partition(" ")
-            token = value if scheme.lower() == "bearer" else None
+        token = _request_token(request)
         if token and hmac.compare_digest(token.encode(), self.token.encode()):
             request.state.user_id = self.bot_user_id
             return
@@ -1182,6 +1208,15 @@ class FakeGitLab(LocalForge):
         with self._lock:
             note = self._add_note(project, mr, self.bot_user_id, body, system=False)
             return JSONResponse(self._note_json(project, mr, note), status_code=201)
+
+    def _get_note(self, request: Request, params: dict[str, Any], data: dict[str, Any]) -> Response:
+        """GET .../merge_requests/:iid/notes/:note_id: a note of this merge request, system notes too."""
+        project, mr = self._request_mr(params)
+        with self._lock:
+            note = self._notes.get(params["note_id"])
+            if note is None or (note.project_id, note.iid) != (project.id, mr.iid):
+                raise _ApiError(404, "404 Note Not Found")
+            return JSONResponse(self._note_json(project, mr, note))
 
     def _update_note(self, request: Request, params: dict[str, Any], data: dict[str, Any]) -> Response:
         project, mr = self._request_mr(params)
@@ -1342,6 +1377,109 @@ class FakeGitLab(LocalForge):
                 raise _ApiError(404, "404 Not found")
             return JSONResponse(self._member_json(user_id, *membership))
 
+
+    # -- GraphQL -------------------------------------------------------------------------------
+
+    async def _graphql(self, request: Request) -> Response:
+        """POST /api/graphql with `{"query", "variables"}`: GitLab's answers, errors with 200 included."""
+        token = _request_token(request)
+        if token and not hmac.compare_digest(token.encode(), self.token.encode()):
+            # A token GitLab does not know is refused; no token at all is an anonymous caller.
+            return JSONResponse({"errors": [{"message": "Invalid token"}]}, status_code=401)
+        try:
+            payload = json.loads(await request.body() or b"{}")
+            variables = payload.get("variables") or {}
+            if isinstance(variables, str):  # GitLab also takes the variables as a JSON string
+                variables = json.loads(variables or "{}")
+        except (ValueError, AttributeError):
+            return JSONResponse({"errors": [{"message": "Unexpected end of JSON input"}]}, status_code=400)
+        return await run_in_threadpool(self._run_graphql, payload.get("query"), dict(variables), bool(token))
+
+    def _run_graphql(self, query: Any, variables: dict[str, Any], authenticated: bool) -> Response:
+        try:
+            if not isinstance(query, str) or not query.strip():
+                raise _GraphQLError("No query string was present")
+            fields = _GraphQLParser(query, variables).document()
+            data = _execute(self._graphql_query(authenticated), fields, "query")
+        except _GraphQLError as exc:
+            return JSONResponse({"errors": [{"message": str(exc)}]})
+        return JSONResponse({"data": data})
+
+    def _graphql_query(self, authenticated: bool) -> _Object:
+        """The root `Query` type: the bot sees every project, an anonymous caller no private one (here: none)."""
+
+        def project(arguments: dict[str, Any]) -> _Object | None:
+            path = str(_required(arguments, "project", "fullPath"))
+            with self._lock:
+                found = self._find_project(path) if authenticated and not path.isdigit() else None
+            return self._graphql_project(found) if found is not None else None
+
+        return _Object("Query", {"project": project})
+
+    def _graphql_project(self, project: _Project) -> _Object:
+        def merge_request(arguments: dict[str, Any]) -> _Object | None:
+            iid = str(_required(arguments, "mergeRequest", "iid"))
+            with self._lock:
+                mr = project.merge_requests.get(int(iid)) if iid.isdigit() else None
+            return self._graphql_merge_request(project, mr) if mr is not None else None
+
+        return _Object("Project", {
+            "id": lambda _: f"gid://gitlab/Project/{project.id}",
+            "fullPath": lambda _: project.path,
+            "mergeRequest": merge_request,
+        })
+
+    def _graphql_merge_request(self, project: _Project, mr: _MergeRequest) -> _Object:
+        """A merge request's commits (newest first) and committers, from its latest diff version."""
+        with self._lock:
+            commits_range = f"{mr.head.base_sha}..{mr.head.head_sha}"
+
+        def commits(arguments: dict[str, Any]) -> _Object:
+            shas = git(project.git_dir, "rev-list", commits_range).split()
+            return _connection("Commit", [self._graphql_commit(project, sha) for sha in shas], arguments)
+
+        def committers(arguments: dict[str, Any]) -> _Object:
+            # GitLab: the users with the committer email of a commit, merge commits not counted.
+            emails = set(git(project.git_dir, "log", "--no-merges", "--format=%ce", commits_range).lower().split())
+            with self._lock:
+                users = sorted(u.id for u in self._users.values() if u.email and u.email.lower() in emails)
+            return _connection("UserCore", [self._graphql_user(user_id) for user_id in users], arguments)
+
+        return _Object("MergeRequest", {
+            "id": lambda _: f"gid://gitlab/MergeRequest/{mr.id}",
+            "iid": lambda _: str(mr.iid),
+            "title": lambda _: mr.title,
+            "commits": commits,
+            "committers": committers,
+        })
+
+    def _graphql_commit(self, project: _Project, sha: str) -> _Object:
+        info = functools.cache(lambda: commit_info(project.git_dir, sha))  # read only if a field asks
+
+        def author(arguments: dict[str, Any]) -> _Object | None:
+            with self._lock:
+                user = self._user_by_email(info().author_email)
+            return self._graphql_user(user.id) if user is not None else None
+
+        return _Object("Commit", {
+            "sha": lambda _: sha,
+            "title": lambda _: info().title,
+            "authorName": lambda _: info().author_name,
+            "authorEmail": lambda _: info().author_email,
+            "committerName": lambda _: info().committer_name,
+            "committerEmail": lambda _: info().committer_email,
+            "author": author,
+        })
+
+    def _graphql_user(self, user_id: int) -> _Object:
+        with self._lock:
+            user = self._users[user_id]
+        return _Object("UserCore", {
+            "id": lambda _: f"gid://gitlab/User/{user.id}",
+            "username": lambda _: user.username,
+            "name": lambda _: user.name,
+        })
+
     def recreate_project(self, path_with_namespace: str) -> int:
         """Delete a project and create another at the same path, as someone who took the path would.
 
@@ -1493,6 +1631,217 @@ def _stamp(status: _Status, now: datetime) -> None:
     if status.status in ("success", "failed", "canceled", "skipped"):
         status.started_at = status.started_at or now
         status.finished_at = now
+
+
+def _request_token(request: Request) -> str | None:
+    """The token a request carries: `PRIVATE-TOKEN`, else `Authorization: Bearer`."""
+    token = request.headers.get("private-token")
+    if token is None:
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        token = value if scheme.lower() == "bearer" else None
+    return token
+
+
+# -- GraphQL: one query of fields, arguments and nested selections -------------------------------
+
+_GRAPHQL_TOKENS = re.compile(
+    r'(?P<skip>[\s,]+|#[^\n]*)|(?P<punct>[{}():!$=\[\]])|(?P<name>[_A-Za-z][_0-9A-Za-z]*)'
+    r'|(?P<number>-?\d+)|(?P<string>"(?:[^"\\\n]|\\.)*")'
+)
+
+
+class _GraphQLError(Exception):
+    """A query GitLab would refuse: answered with 200 and `{"errors": [{"message": ...}]}`."""
+
+
+@dataclass
+class _Field:
+    name: str
+    alias: str  # the key of its value in the answer
+    arguments: dict[str, Any]  # variables already replaced by their values
+    selections: list[_Field] | None
+
+
+@dataclass
+class _Object:
+    """A GraphQL object: its type's name and, per field, what resolves it from the field's arguments."""
+
+    type: str
+    fields: dict[str, Callable[[dict[str, Any]], Any]]
+
+
+class _GraphQLParser:
+    """Recursive descent over one query: `query Name($v: Type!) { field(arg: $v) { ... } }`."""
+
+    def __init__(self, text: str, variables: dict[str, Any]) -> None:
+        self._tokens: list[tuple[str, str]] = []
+        position = 0
+        while position < len(text):
+            match = _GRAPHQL_TOKENS.match(text, position)
+            if match is None:
+                raise _GraphQLError(f"Parse error on {text[position]!r} at offset {position}")
+            if match.lastgroup != "skip":
+                self._tokens.append((str(match.lastgroup), match.group()))
+            position = match.end()
+        self._at = 0
+        self._variables = variables
+
+    def document(self) -> list[_Field]:
+        if self._peek() == "query":
+            self._take()
+            if self._peek() not in ("(", "{"):
+                self._name()  # the operation's name
+            if self._peek() == "(":
+                self._variable_definitions()
+        elif self._peek() != "{":
+            raise _GraphQLError("The fake GitLab runs queries only: no mutations, subscriptions or fragments")
+        fields = self._selection_set()
+        if self._peek() is not None:
+            raise _GraphQLError(f'Parse error on "{self._peek()}": the fake GitLab runs one operation a document')
+        return fields
+
+    def _variable_definitions(self) -> None:
+        self._take("(")
+        while self._peek() != ")":
+            self._take("$")
+            name = self._name()
+            self._take(":")
+            required = self._type()
+            if self._peek() == "=":
+                self._take()
+                self._variables.setdefault(name, self._value())
+            if required and self._variables.get(name) is None:
+                raise _GraphQLError(f"Variable ${name} of a non-null type was provided invalid value")
+        self._take(")")
+
+    def _type(self) -> bool:
+        """Skip a type (`ID!`, `[String]`); whether it is non-null."""
+        if self._peek() == "[":
+            self._take()
+            self._type()
+            self._take("]")
+        else:
+            self._name()
+        if self._peek() == "!":
+            self._take()
+            return True
+        return False
+
+    def _selection_set(self) -> list[_Field]:
+        self._take("{")
+        fields = []
+        while self._peek() != "}":
+            fields.append(self._field())
+        self._take("}")
+        if not fields:
+            raise _GraphQLError('Parse error on "}" (RCURLY): a selection needs a field')
+        return fields
+
+    def _field(self) -> _Field:
+        alias = name = self._name()
+        if self._peek() == ":":
+            self._take()
+            name = self._name()
+        arguments: dict[str, Any] = {}
+        if self._peek() == "(":
+            self._take()
+            while self._peek() != ")":
+                key = self._name()
+                self._take(":")
+                arguments[key] = self._value()
+            self._take(")")
+        selections = self._selection_set() if self._peek() == "{" else None
+        return _Field(name, alias, arguments, selections)
+
+    def _value(self) -> Any:
+        kind, text = self._next()
+        if text == "$":
+            return self._variables.get(self._name())
+        if kind == "string":
+            return json.loads(text)
+        if kind == "number":
+            return int(text)
+        if kind == "name":
+            return {"true": True, "false": False, "null": None}.get(text, text)  # else an enum value
+        raise _GraphQLError(f'Parse error on "{text}": the fake GitLab takes no lists or objects as values')
+
+    def _name(self) -> str:
+        kind, text = self._next()
+        if kind != "name":
+            raise _GraphQLError(f'Parse error on "{text}": expected a name')
+        return text
+
+    def _peek(self) -> str | None:
+        return self._tokens[self._at][1] if self._at < len(self._tokens) else None
+
+    def _next(self) -> tuple[str, str]:
+        if self._at >= len(self._tokens):
+            raise _GraphQLError("Unexpected end of document")
+        self._at += 1
+        return self._tokens[self._at - 1]
+
+    def _take(self, expected: str | None = None) -> str:
+        _, text = self._next()
+        if expected is not None and text != expected:
+            raise _GraphQLError(f'Parse error on "{text}": expected "{expected}"')
+        return text
+
+
+def _execute(value: Any, selections: list[_Field] | None, field: str) -> Any:
+    """The answer for `value` (resolved for `field`) under its selections."""
+    if isinstance(value, list):
+        return [_execute(item, selections, field) for item in value]
+    if not isinstance(value, _Object):
+        if selections is not None and value is not None:
+            raise _GraphQLError(f"Selections can't be made on scalars (field '{field}' returns a scalar)")
+        return value
+    if selections is None:
+        raise _GraphQLError(f"Field must have selections (field '{field}' returns {value.type} but has no selections)")
+    answer: dict[str, Any] = {}
+    for selected in selections:
+        if selected.name == "__typename":
+            answer[selected.alias] = value.type
+            continue
+        resolve = value.fields.get(selected.name)
+        if resolve is None:
+            raise _GraphQLError(f"Field '{selected.name}' doesn't exist on type '{value.type}'")
+        answer[selected.alias] = _execute(resolve(selected.arguments), selected.selections, selected.name)
+    return answer
+
+
+def _required(arguments: dict[str, Any], field: str, name: str) -> Any:
+    if arguments.get(name) is None:
+        raise _GraphQLError(f"Field '{field}' is missing required arguments: {name}")
+    return arguments[name]
+
+
+def _connection(type_name: str, items: list[Any], arguments: dict[str, Any]) -> _Object:
+    """A page of `items` as a GitLab connection: `first` (at most 100) after the `after` cursor."""
+    start = _cursor_offset(arguments.get("after"))
+    size = min(int(arguments.get("first") or GRAPHQL_MAX_PAGE_SIZE), GRAPHQL_MAX_PAGE_SIZE)
+    page = items[start:start + size]
+    end = start + len(page)
+    page_info = _Object("PageInfo", {
+        "hasNextPage": lambda _: end < len(items),
+        "hasPreviousPage": lambda _: start > 0,
+        "startCursor": lambda _: _cursor(start) if page else None,
+        "endCursor": lambda _: _cursor(end) if page else None,
+    })
+    return _Object(f"{type_name}Connection", {"nodes": lambda _: page, "pageInfo": lambda _: page_info})
+
+
+def _cursor(offset: int) -> str:
+    """An opaque cursor, as GitLab's are: base64 of where the next page starts."""
+    return base64.b64encode(json.dumps({"offset": offset}).encode()).decode()
+
+
+def _cursor_offset(cursor: Any) -> int:
+    if cursor is None:
+        return 0
+    try:
+        return max(int(json.loads(base64.b64decode(str(cursor)))["offset"]), 0)
+    except (ValueError, KeyError, TypeError):
+        raise _GraphQLError(f"Invalid cursor: {cursor}") from None
 
 
 # -- git -------------------------------------------------------------------------------------

@@ -250,11 +250,11 @@ def test_non_transient_errors_are_not_retried(forge: Forge) -> None:
 
 def test_comment_lost_to_a_5xx_is_posted_again(forge: Forge) -> None:
     forge.fake.inject_faults("POST", COMMENTS, [forge.server_error(502)])
-    comment_id = forge.make_client().create_comment(forge.number, "**deploybot plan** for `abc`")
+    comment = forge.make_client().create_comment(forge.number, "**deploybot plan** for `abc`")
     assert forge.comments() == ["**deploybot plan** for `abc`"]
     assert forge.answers("POST", COMMENTS) == [502, 201]
     assert forge.answers("GET", COMMENTS) == [200, 200]  # identical comments: before posting, and before again
-    assert isinstance(comment_id, int)
+    assert comment == forge.make_client().get_comment(forge.number, comment.id)
 
 
 @pytest.mark.parametrize("fault", [
@@ -263,12 +263,15 @@ def test_comment_lost_to_a_5xx_is_posted_again(forge: Forge) -> None:
 ])
 def test_comment_made_despite_the_error_is_not_posted_twice(forge: Forge, fault: dict[str, Any]) -> None:
     forge.fake.inject_faults("POST", COMMENTS, [forge.server_error(**fault, handled=True)])
-    comment_id = forge.make_client(timeout=1).create_comment(forge.number, "plan output")
+    comment = forge.make_client(timeout=1).create_comment(forge.number, "plan output")
     assert forge.comments() == ["plan output"]
     made = forge.fake.comments(forge.repo, forge.number)[0]
-    assert made["id"] == comment_id
+    assert made["id"] == comment.id
     assert forge.answers("GET", COMMENTS) == [200, 200]
     wait_for(lambda: forge.answers("POST", COMMENTS) == [fault["status"]], 5, "the late answer")
+    # Taken from the listing, it is the comment as the forge has it: author and creation time too.
+    assert comment == forge.make_client().get_comment(forge.number, comment.id)
+    assert comment.created_at and comment.author == made["user"]
 
 
 def test_rate_limited_comment_is_posted_again_without_looking(forge: Forge) -> None:
@@ -287,7 +290,7 @@ def test_an_identical_earlier_comment_is_not_taken_for_ours(forge: Forge) -> Non
     forge.fake.inject_faults("POST", COMMENTS, [forge.server_error(500), forge.server_error(502)])
     second = client.create_comment(forge.number, "**deploybot plan**: no changes")
     assert forge.comments() == ["**deploybot plan**: no changes"] * 2
-    assert forge.fake.comments(forge.repo, forge.number)[1]["id"] == second
+    assert forge.fake.comments(forge.repo, forge.number)[1]["id"] == second.id
 
 
 # -- the fakes: faults come after authentication -------------------------------------------------

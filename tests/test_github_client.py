@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bot.github_client import GitHubApp, GitHubClient
 from bot.github_fake import Fault, FakeGitHub
-from bot.models import Repo
+from bot.models import ForgeComment, Repo
 from bot.vcs import ForgeError
 from tests.forge_support import Received, commit, git, push_to_feature, webhook_receiver
 
@@ -221,16 +222,92 @@ def test_synchronize_picks_up_new_commits(fake: FakeGitHub, client: GitHubClient
     assert "env/stage.tf" in client.changed_files(number)
 
 
-def test_comments_are_created(fake: FakeGitHub, client: GitHubClient) -> None:
+def test_comments_are_created(fake: FakeGitHub, app: GitHubApp, client: GitHubClient) -> None:
     number = fake.open_pull(REPO, "feature")
     human = fake.comment(REPO, number, "alice", "deploybot plan")
-    comment_id = client.create_comment(number, "Plan running…")
+    made = client.create_comment(number, "Plan running…")
     assert fake.comments(REPO, number) == [
         {"id": human, "user": "alice", "body": "deploybot plan"},
-        {"id": comment_id, "user": "deploybot[bot]", "body": "Plan running…"},
+        {"id": made.id, "user": "deploybot[bot]", "body": "Plan running…"},
     ]
+    # The creation time is GitHub's own, exactly as its API writes it.
+    auth = {"Authorization": f"token {app.installation_token(INSTALLATION)}"}
+    listed = httpx.get(f"{fake.url}/repos/{REPO}/issues/{number}/comments", headers=auth).json()
+    assert made == ForgeComment(made.id, "deploybot[bot]", "Plan running…", listed[-1]["created_at"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", made.created_at)
     with pytest.raises(ForgeError):
         client.create_comment(number, "x" * 70000)  # over GitHub's 65536-character limit
+
+
+def test_get_comment_of_this_pull_request_only(fake: FakeGitHub, client: GitHubClient) -> None:
+    number, other = fake.open_pull(REPO, "feature"), fake.open_pull(REPO, "feature")
+    made = client.create_comment(number, "Plan running…")
+    human = fake.comment(REPO, number, "alice", "deploybot apply")
+    elsewhere = fake.comment(REPO, other, "alice", "deploybot apply")
+    assert client.get_comment(number, made.id) == made
+    found = client.get_comment(number, human)
+    assert found is not None and (found.id, found.author, found.body) == (human, "alice", "deploybot apply")
+    assert found.created_at >= made.created_at
+    assert client.get_comment(number, elsewhere) is None  # GitHub finds it, but on another pull request
+    assert client.get_comment(other, elsewhere) is not None
+    assert client.get_comment(number, 987654) is None  # GitHub: 404
+    fake.delete_comment(REPO, human)
+    assert client.get_comment(number, human) is None
+
+
+def test_get_comment_needs_the_installation_token(fake: FakeGitHub, client: GitHubClient) -> None:
+    number = fake.open_pull(REPO, "feature")
+    made = client.create_comment(number, "Plan running…")
+    url = f"{fake.url}/repos/{REPO}/issues/comments/{made.id}"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"Authorization": "token ghs_forged"}).json()["message"] == "Bad credentials"
+    assert httpx.get(url, headers={"Authorization": f"token {client._token()}"}).json()["id"] == made.id
+    stranger = GitHubClient(fake.url or "", client.repo, lambda: "ghs_forged")
+    with pytest.raises(ForgeError) as caught:
+        stranger.get_comment(number, made.id)
+    assert caught.value.status == 401  # not taken for "no such comment"
+
+
+def test_commit_people_are_the_accounts_of_commit_emails(
+    fake: FakeGitHub, client: GitHubClient, repo_dirs: tuple[Path, Path]
+) -> None:
+    work = repo_dirs[1]
+    fake.set_user_email("bob", "bob@example.com")
+    fake.set_user_email("carol", "carol@example.com")
+    fake.set_user_email("dave", "dave@example.com")
+    git(work, "checkout", "-q", "feature")  # its commit is test@example.com's: an email of no account
+    git(work, "-c", "user.name=Carol", "-c", "user.email=carol@example.com", "commit", "-q", "--allow-empty",
+        "--author=Bob <bob@example.com>", "-m", "written by bob, committed by carol")
+    # What GitHub's "Update branch" button or a web edit makes: committed by GitHub itself.
+    git(work, "-c", "user.name=GitHub", "-c", "user.email=noreply@github.com", "commit", "-q", "--allow-empty",
+        "--author=Dave <dave@example.com>", "-m", "edited on the web by dave")
+    git(work, "push", "-q", "origin", "feature")
+    number = fake.open_pull(REPO, "feature")
+    assert client.commit_people(number) == {"bob", "carol", "dave"}
+
+    auth = {"Authorization": f"token {client._token()}"}
+    listed = httpx.get(f"{fake.url}/repos/{REPO}/pulls/{number}/commits", headers=auth).json()
+    people = [(c["author"] and c["author"]["login"], c["committer"] and c["committer"]["login"]) for c in listed]
+    assert people == [(None, None), ("bob", "carol"), ("dave", "web-flow")]  # oldest first, as GitHub lists them
+
+
+def test_commit_people_of_a_pull_request_longer_than_github_lists(
+    fake: FakeGitHub, client: GitHubClient, repo_dirs: tuple[Path, Path]
+) -> None:
+    work = repo_dirs[1]
+    git(work, "checkout", "-q", "-b", "long", "main")
+    for n in range(250):
+        git(work, "commit", "-q", "--allow-empty", "-m", f"step {n}")
+    git(work, "push", "-q", "origin", "long")
+    number = fake.open_pull(REPO, "long")
+    assert client.commit_people(number) == set()  # 250 commits: GitHub lists them all
+
+    git(work, "commit", "-q", "--allow-empty", "-m", "one more")
+    git(work, "push", "-q", "origin", "long")
+    fake.synchronize(REPO, number)
+    with pytest.raises(ForgeError) as caught:
+        client.commit_people(number)  # GitHub would list 250 of 251: people might be missing
+    assert caught.value.status == 422 and "251 commits" in str(caught.value)
 
 
 def test_set_status_truncates_long_descriptions(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import pytest
 from bot.gitlab_client import NOTE_LIMIT, GitLabClient, _approved_sha
 from bot.gitlab_fake import DETAILED_MERGE_STATUSES, FakeGitLab, Fault
 from bot.gitlab_webhook import InvalidSignature, delivery_id, parse_event, verify_signing_token, verify_token
-from bot.models import CommentEvent, PullRequestEvent, Repo, ReviewEvent
+from bot.models import CommentEvent, ForgeComment, PullRequestEvent, Repo, ReviewEvent
 from bot.vcs import ForgeError
 from policies.apply_requirements import approving_users
 from tests.forge_support import Received, commit, git, push_to_feature, webhook_receiver
@@ -185,16 +186,142 @@ def test_push_picks_up_new_commits(fake: FakeGitLab, client: GitLabClient, repo_
 def test_comments_are_created(fake: FakeGitLab, client: GitLabClient) -> None:
     iid = fake.open_merge_request(PROJECT, "feature")
     human = fake.comment(PROJECT, iid, "alice", "deploybot plan")
-    note_id = client.create_comment(iid, "Plan running…")
+    made = client.create_comment(iid, "Plan running…")
     assert fake.comments(PROJECT, iid) == [
         {"id": human, "user": "alice", "body": "deploybot plan"},
-        {"id": note_id, "user": "deploybot", "body": "Plan running…"},
+        {"id": made.id, "user": "deploybot", "body": "Plan running…"},
     ]
+    # The creation time is GitLab's own, exactly as its API writes it.
+    newest = fake_notes(fake, iid)[0]
+    assert made == ForgeComment(made.id, "deploybot", "Plan running…", newest["created_at"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", made.created_at)
     assert client.comment_limit == NOTE_LIMIT == 1_000_000
     with pytest.raises(ForgeError) as caught:
         client.create_comment(iid, "x" * (NOTE_LIMIT + 1))
     assert caught.value.status == 400 and "too long" in str(caught.value)
     assert len(fake.comments(PROJECT, iid)) == 2
+
+
+def fake_notes(fake: FakeGitLab, iid: int) -> list[dict[str, Any]]:
+    """The merge request's notes as GitLab's API lists them: newest first, system notes too."""
+    url = f"{fake.url}/api/v4/projects/{ENCODED}/merge_requests/{iid}/notes"
+    return httpx.get(url, headers={"PRIVATE-TOKEN": fake.token}).json()
+
+
+def test_get_comment_of_this_merge_request_only(fake: FakeGitLab, client: GitLabClient) -> None:
+    iid, other = fake.open_merge_request(PROJECT, "feature"), fake.open_merge_request(PROJECT, "feature")
+    made = client.create_comment(iid, "Plan running…")
+    human = fake.comment(PROJECT, iid, "alice", "deploybot apply")
+    elsewhere = fake.comment(PROJECT, other, "alice", "deploybot apply")
+    assert client.get_comment(iid, made.id) == made
+    found = client.get_comment(iid, human)
+    assert found is not None and (found.id, found.author, found.body) == (human, "alice", "deploybot apply")
+    assert found.created_at > made.created_at
+    assert client.get_comment(iid, elsewhere) is None  # a note of another merge request: GitLab answers 404
+    assert client.get_comment(other, elsewhere) is not None
+    assert client.get_comment(iid, 987654) is None
+    assert client.get_comment(99, human) is None  # no such merge request
+
+    fake.approve(PROJECT, iid, "bob")
+    system = fake_notes(fake, iid)[0]
+    assert (system["system"], system["body"]) == (True, "approved this merge request")
+    assert client.get_comment(iid, system["id"]) is None  # GitLab's record of an event, nobody's comment
+
+
+def test_get_comment_needs_the_token(fake: FakeGitLab, client: GitLabClient, repo_dirs: tuple[Path, Path]) -> None:
+    iid = fake.open_merge_request(PROJECT, "feature")
+    made = client.create_comment(iid, "Plan running…")
+    url = f"{fake.url}/api/v4/projects/{ENCODED}/merge_requests/{iid}/notes/{made.id}"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"PRIVATE-TOKEN": "glpat-nope"}).status_code == 401
+    assert httpx.get(url, headers={"Authorization": f"Bearer {fake.token}"}).json()["id"] == made.id
+    stranger = GitLabClient(fake.url or "", "glpat-forged-token-value", repo_model(repo_dirs))
+    with pytest.raises(ForgeError) as caught:
+        stranger.get_comment(iid, made.id)
+    assert caught.value.status == 401  # not taken for "no such note"
+
+
+def test_commit_people_are_the_users_of_commit_emails(
+    fake: FakeGitLab, client: GitLabClient, repo_dirs: tuple[Path, Path]
+) -> None:
+    work = repo_dirs[1]
+    fake.set_user_email("bob", "bob@example.com")
+    fake.set_user_email("carol", "carol@example.com")
+    git(work, "checkout", "-q", "feature")  # its commit is test@example.com's: an email of no user
+    git(work, "-c", "user.name=Carol", "-c", "user.email=carol@example.com", "commit", "-q", "--allow-empty",
+        "--author=Bob <Bob@Example.com>", "-m", "written by bob, committed by carol")
+    git(work, "push", "-q", "origin", "feature")
+    iid = fake.open_merge_request(PROJECT, "feature")
+    assert client.commit_people(iid) == {"bob", "carol"}
+
+    query = f"""{{ project(fullPath: "{PROJECT}") {{ mergeRequest(iid: "{iid}") {{
+        commits {{ nodes {{ authorEmail author {{ username }} }} }} committers {{ nodes {{ username }} }} }} }} }}"""
+    answer = graphql(fake, {"query": query}).json()["data"]["project"]["mergeRequest"]
+    assert answer["commits"]["nodes"] == [  # newest first, as GitLab lists them
+        {"authorEmail": "Bob@Example.com", "author": {"username": "bob"}},
+        {"authorEmail": "test@example.com", "author": None},
+    ]
+    assert answer["committers"]["nodes"] == [{"username": "carol"}]
+
+
+def test_commit_people_follow_the_pages_of_commits(
+    fake: FakeGitLab, client: GitLabClient, repo_dirs: tuple[Path, Path]
+) -> None:
+    work = repo_dirs[1]
+    fake.set_user_email("bob", "bob@example.com")
+    git(work, "checkout", "-q", "-b", "long", "main")
+    git(work, "commit", "-q", "--allow-empty", "--author=Bob <bob@example.com>", "-m", "bob's, committed by test")
+    for n in range(100):
+        git(work, "commit", "-q", "--allow-empty", "-m", f"step {n}")
+    git(work, "push", "-q", "origin", "long")
+    iid = fake.open_merge_request(PROJECT, "long")
+    assert client.commit_people(iid) == {"bob"}  # his commit is the oldest: on the second page of 100
+    assert requests_to(fake, "/api/graphql") == [200, 200]
+
+
+def test_commit_people_refuse_more_committers_than_gitlab_lists_at_once(
+    fake: FakeGitLab, client: GitLabClient, repo_dirs: tuple[Path, Path]
+) -> None:
+    work = repo_dirs[1]
+    git(work, "checkout", "-q", "-b", "crowd", "main")
+    for n in range(101):
+        fake.set_user_email(f"dev{n}", f"dev{n}@example.com")
+        git(work, "-c", f"user.email=dev{n}@example.com", "commit", "-q", "--allow-empty", "-m", f"by dev{n}")
+    git(work, "push", "-q", "origin", "crowd")
+    iid = fake.open_merge_request(PROJECT, "crowd")
+    with pytest.raises(ForgeError) as caught:
+        client.commit_people(iid)
+    assert caught.value.status == 422 and "more committers" in str(caught.value)
+
+
+def graphql(fake: FakeGitLab, payload: dict[str, Any], headers: dict[str, str] | None = None) -> httpx.Response:
+    auth = {"PRIVATE-TOKEN": fake.token} if headers is None else headers
+    return httpx.post(f"{fake.url}/api/graphql", json=payload, headers=auth)
+
+
+def test_graphql_answers_like_gitlab(fake: FakeGitLab, client: GitLabClient, repo_dirs: tuple[Path, Path]) -> None:
+    iid = fake.open_merge_request(PROJECT, "feature")
+    mine = {"query": "query($path: ID!) { project(fullPath: $path) { fullPath } }", "variables": {"path": PROJECT}}
+    assert graphql(fake, mine).json() == {"data": {"project": {"fullPath": PROJECT}}}
+    bearer = {"Authorization": f"Bearer {fake.token}"}
+    assert graphql(fake, mine, bearer).json() == {"data": {"project": {"fullPath": PROJECT}}}
+    assert graphql(fake, mine, {}).json() == {"data": {"project": None}}  # anonymous: a private project is hidden
+    refused = graphql(fake, mine, {"PRIVATE-TOKEN": "glpat-nope"})
+    assert (refused.status_code, refused.json()) == (401, {"errors": [{"message": "Invalid token"}]})
+    unknown = graphql(fake, {"query": f'{{ project(fullPath: "{PROJECT}") {{ nope }} }}'})
+    assert unknown.json() == {"errors": [{"message": "Field 'nope' doesn't exist on type 'Project'"}]}
+
+    stranger = GitLabClient(fake.url or "", "glpat-forged-token-value", repo_model(repo_dirs))
+    with pytest.raises(ForgeError) as refused_client:
+        stranger.commit_people(iid)
+    assert refused_client.value.status == 401
+    with pytest.raises(ForgeError) as no_merge_request:
+        client.commit_people(iid + 1)
+    assert no_merge_request.value.status == 404
+    elsewhere = GitLabClient(fake.url or "", fake.token, repo_model(repo_dirs, "acme/nope"))
+    with pytest.raises(ForgeError) as no_project:
+        elsewhere.commit_people(iid)
+    assert no_project.value.status == 404
 
 
 def test_set_status_maps_states_and_treats_a_repeat_as_done(
