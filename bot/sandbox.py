@@ -24,7 +24,7 @@ import yaml
 
 from bot.app import create_app
 from bot.config import load_config
-from bot.sandbox_forges import FORGES, REPO, TEAM, SandboxForge
+from bot.sandbox_forges import FORGES, REPO, TEAM, SandboxForge, email_of
 from bot.terraform import find_terraform, make_null_provider_mirror
 
 PROJECT_TF = """\
@@ -109,6 +109,7 @@ class GitRepo:
 
         a = repo.commit({"main.tf": "..."}, push="main")
         b = repo.commit({"old.tf": None}, message="remove old.tf")  # None deletes
+        c = repo.commit({"main.tf": "..."}, author="bob")  # authored and committed by bob@example.com
         repo.push("feature")
     """
 
@@ -139,12 +140,19 @@ class GitRepo:
         files: Mapping[str, str | None] | None = None,
         message: str = "change",
         push: str | None = None,
+        author: str | None = None,
     ) -> str:
-        """Write `files`, commit everything, optionally push to branch `push`; return the SHA."""
+        """Write `files`, commit everything, optionally push to branch `push`; return the SHA.
+
+        The commit's author and committer are "t <t@example.com>", an email no forge account
+        has, unless `author` names a sandbox person: then both are them, with the email the
+        sandbox forges know them by (`email_of`).
+        """
         if files:
             self.write(files)
         git("add", "--all", cwd=self.work)
-        git("commit", "--quiet", "--allow-empty", "-m", message, cwd=self.work)
+        identity = ("-c", f"user.name={author}", "-c", f"user.email={email_of(author)}") if author else ()
+        git(*identity, "commit", "--quiet", "--allow-empty", "-m", message, cwd=self.work)
         if push:
             self.push(push)
         return self.sha()

@@ -30,6 +30,11 @@ PEOPLE = {
 TEAM_MEMBERS = ("bob", "dave")
 
 
+def email_of(user: str) -> str:
+    """The email each sandbox person has on both forges: commits with it are theirs (`GitRepo.commit(author=)`)."""
+    return f"{user}@example.com"
+
+
 class SandboxForge(Protocol):
     """A local forge the sandbox and the tests drive."""
 
@@ -101,6 +106,7 @@ class SandboxGitHub(_LocalForge):
         self.fake.add_installation(INSTALLATION_ID, [REPO])
         for user, level in PEOPLE.items():
             self.fake.set_permission(REPO, user, level)
+            self.fake.set_user_email(user, email_of(user))
         for user in TEAM_MEMBERS:
             self.fake.add_team_member(TEAM, user)
 
@@ -163,6 +169,7 @@ class SandboxGitLab(_LocalForge):
         self.fake.add_project(REPO, bare_repo, default_branch="main")
         for user, level in PEOPLE.items():
             self.fake.set_access_level(REPO, user, self.ACCESS_LEVELS[level])
+            self.fake.set_user_email(user, email_of(user))
         for user in TEAM_MEMBERS:
             self.fake.add_group_member(TEAM, user, level=40)
 
