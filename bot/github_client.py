@@ -909,6 +909,18 @@ class GitHubClient:
         return self._retry.run(fn, _github_exception_transient, lambda exc: _forge_error(exc, action),
                                what=action)
 
+    def commit_author_logins(self, sha: str) -> set[str]:
+        """Logins of the commit's author and committer: `GET /commits/{sha}`'s `author` and `committer`.
+
+        As in `commit_people`: GitHub gives null for an email of no account, and `web-flow`
+        for commits it made itself (web edits, merges); neither is a person.
+        """
+        data = self._call(f"reading commit {sha[:12]} of {self.repo.full_name}",
+                          lambda: self._request("GET", f"/commits/{_quote(sha)}"))
+        accounts = (data.get("author"), data.get("committer"))
+        return {str(account["login"]) for account in accounts
+                if isinstance(account, dict) and account.get("login") and account["login"] != WEB_FLOW}
+
 
 def _github_exception_transient(exc: BaseException) -> Transient | None:
     if isinstance(exc, GithubException):

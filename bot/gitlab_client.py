@@ -79,6 +79,12 @@ query($project: ID!, $iid: String!, $after: String) {
   }
 }
 """
+# Who wrote one commit: the user GitLab ties its author email to (`Repository.commit`: GitLab 17.10+).
+COMMIT_AUTHOR_QUERY = """
+query($project: ID!, $ref: String!) {
+  project(fullPath: $project) { repository { commit(ref: $ref) { sha author { username } } } }
+}
+"""
 DEFAULT_RETRY = RetryPolicy()
 
 log = logging.getLogger("deploybot.forge")
@@ -584,6 +590,22 @@ class GitLabClient:
         if isinstance(exc, requests.RequestException):
             return ForgeError(f"could not reach GitLab while {action}: {type(exc).__name__}")
         return None
+
+    def commit_author_logins(self, sha: str) -> set[str]:
+        """The username of the user GitLab ties the commit's author email to; empty if none.
+
+        From GraphQL (the REST API names only emails). GitLab ties no user to a commit's
+        committer in either API, so the committer adds nothing. An unknown commit, or a
+        GitLab older than 17.10 (no `Repository.commit`), is a ForgeError.
+        """
+        action = f"reading commit {sha[:12]} of {self.repo.full_name}"
+        project = self._graphql(action, COMMIT_AUTHOR_QUERY, {"project": self.repo.full_name, "ref": sha}).get("project")
+        repository = project.get("repository") if isinstance(project, dict) else None
+        commit = repository.get("commit") if isinstance(repository, dict) else None
+        if not isinstance(commit, dict):  # GitLab answers null for what the token cannot see, too
+            raise ForgeError(f"GitLab has no commit {sha[:12]} in {self.repo.full_name}", status=404)
+        author = commit.get("author")
+        return {str(author["username"])} if isinstance(author, dict) and author.get("username") else set()
 
 
 def _approved_sha(

@@ -17,7 +17,7 @@ the user with its email (`set_user_email`), as GitLab finds them; other emails a
 
 GraphQL (`POST /api/graphql`): just enough to ask who made a merge request's commits
 (`project(fullPath:) { mergeRequest(iid:) { commits, committers } }`, paged with
-`first`/`after`). Queries are parsed and run against those types: a field they lack is
+`first`/`after`) and who wrote one commit (`project(fullPath:) { repository { commit(ref:) } }`). Queries are parsed and run against those types: a field they lack is
 GitLab's error answer; fragments, directives and mutations are not understood. The bot
 token sees every project, no token none (they are private), any other token is a 401.
 
@@ -1427,7 +1427,17 @@ class FakeGitLab(LocalForge):
             "id": lambda _: f"gid://gitlab/Project/{project.id}",
             "fullPath": lambda _: project.path,
             "mergeRequest": merge_request,
+            "repository": lambda _: self._graphql_repository(project),
         })
+
+    def _graphql_repository(self, project: _Project) -> _Object:
+        """A project's repository: `commit(ref:)` (GitLab 17.10+) is the commit a branch, tag or SHA names."""
+
+        def commit(arguments: dict[str, Any]) -> _Object | None:
+            sha = rev_parse(project.git_dir, str(_required(arguments, "commit", "ref")))
+            return self._graphql_commit(project, sha) if sha is not None else None
+
+        return _Object("Repository", {"commit": commit})
 
     def _graphql_merge_request(self, project: _Project, mr: _MergeRequest) -> _Object:
         """A merge request's commits (newest first) and committers, from its latest diff version."""

@@ -36,6 +36,12 @@ class VCSClient(Protocol):
         Commits whose author or committer the forge cannot tie to an account add nothing.
         """
 
+    def commit_author_logins(self, sha: str) -> set[str]:
+        """Logins of the author and the committer of one commit, as the forge ties them to accounts.
+
+        What the forge cannot tie to an account adds nothing.
+        """
+
     def set_status(
         self, sha: str, context: str, state: StatusState, description: str, target_url: str = ""
     ) -> None:
