@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from bot.apply_gate import may
 from bot.ci_auth import sha_claim_matches
-from bot.models import Project, Repo
+from bot.models import Project, Repo, plan_id
 from bot.store import FINISHED, Job, Store, project_key
 from bot.vcs import ForgeError, VCSClient
 from policies.callers import Caller, authorize_trigger
@@ -100,6 +100,21 @@ def full_ref(ref: str | None) -> str | None:
     return f"refs/heads/{ref}"
 
 
+def lock_refusal(store: Store, key: str, label: str) -> str | None:
+    """Why a CI run of a project must not run now: a pull request holds its lock. None if none does.
+
+    CI runs (pull number 0) take no lock; they step aside while a pull request holds the
+    project between its plan and its apply, merge or close, so a deploy from CI never lands
+    under a plan that is being reviewed. Asked when a run is requested, and again by the
+    worker when its job starts (the lock may have been taken while it was queued).
+    """
+    lock = store.lock_holder(key)
+    if lock is None:
+        return None
+    return (f"{label} is locked by #{lock.pull_number} (planned by @{lock.holder}); try again once that "
+            "pull request is merged or closed, or after `deploybot unlock` on it")
+
+
 @dataclass
 class ApiRuns:
     """The trigger API's decisions, with the forge and store at hand (blocking: run in a thread)."""
@@ -154,6 +169,8 @@ class ApiRuns:
         audit["sha"] = sha
         if claims and "sha" in claims and not sha_claim_matches(claims, sha):
             raise ApiError(403, "the token was issued for another commit")
+        if reason := lock_refusal(self.store, project_key(repo, project), project.label):
+            raise ApiError(409, reason)
         key = f"api:{uuid.uuid4()}"
         if request.command == "plan":
             run = self.store.add_run(key, repo, 0, sha, "plan", "api", caller.name, [project])
@@ -193,24 +210,22 @@ class ApiRuns:
         raise ApiError(409, f"there is no plan of {project.label} at {sha[:8]}: run plan first")
 
     def decide(self, run_id: int, approve: bool, login: str, via: str) -> str:
-        """Approve or reject a plan run as `login`; return what happened, or raise ApiError."""
-        jobs = self.store.run_jobs(run_id)
-        if not jobs or jobs[0].run.trigger != "api" or jobs[0].run.command != "plan":
-            raise ApiError(404, f"run {run_id} is not a plan started from the trigger API")
-        job = jobs[0]
+        """Approve or reject a plan run as `login`; return what happened, or raise ApiError.
+
+        Every refusal is audited with its reason.
+        """
         action = "approve" if approve else "reject"
-        audit = dict(actor=f"{via}:{login}", action=action, repo=job.run.repo.full_name,
-                     project=job.project.label, sha=job.run.head_sha)
-        repo_policy = self.policy.repo(job.run.repo.full_name)
-        if job.status != "succeeded" or not job.result.get("has_changes"):
-            self.store.audit(outcome="refused", detail="nothing to approve", **audit)
-            raise ApiError(409, f"run {run_id} has no plan with changes to {action}")
-        if repo_policy is None or not may(self.client_for(job.run.repo), login, repo_policy.approvers):
-            self.store.audit(outcome="refused", detail="not an approver", **audit)
-            raise ApiError(403, f"{login} is not an approver of {job.run.repo.full_name}")
-        if not self.store.decide(run_id, approve, login, via):
-            raise ApiError(409, f"run {run_id} was already decided: {self.store.decision(run_id)['state']}")
-        self.store.audit(outcome="approved" if approve else "rejected", detail=f"run {run_id}", **audit)
+        try:
+            job, detail = self._decide(run_id, approve, login, via)
+        except ApiError as exc:
+            jobs = self.store.run_jobs(run_id)
+            where = dict(repo=jobs[0].run.repo.full_name, project=jobs[0].project.label,
+                         sha=jobs[0].run.head_sha) if jobs else {}
+            self.store.audit(actor=f"{via}:{login}", action=action, outcome="refused", detail=str(exc), **where)
+            raise
+        self.store.audit(actor=f"{via}:{login}", action=action, outcome="approved" if approve else "rejected",
+                         repo=job.run.repo.full_name, project=job.project.label, sha=job.run.head_sha,
+                         detail=detail)
         for waiting in self.store.waiting_jobs(job.project_key, job.run.head_sha):
             if approve:
                 self.store.release_job(waiting.id)
@@ -222,9 +237,54 @@ class ApiRuns:
             self.wake_workers()
         return "approved" if approve else "rejected"
 
+    def _decide(self, run_id: int, approve: bool, login: str, via: str) -> tuple[Job, str]:
+        """Record `login`'s decision on the plan of run `run_id` if they may make it.
+
+        Return the plan's job and what the audit log says of it; raise ApiError saying why not.
+        """
+        jobs = self.store.run_jobs(run_id)
+        if not jobs or jobs[0].run.trigger != "api" or jobs[0].run.command != "plan":
+            raise ApiError(404, f"run {run_id} is not a plan started from the trigger API")
+        job = jobs[0]
+        action = "approve" if approve else "reject"
+        digest = job.result.get("plan_sha256")
+        if job.status != "succeeded" or not job.result.get("has_changes") or not digest:
+            raise ApiError(409, f"run {run_id} has no plan with changes to {action}")
+        if (decision := self.store.decision(run_id)) is not None:
+            raise ApiError(409, f"run {run_id} was already decided: {decision['state']}")
+        saved = self.store.get_plan(job.project_key, 0)
+        newest = self.store.api_plan_job(job.project_key, job.run.head_sha)
+        if saved is None or saved.sha256 != digest or newest is None or newest.id != job.id:
+            # A newer plan of the project replaced this one (even a byte-identical one), or it
+            # was applied: a decision is of the plan the approver was shown, and an apply asks
+            # only for the decision on the newest plan.
+            raise ApiError(409, f"plan {plan_id(digest)} of run {run_id} is no longer the saved plan of "
+                                f"{job.project.label}: decide on the newest plan run")
+        repo_policy = self.policy.repo(job.run.repo.full_name)
+        client = self.client_for(job.run.repo)
+        try:
+            if repo_policy is None or not may(client, login, repo_policy.approvers):
+                raise ApiError(403, f"{login} is not an approver of {job.run.repo.full_name}")
+            # Four eyes, as for pull requests: whoever wrote the commit never approves its deploy.
+            if approve and "committers" in repo_policy.approvers_exclude:
+                writers = {person.lower() for person in client.commit_author_logins(job.run.head_sha)}
+                if login.lower() in writers:
+                    raise ApiError(403, f"{login} authored or committed {job.run.head_sha[:8]} and cannot "
+                                        "approve its plan: another approver must")
+        except ForgeError as exc:
+            raise ApiError(502, f"could not check the approver with the forge: {exc}") from None
+        if not self.store.decide(run_id, approve, login, via):  # another decision came first
+            raise ApiError(409, f"run {run_id} was already decided: {self.store.decision(run_id)['state']}")
+        return job, f"run {run_id}, plan {plan_id(digest)}"
+
 
 def run_view(store: Store, job: Job, output: str) -> dict[str, Any]:
-    """How `GET /api/v1/runs/{id}` shows a run."""
+    """How `GET /api/v1/runs/{id}` shows a run.
+
+    `plan_id` names the plan the run saved (a plan) or applied (an apply), as the plan
+    comment, the Slack message and `approve <plan-id>` do; null until there is one.
+    """
+    digest = job.result.get("plan_sha256")
     status = {"waiting": "awaiting_approval"}.get(job.status, job.status)
     outcome = job.result.get("outcome")
     if job.status in FINISHED and outcome in ("refused", "rejected"):
@@ -242,6 +302,7 @@ def run_view(store: Store, job: Job, output: str) -> dict[str, Any]:
         "status": status,
         "summary": job.result.get("summary", ""),
         "has_changes": bool(job.result.get("has_changes")),
+        "plan_id": plan_id(digest) if digest else None,
         "output": output,
         "approval": decision,
     }

@@ -16,6 +16,7 @@ from bot.github_webhook import InvalidSignature, MalformedPayload
 from bot.slack import parse_interaction, verify_slack_signature
 from bot.store import FINISHED
 from bot.vcs import ForgeError
+from policies.callers import authorize_read
 
 if TYPE_CHECKING:
     from bot.app import Deploybot
@@ -65,21 +66,23 @@ async def create_run(request: Request) -> Response:
     return JSONResponse({**started, "url": url, "log_url": f"{url}/log"}, status_code=201)
 
 
-def _job(bot: "Deploybot", request: Request):
-    jobs = bot.store.run_jobs(int(request.path_params["run_id"]))
-    if not jobs:
-        raise ApiError(404, "no such run")
-    return jobs[0]
-
-
 async def _authorized_job(request: Request):
-    """The run's job, if the caller may see runs of its repo."""
+    """The run's (first) job, if the caller could start runs of its repo and every project of it.
+
+    A run the caller may not read is answered exactly like one that does not exist (404), so
+    run ids tell a caller nothing of what others deploy; the audit log keeps the reason.
+    """
     bot: Deploybot = request.app.state.bot
     caller, _ = await _caller(bot, request, b"")
-    job = _job(bot, request)
-    if caller.grant(job.run.repo.full_name) is None:
-        raise ApiError(404, "no such run")  # runs of other repos do not exist for this caller
-    return job
+    jobs = bot.store.run_jobs(int(request.path_params["run_id"]))
+    reason = authorize_read(caller, jobs[0].run.repo.full_name, [job.project for job in jobs]) if jobs else "no such run"
+    if reason:
+        where = dict(repo=jobs[0].run.repo.full_name, sha=jobs[0].run.head_sha,
+                     project=", ".join(job.project.label for job in jobs)) if jobs else {}
+        bot.store.audit(actor=f"caller:{caller.name}", action=f"{request.method} {request.url.path}",
+                        outcome="refused", detail=reason, **where)
+        raise ApiError(404, "no such run")
+    return jobs[0]
 
 
 async def get_run(request: Request) -> Response:
@@ -126,17 +129,22 @@ async def run_log(request: Request) -> Response:
 async def _decide_with_forge_token(request: Request, approve: bool) -> Response:
     """An approver decides on a plan run, proving who they are with their own forge token."""
     bot: Deploybot = request.app.state.bot
+    action = "approve" if approve else "reject"
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() not in ("token", "bearer") or not token.strip():
+        bot.store.audit(actor="unauthenticated", action=action, outcome="refused", detail="no forge token")
         return _error(401, "send your own GitHub or GitLab token as `Authorization: token <token>`")
+    jobs = bot.store.run_jobs(int(request.path_params["run_id"]))
+    if not jobs:  # which forge to ask about the token is the run's: no run, no one to ask
+        bot.store.audit(actor="unauthenticated", action=action, outcome="refused",
+                        detail=f"no such run {request.path_params['run_id']}")
+        return _error(404, "no such run")
+    job = jobs[0]
     try:
-        job = _job(bot, request)
         login = await asyncio.to_thread(bot.forge(job.run.repo.forge).login_of, token.strip())
-    except ApiError as exc:
-        return _error(exc.status, str(exc))
     except ForgeError:
-        bot.store.audit(actor="unauthenticated", action="approve" if approve else "reject",
-                        outcome="refused", detail="the forge did not accept the token")
+        bot.store.audit(actor="unauthenticated", action=action, outcome="refused",
+                        detail="the forge did not accept the token")
         return _error(401, "the forge did not accept the token")
     try:
         outcome = await asyncio.to_thread(bot.api_runs.decide, job.run.id, approve, login, "api")
@@ -202,6 +210,8 @@ async def slack_interaction(request: Request) -> Response:
     return JSONResponse({"status": outcome, "run": decision.run_id})
 
 
+READ_RULE = ("Only a caller whose grant covers the run's repository and every project of the run may read "
+             "it; for any other caller the run does not exist (404).")
 OPENAPI = {
     "openapi": "3.1.0",
     "info": {"title": "deploybot trigger API", "version": "1"},
@@ -233,7 +243,11 @@ OPENAPI = {
                     "requested_by": {"type": "string"},
                     "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "cancelled",
                                                           "interrupted", "refused", "awaiting_approval", "rejected"]},
-                    "summary": {"type": "string"}, "has_changes": {"type": "boolean"}, "output": {"type": "string"},
+                    "summary": {"type": "string"}, "has_changes": {"type": "boolean"},
+                    "plan_id": {"type": ["string", "null"], "pattern": "^[0-9a-f]{12}$",
+                                "description": "The plan the run saved (plan) or applied (apply): the start of "
+                                               "its SHA-256, as plan comments and Slack show it; null until then"},
+                    "output": {"type": "string"},
                     "approval": {"type": ["object", "null"]},
                 },
             },
@@ -249,18 +263,23 @@ OPENAPI = {
                           for code, text, schema in [(201, "queued, or awaiting approval", "Run"),
                                                      (400, "bad request", "Error"), (401, "not authenticated", "Error"),
                                                      (403, "not allowed by the policy", "Error"),
-                                                     (404, "no such ref", "Error"), (409, "no approved plan", "Error")]},
+                                                     (404, "no such ref", "Error"),
+                                                     (409, "no approved plan, or a pull request holds the project's "
+                                                           "lock (the error names it)", "Error")]},
         }},
         "/api/v1/runs/{id}": {"get": {
-            "summary": "A run's status, summary and output",
+            "summary": "A run's status, summary, plan id and output",
+            "description": READ_RULE,
             "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}],
             "responses": {"200": {"description": "the run", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Run"}}}},
-                          "404": {"description": "no such run"}},
+                          "404": {"description": "no such run, or one the caller may not read"}},
         }},
         "/api/v1/runs/{id}/log": {"get": {
             "summary": "The run's output, streamed as it is written",
+            "description": READ_RULE,
             "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}],
-            "responses": {"200": {"description": "text/plain, until the run ends", "content": {"text/plain": {}}}},
+            "responses": {"200": {"description": "text/plain, until the run ends", "content": {"text/plain": {}}},
+                          "404": {"description": "no such run, or one the caller may not read"}},
         }},
     },
 }

@@ -46,7 +46,7 @@ Rules:
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -165,6 +165,27 @@ def authorize_trigger(
             return f"apply needs the git ref of the commit; caller {caller.name} may apply only from: {allowed}"
         if ref not in grant.apply_refs:
             return f"apply from {ref} is not allowed for caller {caller.name}; allowed: {allowed}"
+    return None
+
+
+def authorize_read(caller: Caller, repo: str, projects: Sequence[Project]) -> str | None:
+    """None if `caller` may read a run of `projects` of `repo` (its status, plans, output); else the reason.
+
+    Reading a run needs what starting one needs of the repo and the projects: a grant for
+    the repo that covers every project of the run. Plan output shows what a project holds
+    and is about to change, so a caller granted `staging` sees nothing of `production`.
+    The command and the ref do not matter: a caller that may plan a project may also
+    read the applies of it.
+    """
+    grant = caller.grant(repo)
+    if grant is None:
+        return f"caller {caller.name} may not trigger runs in {repo}"
+    hidden = [project.label for project in projects if not grant.covers(project)]
+    if hidden:
+        return (
+            f"caller {caller.name} may not run {repo} {', '.join(hidden)}"
+            f" (allowed projects: {', '.join(grant.projects)})"
+        )
     return None
 
 

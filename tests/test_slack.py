@@ -1,15 +1,20 @@
-"""Slack: v0 signatures, Approve/Reject interactions, rendered messages, and the notifier over real HTTP."""
+"""Slack: v0 signatures, Approve/Reject interactions, rendered messages, the notifier over real HTTP,
+and who may approve a CI plan with the real bot."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from bot.github_webhook import InvalidSignature, MalformedPayload
+from bot.sandbox import REPO, wait_for
+from bot.sandbox_forges import FORGES
 from bot.slack import (
     APPROVE_ACTION_ID,
     MESSAGE_KINDS,
@@ -21,6 +26,8 @@ from bot.slack import (
     verify_slack_signature,
 )
 from tests.slack_fake import FakeSlack, form_body, interaction_body, interaction_payload, sign_slack_request
+from tests.test_trigger_api import KEY, SIGNING_SECRET, click, get_run, post_run
+from tests.world import TEST_POLICY, World, staging_change
 
 SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 NOW = 1_700_000_000
@@ -324,3 +331,61 @@ def test_notifier_options_are_checked_at_construction(kwargs):
 def test_notifier_repr_hides_secrets():
     assert "xoxb-1-abc" not in repr(SlackNotifier(bot_token="xoxb-1-abc", channel="C1"))
     assert "T0/B0/secret" not in repr(SlackNotifier(webhook_url="https://hooks.slack.com/services/T0/B0/secret"))
+
+
+# -- who approves a CI plan, with the real bot --------------------------------------------------
+
+
+@pytest.fixture(params=sorted(FORGES))
+def ci_world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[World, FakeSlack]]:
+    """The bot with one CI caller (jenkins: staging) and three Slack users mapped to approvers' logins."""
+    key_file = tmp_path / "jenkins.key"
+    key_file.write_text(KEY)
+    policy = copy.deepcopy(TEST_POLICY)
+    policy["callers"] = [{
+        "name": "jenkins",
+        "hmac": {"key_file": str(key_file)},
+        "repos": {REPO: {"projects": ["staging"], "commands": ["plan", "apply"], "apply_refs": ["refs/heads/main"]}},
+    }]
+    with FakeSlack() as slack:
+        world = World(tmp_path / "world", policy, forge=request.param, extra_config={
+            "slack": {"signing_secret": SIGNING_SECRET, "webhook_url": slack.webhook_url,
+                      "users": {"U_DAVE": "dave", "U_BOB": "bob"}},
+        })
+        try:
+            yield world, slack
+        finally:
+            world.stop()
+
+
+def test_the_commits_author_cannot_approve_its_ci_plan(ci_world: tuple[World, FakeSlack]):
+    """dave (an approver) pushed the commit CI deploys: his Approve is refused, bob's applies it."""
+    world, slack = ci_world
+    sha = world.repo.commit(staging_change(world), "Resize staging", push="main", author="dave")
+    request = {"repo": REPO, "ref": "main", "sha": sha, "project": "staging"}
+    plan_id = post_run(world, {**request, "command": "plan"}).json()["id"]
+    wait_for(lambda: slack.webhook_posts, 60, "the plan-ready message")
+    apply = post_run(world, {**request, "command": "apply"})
+    assert apply.status_code == 201 and apply.json()["status"] == "awaiting_approval", apply.text
+
+    in_slack = click(world, plan_id, True, "U_DAVE")
+    assert in_slack.status_code == 403, in_slack.text
+    assert f"dave authored or committed {sha[:8]}" in in_slack.json()["error"]
+    with_token = httpx.post(f"{world.url}/api/v1/runs/{plan_id}/approve",
+                            headers={"Authorization": f"token {world.forge.user_token('dave')}"}, timeout=30)
+    assert with_token.status_code == 403 and "authored or committed" in with_token.json()["error"]
+    assert get_run(world, plan_id)["approval"] is None
+    assert get_run(world, apply.json()["id"])["status"] == "awaiting_approval"
+    store = world.store()
+    try:
+        refusals = [e for e in store.audit_entries() if e["action"] == "approve" and e["outcome"] == "refused"]
+    finally:
+        store.close()
+    assert {e["actor"] for e in refusals} == {"slack:dave", "api:dave"}
+    assert all("authored or committed" in e["detail"] and e["sha"] == sha for e in refusals)
+
+    approved = click(world, plan_id, True, "U_BOB")  # another approver: the honest path
+    assert approved.status_code == 200 and approved.json()["status"] == "approved", approved.text
+    wait_for(lambda: get_run(world, apply.json()["id"])["status"] == "succeeded", 120, "the apply")
+    assert world.state_resources("staging") > 0
+

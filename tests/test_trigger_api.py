@@ -15,6 +15,7 @@ from typing import Iterator
 import httpx
 import pytest
 
+from bot import models
 from bot.ci_auth import hmac_signature
 from bot.sandbox import REPO, wait_for
 from bot.sandbox_forges import FORGES
@@ -24,6 +25,7 @@ from tests.world import TEST_POLICY, World, staging_change
 
 SIGNING_SECRET = "slack-signing-secret-for-tests"
 KEY = "jenkins-hmac-key-0123456789abcdef"
+RELEASE_KEY = "release-hmac-key-0123456789abcdef"  # a second caller, granted production too
 ADMIN_TOKEN = "admin-token-for-the-audit-log"
 
 
@@ -39,12 +41,18 @@ def slack() -> Iterator[FakeSlack]:
 def world(request: pytest.FixtureRequest, tmp_path: Path, slack: FakeSlack) -> Iterator[World]:
     key_file = tmp_path / "jenkins.key"
     key_file.write_text(KEY)
+    release_key_file = tmp_path / "release.key"
+    release_key_file.write_text(RELEASE_KEY)
     policy = copy.deepcopy(TEST_POLICY)
     policy["callers"] = [{
         "name": "jenkins",
         "hmac": {"key_file": str(key_file)},
         "repos": {REPO: {"projects": ["staging"], "commands": ["plan", "apply"],
                          "apply_refs": ["refs/heads/main"]}},
+    }, {
+        "name": "release",
+        "hmac": {"key_file": str(release_key_file)},
+        "repos": {REPO: {"projects": ["staging", "production"], "commands": ["plan"]}},
     }]
     world = World(tmp_path / "world", policy, forge=request.param, extra_config={
         "slack": {"signing_secret": SIGNING_SECRET, "webhook_url": slack.webhook_url,
@@ -135,9 +143,73 @@ def test_rejected_plan_is_never_applied(world: World):
     assert world.state_resources("staging") == 0
 
 
-def get_run(world: World, run_id: int) -> dict:
-    path = f"/api/v1/runs/{run_id}"
-    return httpx.get(f"{world.url}{path}", headers=signed_headers("GET", path, b""), timeout=30).json()
+def get_run(world: World, run_id: int, **sign) -> dict:
+    return read(world, f"/api/v1/runs/{run_id}", **sign).json()
+
+
+def read(world: World, path: str, **sign) -> httpx.Response:
+    """A signed GET of the trigger API (as jenkins unless `sign` says otherwise)."""
+    return httpx.get(f"{world.url}{path}", headers=signed_headers("GET", path, b"", **sign), timeout=30)
+
+
+def audit_entries(world: World) -> list[dict]:
+    store = world.store()
+    try:
+        return store.audit_entries(1000)
+    finally:
+        store.close()
+
+
+def test_a_caller_reads_only_runs_of_projects_it_may_run(world: World):
+    """jenkins is granted staging only: production runs (and their output) do not exist for it."""
+    release = {"key": RELEASE_KEY, "key_id": "release"}
+    staging = post_run(world, {"repo": REPO, "ref": "main", "project": "staging", "command": "plan"})
+    production = post_run(world, {"repo": REPO, "ref": "main", "project": "production", "command": "plan"}, **release)
+    assert staging.status_code == production.status_code == 201, production.text
+    staging_id, production_id = staging.json()["id"], production.json()["id"]
+    wait_for(lambda: get_run(world, production_id, **release)["status"] == "succeeded", 60, "the production plan")
+    wait_for(lambda: get_run(world, staging_id)["status"] == "succeeded", 60, "the staging plan")
+
+    # The honest path: jenkins reads its staging run and its log; release reads both.
+    assert "Plan: 2 to add" in get_run(world, staging_id)["output"]
+    assert "Plan: 2 to add" in read(world, f"/api/v1/runs/{staging_id}/log").text
+    assert get_run(world, production_id, **release)["project"] == "production"
+
+    # jenkins asks for production's run and its log: the same 404 as for a run that does not exist.
+    for path in (f"/api/v1/runs/{production_id}", f"/api/v1/runs/{production_id}/log"):
+        refused = read(world, path)
+        assert refused.status_code == 404 and refused.json() == {"error": "no such run"}, path
+        assert "production" not in refused.text and "Plan:" not in refused.text
+    assert read(world, "/api/v1/runs/999999").json() == {"error": "no such run"}
+
+    refusals = [e for e in audit_entries(world) if e["outcome"] == "refused" and e["actor"] == "caller:jenkins"]
+    assert {e["action"] for e in refusals} >= {f"GET /api/v1/runs/{production_id}",
+                                               f"GET /api/v1/runs/{production_id}/log"}
+    hidden = next(e for e in refusals if e["action"] == f"GET /api/v1/runs/{production_id}")
+    assert hidden["project"] == "production" and "may not run" in hidden["detail"]
+
+
+def test_ci_runs_are_refused_while_a_pull_request_holds_the_project(world: World):
+    """A pull request's plan locks staging: CI may neither plan nor apply it until the lock is freed."""
+    number = world.open_pr("resize", staging_change(world), author="alice")
+    world.wait_comment(number, "**deploybot plan**")
+    plan = {"repo": REPO, "ref": "main", "project": "staging", "command": "plan"}
+
+    for command in ("plan", "apply"):
+        refused = post_run(world, {**plan, "command": command})
+        assert refused.status_code == 409, refused.text
+        assert f"staging is locked by #{number} (planned by @alice)" in refused.json()["error"]
+    # Another project is not held: CI plans it as before.
+    assert post_run(world, {**plan, "project": "production"}, key=RELEASE_KEY, key_id="release").status_code == 201
+    locked = [e for e in audit_entries(world) if e["outcome"] == "refused" and "locked by" in e["detail"]]
+    assert {e["action"] for e in locked} == {"api-plan", "api-apply"}
+    assert all(e["project"] == "staging" and e["actor"] == "caller:jenkins" for e in locked)
+
+    world.comment(number, "alice", "deploybot unlock")
+    world.wait_comment(number, "Unlocked")
+    freed = post_run(world, plan)
+    assert freed.status_code == 201, freed.text
+    wait_for(lambda: get_run(world, freed.json()["id"])["status"] == "succeeded", 60, "the CI plan after unlock")
 
 
 def test_refusals_are_clear_and_audited(world: World):
@@ -182,6 +254,34 @@ def test_api_approval_with_the_approvers_own_forge_token(world: World):
     wait_for(lambda: get_run(world, apply_id)["status"] == "succeeded", 60, "the apply")
     assert world.state_resources("staging") == 2
     assert get_run(world, plan_id)["approval"]["by"] == "dave"
+
+
+def test_runs_name_their_plan_and_only_the_newest_plan_is_approved(world: World):
+    """The run API shows the plan id (the start of the saved plan's SHA-256), as the OpenAPI document says."""
+    request = {"repo": REPO, "ref": "main", "project": "staging"}
+    first = post_run(world, {**request, "command": "plan"}).json()["id"]
+    wait_for(lambda: get_run(world, first)["status"] == "succeeded", 60, "the first plan")
+    second = post_run(world, {**request, "command": "plan"}).json()["id"]
+    wait_for(lambda: get_run(world, second)["status"] == "succeeded", 60, "the second plan")
+    store = world.store()
+    try:
+        saved = store.plans_for_pull(store.run_jobs(second)[0].run.repo, 0)[0]
+    finally:
+        store.close()
+    shown = get_run(world, second)
+    assert shown["plan_id"] == models.plan_id(saved.sha256) and len(shown["plan_id"]) == 12
+    assert f"plan `{shown['plan_id']}`" in shown["summary"]
+    schema = httpx.get(f"{world.url}/api/v1/openapi.json").json()["components"]["schemas"]["Run"]["properties"]
+    assert set(shown) == set(schema)
+
+    # The first plan was replaced: approving it would approve a plan that can no longer be applied.
+    replaced = click(world, first, True, "U_DAVE")
+    assert replaced.status_code == 409 and "no longer the saved plan" in replaced.json()["error"]
+    assert click(world, second, True, "U_DAVE").json()["status"] == "approved"
+    apply = post_run(world, {**request, "command": "apply"}).json()["id"]
+    wait_for(lambda: get_run(world, apply)["status"] == "succeeded", 60, "the apply")
+    assert get_run(world, apply)["plan_id"] == shown["plan_id"]  # it applied the approved plan
+    assert get_run(world, first)["approval"] is None
 
 
 @pytest.fixture
