@@ -476,7 +476,7 @@ def test_plan_comment_and_statuses_arrive_through_transient_faults(make_world: M
     assert "`staging`: +2 ~0 -0" in comment
     assert world.wait_status(number, "deploybot/plan", "success") == "1 project(s) planned"
     world.wait_status(number, "deploybot/apply", "pending")
-    assert world.wait_status(number, "deploybot/plan: staging", "success") == "+2 ~0 -0"
+    assert world.wait_status(number, "deploybot/plan: staging", "success").startswith("+2 ~0 -0 (plan `")
 
     world.wait_idle()
     assert len([c for c in world.bot_comments(number) if "**deploybot plan**" in c]) == 1
@@ -507,7 +507,8 @@ def test_a_slow_pending_status_never_lands_after_the_plan_is_done(make_world: Ma
         store.close()
     statuses = world.statuses(number)
     assert statuses["deploybot/plan"] == ("success", "1 project(s) planned")
-    assert statuses["deploybot/plan: staging"] == ("success", "+2 ~0 -0")
+    state, description = statuses["deploybot/plan: staging"]
+    assert state == "success" and description.startswith("+2 ~0 -0 (plan `")
 
 
 def test_permanent_failure_to_report_is_logged_and_audited(make_world: MakeWorld,

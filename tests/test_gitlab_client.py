@@ -20,7 +20,7 @@ from bot.gitlab_fake import DETAILED_MERGE_STATUSES, FakeGitLab, Fault
 from bot.gitlab_webhook import InvalidSignature, delivery_id, parse_event, verify_signing_token, verify_token
 from bot.models import CommentEvent, ForgeComment, PullRequestEvent, Repo, ReviewEvent
 from bot.vcs import ForgeError
-from policies.apply_requirements import approving_users
+from policies.apply_requirements import PlanFacts, plan_approvers
 from tests.forge_support import Received, commit, git, push_to_feature, webhook_receiver
 
 PROJECT = "acme/platform/infra"  # nested: group/subgroup/project
@@ -356,6 +356,11 @@ def test_set_status_maps_states_and_treats_a_repeat_as_done(
 # -- approvals ------------------------------------------------------------------------------------
 
 
+def approvers_of(head: str, reviews: list) -> set[str]:
+    """Who approves a plan of `head` shown long before every review (only the commit decides)."""
+    return plan_approvers(PlanFacts(head, "0" * 64, "2000-01-01T00:00:00Z"), reviews, [], set())
+
+
 @pytest.mark.parametrize("approved_at", [True, False], ids=["approved_at", "system-notes"])
 def test_approvals_count_only_for_the_head_pushed_before_them(
     fake: FakeGitLab, client: GitLabClient, repo_dirs: tuple[Path, Path], approved_at: bool
@@ -373,7 +378,7 @@ def test_approvals_count_only_for_the_head_pushed_before_them(
     fake.approve(PROJECT, iid, "dave")
     reviews = client.reviews(iid)
     assert [(r.user, r.commit_sha) for r in reviews] == [("bob", first), ("carol", first), ("dave", second)]
-    assert approving_users(reviews, second) == {"dave"}
+    assert approvers_of(second, reviews) == {"dave"}
     assert all(r.submitted_at.endswith("Z") for r in reviews)
     assert reviews[0].submitted_at < reviews[1].submitted_at < reviews[2].submitted_at
 
@@ -381,7 +386,7 @@ def test_approvals_count_only_for_the_head_pushed_before_them(
     fake.approve(PROJECT, iid, "bob")  # approving again after the push counts
     reviews = client.reviews(iid)
     assert [(r.user, r.commit_sha) for r in reviews] == [("carol", first), ("dave", second), ("bob", second)]
-    assert approving_users(reviews, second) == {"dave", "bob"}
+    assert approvers_of(second, reviews) == {"dave", "bob"}
     notes_read = requests_to(fake, f"/merge_requests/{iid}/notes")
     assert (len(notes_read) > 0) is (not approved_at)  # notes are read only when approved_at is missing
 
