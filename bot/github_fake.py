@@ -691,7 +691,7 @@ class FakeGitHub(LocalForge):
         data = self._rewrite(self._templates["pull_request"]["repository"], full_name)
         fork = full_name != repo.full_name
         data.update(
-            id=stable_id(full_name),
+            id=stable_id(full_name) if fork else repo.id,  # a re-created repository has a new id
             node_id=_node_id("R", full_name),
             name=name,
             full_name=full_name,
@@ -1510,6 +1510,22 @@ class FakeGitHub(LocalForge):
                 "state": state,
             }
         )
+
+    def recreate_repo(self, full_name: str) -> int:
+        """Delete a repository and create another by the same name, as someone who took the name would.
+
+        The new one has a new id and no pull requests, comments, reviews or statuses; it keeps
+        the git data, the people's permissions and the installation (an App installed on all of
+        the organisation's repositories covers it), so only its id tells it apart. Returns the id.
+        """
+        with self._lock:
+            old = self._repo(full_name)
+            new = _Repo(full_name, old.git_dir, old.default_branch, id=next(self._ids),
+                        permissions=dict(old.permissions))
+            self._repos[full_name] = new
+            self._comments = {i: c for i, c in self._comments.items() if c.repo != full_name}
+            self._reviews = {i: r for i, r in self._reviews.items() if r.repo != full_name}
+            return new.id
 
 
 # -- faults as GitHub answers them -------------------------------------------------------------
