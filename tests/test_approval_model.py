@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 import pytest
 
+from bot.local_forge import Fault
 from bot.sandbox import REPO, git, wait_for
 from bot.sandbox_forges import FORGES
 from tests.test_flow import post_webhook
@@ -289,3 +290,24 @@ def test_changes_requested_voids_the_same_approvers_comment_approval(make_world:
     assert "@bob approved" in answer_to(world, number, "bob", "deploybot approve", "@bob approved")
     assert "applied plan" in apply_as(world, number, "dave")
     assert world.state_resources("staging") == 2
+
+
+# A forge error while the apply gate asks the API ---------------------------------------------------
+
+
+def test_a_forge_error_in_the_apply_gate_fails_closed_and_says_what_the_forge_said(make_world: MakeWorld):
+    world = make_world()
+    number = world.open_pr("resize-staging", staging_change(world))
+    wait_plan(world, number, 1)
+    world.forge.approve(number, "dave")
+    world.wait_idle()
+    # The approvals cannot be read when the apply starts: GitHub's reviews, GitLab's approvals.
+    approvals = r"/pulls/\d+/reviews$" if world.forge.name == "github" else r"/merge_requests/\d+/approvals$"
+    world.forge.fake.inject_faults("GET", approvals, [Fault(403, {}, {"message": "Resource not accessible"})])
+    refused = apply_as(world, number)
+    assert "apply refused: could not check the apply requirements:" in refused
+    assert "Resource not accessible" in refused and "internal error" not in refused
+    assert world.state_resources("staging") == 0
+
+    # Positive control: once the forge answers again, the same approval applies.
+    assert "applied plan" in apply_as(world, number)
