@@ -105,8 +105,8 @@ def lock_refusal(store: Store, key: str, label: str) -> str | None:
 
     CI runs (pull number 0) take no lock; they step aside while a pull request holds the
     project between its plan and its apply, merge or close, so a deploy from CI never lands
-    under a plan that is being reviewed. Asked when a run is requested, and again by the
-    worker when its job starts (the lock may have been taken while it was queued).
+    under a plan that is being reviewed. Asked when a run is requested and when a plan is
+    approved (which releases the applies waiting for it).
     """
     lock = store.lock_holder(key)
     if lock is None:
@@ -260,6 +260,8 @@ class ApiRuns:
             # only for the decision on the newest plan.
             raise ApiError(409, f"plan {plan_id(digest)} of run {run_id} is no longer the saved plan of "
                                 f"{job.project.label}: decide on the newest plan run")
+        if approve and (reason := lock_refusal(self.store, job.project_key, job.project.label)):
+            raise ApiError(409, reason)  # the applies waiting for this approval would start under the lock
         repo_policy = self.policy.repo(job.run.repo.full_name)
         client = self.client_for(job.run.repo)
         try:

@@ -190,23 +190,34 @@ def test_a_caller_reads_only_runs_of_projects_it_may_run(world: World):
 
 
 def test_ci_runs_are_refused_while_a_pull_request_holds_the_project(world: World):
-    """A pull request's plan locks staging: CI may neither plan nor apply it until the lock is freed."""
+    """A pull request's plan locks staging: CI may neither plan, apply nor approve it until the lock is freed."""
+    plan = {"repo": REPO, "ref": "main", "project": "staging", "command": "plan"}
+    before = post_run(world, plan).json()["id"]  # planned before the pull request, then waiting for approval
+    wait_for(lambda: get_run(world, before)["status"] == "succeeded", 60, "the CI plan")
+    waiting = post_run(world, {**plan, "command": "apply"})
+    assert waiting.json()["status"] == "awaiting_approval", waiting.text
     number = world.open_pr("resize", staging_change(world), author="alice")
     world.wait_comment(number, "**deploybot plan**")
-    plan = {"repo": REPO, "ref": "main", "project": "staging", "command": "plan"}
 
+    held = f"staging is locked by #{number} (planned by @alice)"
     for command in ("plan", "apply"):
         refused = post_run(world, {**plan, "command": command})
-        assert refused.status_code == 409, refused.text
-        assert f"staging is locked by #{number} (planned by @alice)" in refused.json()["error"]
+        assert refused.status_code == 409 and held in refused.json()["error"], refused.text
+    # Approving would release the waiting apply under the lock.
+    approval = click(world, before, True, "U_DAVE")
+    assert approval.status_code == 409 and held in approval.json()["error"], approval.text
+    assert get_run(world, waiting.json()["id"])["status"] == "awaiting_approval"
     # Another project is not held: CI plans it as before.
     assert post_run(world, {**plan, "project": "production"}, key=RELEASE_KEY, key_id="release").status_code == 201
-    locked = [e for e in audit_entries(world) if e["outcome"] == "refused" and "locked by" in e["detail"]]
-    assert {e["action"] for e in locked} == {"api-plan", "api-apply"}
-    assert all(e["project"] == "staging" and e["actor"] == "caller:jenkins" for e in locked)
+    locked = [e for e in audit_entries(world) if e["outcome"] == "refused" and held in e["detail"]]
+    assert sorted((e["actor"], e["action"]) for e in locked) == [
+        ("caller:jenkins", "api-apply"), ("caller:jenkins", "api-plan"), ("slack:dave", "approve")]
+    assert all(e["project"] == "staging" for e in locked)
 
     world.comment(number, "alice", "deploybot unlock")
     world.wait_comment(number, "Unlocked")
+    assert click(world, before, True, "U_DAVE").json()["status"] == "approved"
+    wait_for(lambda: get_run(world, waiting.json()["id"])["status"] == "succeeded", 60, "the CI apply after unlock")
     freed = post_run(world, plan)
     assert freed.status_code == 201, freed.text
     wait_for(lambda: get_run(world, freed.json()["id"])["status"] == "succeeded", 60, "the CI plan after unlock")
