@@ -76,29 +76,33 @@ def comment_created(event: CommentEvent, ctx: HandlerContext) -> None:
     if isinstance(parsed, Reply):
         reply(ctx, event.pull_number, parsed.text)
         return
-    policy = repo_policy(ctx, event.repo)
-    if policy is None:
-        reply(ctx, event.pull_number, NOT_ALLOW_LISTED)
-        return
-    pull = ctx.client.get_pull_request(event.pull_number)
-    if pull.state != "open":
-        reply(ctx, pull.number, NOT_OPEN)
-        return
-    if pull.is_fork and not policy.allow_forks:
-        reply(ctx, pull.number, FORK_REFUSED)
-        return
     comment_key = f"{event.repo.forge}:{event.repo.full_name.lower()}:{event.comment_id}"
     if not ctx.store.claim_comment(comment_key, ctx.delivery_id):
         # The same comment brought again (a redelivery, a replayed capture): acted on once only.
         log.info("comment %s was acted on before; ignoring delivery %s", comment_key, ctx.delivery_id)
-        ctx.store.audit(event.author, parsed.name, "refused", pull.repo.full_name, sha=pull.head_sha,
+        ctx.store.audit(event.author, parsed.name, "refused", event.repo.full_name,
                         detail=f"comment {event.comment_id} was acted on before (delivery {ctx.delivery_id})")
+        return
+
+    def refuse(text: str, detail: str, sha: str = "") -> None:
+        ctx.store.audit(event.author, parsed.name, "refused", event.repo.full_name, sha=sha, detail=detail)
+        reply(ctx, event.pull_number, text)
+
+    policy = repo_policy(ctx, event.repo)
+    if policy is None:
+        refuse(NOT_ALLOW_LISTED, "the repository is not allow-listed")
+        return
+    pull = ctx.client.get_pull_request(event.pull_number)
+    if pull.state != "open":
+        refuse(NOT_OPEN, "the pull request is closed", pull.head_sha)
+        return
+    if pull.is_fork and not policy.allow_forks:
+        refuse(FORK_REFUSED, "the pull request comes from a fork", pull.head_sha)
         return
     command = COMMANDS[parsed.name]
     if not may(ctx.client, event.author, command.allowed(policy)):
-        ctx.store.audit(event.author, parsed.name, "refused", pull.repo.full_name, sha=pull.head_sha,
-                        detail="not allowed by the policy")
-        reply(ctx, pull.number, NOT_ALLOWED.format(user=event.author, command=parsed.name))
+        refuse(NOT_ALLOWED.format(user=event.author, command=parsed.name), "not allowed by the policy",
+               pull.head_sha)
         return
     projects = _selected(ctx, policy, pull, parsed)
     if projects is not None:

@@ -107,6 +107,8 @@ def _lock(ctx: HandlerContext, pull: PullRequest, projects: list[Project], user:
         if attempt.acquired:
             locked.append(project)
         elif attempt.holder is not None:
+            ctx.store.audit(user, "lock", "refused", pull.repo.full_name, project.label, pull.head_sha,
+                            f"#{pull.number}: locked by #{attempt.holder.pull_number}")
             reply(ctx, pull.number, LOCKED_BY_OTHER.format(
                 label=project.label, pull=attempt.holder.pull_number, holder=attempt.holder.holder))
     return locked

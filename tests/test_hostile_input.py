@@ -1162,7 +1162,7 @@ def test_unauthorized_users_are_refused_every_command_and_nothing_runs(any_world
     marks = ",".join("?" * len(users))
     assert db_rows(world, f"SELECT id FROM runs WHERE requested_by IN ({marks})", users) == []
     assert db_rows(world, f"SELECT project_key FROM locks WHERE holder IN ({marks})", users) == []
-    assert db_rows(world, f"SELECT user FROM approvals WHERE user IN ({marks})", users) == []
+    assert db_rows(world, f"SELECT user FROM plan_approvals WHERE user IN ({marks})", users) == []
     store = world.store()
     try:
         assert store.locks_for_pull(repo, outsider) == []
