@@ -14,6 +14,12 @@ email (`set_user_email`) its author or committer has, as GitHub does; others non
 Faults: `inject_faults` (from `bot.local_forge`) makes the next matching API requests
 fail; `server_error`, `too_many_requests`, `secondary_rate_limit` and `primary_rate_limit`
 below build the answers GitHub gives, headers and all.
+
+Merging: `mergeable_state` is computed from git (conflicts), the draft flag, the base
+branch's classic protection (`set_required_contexts`, `set_required_reviews`,
+`set_protection_setting`; none at all: GET .../protection answers 404 "Branch not
+protected") and its rulesets (`set_branch_rules`), unless `set_mergeable_state` overrides
+it. GraphQL (`POST /graphql`) answers one query: a pull request's `reviewDecision`.
 """
 
 from __future__ import annotations
