@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
 
+from bot.api_runs import lock_refusal
 from bot.apply_gate import apply_blockers
 from policies.apply_requirements import merge_apply_refusals
 from bot.aws_credentials import CredentialsError, PhaseCredentials, PhaseRoles, session_name, with_credentials
@@ -265,6 +266,9 @@ class Worker:
         await asyncio.gather(*project_status, self._report_if_done(job.run))
 
     async def _execute(self, job: Job, output_log: BinaryIO) -> JobOutcome:
+        # A CI run steps aside for a pull request that locked the project after it was queued.
+        if not job.run.pull_number and (reason := lock_refusal(self.store, job.project_key, job.project.label)):
+            return JobOutcome("refused", f"{job.run.command} refused: {reason}")
         if job.run.command == "plan":
             # Said while the checkout and terraform run: the forge call need not hold them up.
             announced = asyncio.create_task(self._set_status(
@@ -501,6 +505,8 @@ class Worker:
         decision = self.store.decision(plan_job.run.id) if plan_job else None
         if decision is None or decision["state"] != "approved":
             return ["the plan has not been approved"]
+        if plan_job.result.get("plan_sha256") != plan.sha256:
+            return ["the saved plan is not the plan that was approved — plan again"]
         return []
 
     def clean(self, text: str) -> str:

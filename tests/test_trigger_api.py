@@ -223,6 +223,27 @@ def test_ci_runs_are_refused_while_a_pull_request_holds_the_project(world: World
     wait_for(lambda: get_run(world, freed.json()["id"])["status"] == "succeeded", 60, "the CI plan after unlock")
 
 
+def test_a_queued_ci_apply_steps_aside_for_a_lock_taken_after_it_was_queued(world: World):
+    plan = {"repo": REPO, "ref": "main", "project": "staging", "command": "plan"}
+    planned = post_run(world, plan).json()["id"]
+    wait_for(lambda: get_run(world, planned)["status"] == "succeeded", 60, "the CI plan")
+    waiting = post_run(world, {**plan, "command": "apply"}).json()["id"]
+    store = world.store()
+    try:
+        job = next(j for j in store.jobs_with_status("waiting") if j.run.id == waiting)
+        # A pull request locks staging between the approval and the start of the job: the
+        # store is written here directly, since the approval itself is refused under a lock.
+        assert store.try_lock(job.project_key, job.run.repo, 7, "alice").acquired
+        assert store.decide(planned, True, "dave", "slack") and store.release_job(job.id)
+    finally:
+        store.close()
+    world.forge.set_webhook(world.url)  # nudges nothing; the worker polls its queue
+    run = wait_for(lambda: (r := get_run(world, waiting))["status"] not in ("queued", "awaiting_approval",
+                                                                            "running") and r, 60, "the apply")
+    assert run["status"] != "succeeded" and "locked by #7 (planned by @alice)" in json.dumps(run)
+    assert world.state_resources("staging") == 0
+
+
 def test_refusals_are_clear_and_audited(world: World):
     base = {"repo": REPO, "ref": "main", "project": "staging", "command": "plan"}
     assert post_run(world, base, key="wrong-key").status_code == 401
