@@ -4,6 +4,7 @@
   mirror holding the null provider 2.1.2, so `terraform init` never touches the
   network; plugin cache and HOME live in a session temp dir.
 - `terraform`: a `bot.terraform.Terraform` built from `tf_settings`.
+- `make_world`: end-to-end worlds (tests/world.py), once on each forge.
 - `make_git_repo` / `git_repo`: an "upstream" bare repository plus a working clone,
   with helpers to write files, commit and push (see `GitRepo`).
 
@@ -12,13 +13,16 @@ Async code is driven with `asyncio.run(...)` inside plain test functions.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from bot.sandbox import GitRepo, git  # noqa: F401  (git is used by test modules)
+from bot.sandbox import REPO, GitRepo, git  # noqa: F401  (git is used by test modules)
+from bot.sandbox_forges import FORGES
 from bot.terraform import Terraform, TerraformSettings, find_terraform, make_null_provider_mirror
+from tests.world import TEST_POLICY, MakeWorld, World
 
 @pytest.fixture(scope="session")
 def tf_settings(tmp_path_factory: pytest.TempPathFactory) -> TerraformSettings:
@@ -67,3 +71,26 @@ def repo_dirs(tmp_path: Path) -> tuple[Path, Path]:
     from tests.forge_support import make_repo_dirs
 
     return make_repo_dirs(tmp_path)
+
+
+@pytest.fixture(params=sorted(FORGES))
+def make_world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeWorld]:
+    """Worlds on each forge in turn: every scenario has a GitHub and a GitLab twin.
+
+    `make(policy_changes, callers=[...], **kwargs)`: the repository's policy updated by
+    `policy_changes`, trigger API `callers`, and World's own keyword arguments.
+    """
+    worlds: list[World] = []
+
+    def make(policy_changes: dict | None = None, callers: list | None = None, **kwargs) -> World:
+        policy = copy.deepcopy(TEST_POLICY)
+        policy["repos"][REPO].update(policy_changes or {})
+        if callers:
+            policy["callers"] = callers
+        world = World(tmp_path / f"world{len(worlds)}", policy, forge=request.param, **kwargs)
+        worlds.append(world)
+        return world
+
+    yield make
+    for world in worlds:
+        world.stop()

@@ -7,39 +7,16 @@ alice and carol are developers, bob and dave approvers and appliers.
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import time
-from pathlib import Path
-from typing import Callable, Iterator
-
-import pytest
 
 from bot.local_forge import Fault
-from bot.sandbox import REPO, git, wait_for
-from bot.sandbox_forges import FORGES
+from bot.sandbox import git, wait_for
 from tests.test_flow import post_webhook
-from tests.world import TEST_POLICY, World, staging_change
+from tests.world import MakeWorld, World, staging_change
 
-MakeWorld = Callable[..., World]
 PLAN_ID = re.compile(r"plan `([0-9a-f]{12})`")
-
-
-@pytest.fixture(params=sorted(FORGES))
-def make_world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeWorld]:
-    worlds: list[World] = []
-
-    def make(policy_changes: dict | None = None) -> World:
-        policy = copy.deepcopy(TEST_POLICY)
-        policy["repos"][REPO].update(policy_changes or {})
-        world = World(tmp_path / f"world{len(worlds)}", policy, forge=request.param)
-        worlds.append(world)
-        return world
-
-    yield make
-    for world in worlds:
-        world.stop()
 
 
 def plan_comments(world: World, number: int) -> list[str]:

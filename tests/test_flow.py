@@ -2,40 +2,18 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
 
 import httpx
-import pytest
 
 from bot.github_webhook import sign
 from bot.models import Repo
 from bot.sandbox import REPO, wait_for
-from bot.sandbox_forges import FORGES, WEBHOOK_SECRET
-from tests.world import TEST_POLICY, World, staging_change
-
-MakeWorld = Callable[..., World]
-
-
-@pytest.fixture(params=sorted(FORGES))
-def make_world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeWorld]:
-    """Worlds on each forge in turn: every scenario has a GitHub and a GitLab twin."""
-    worlds: list[World] = []
-
-    def make(policy_changes: dict | None = None, **kwargs) -> World:
-        policy = copy.deepcopy(TEST_POLICY)
-        policy["repos"][REPO].update(policy_changes or {})
-        world = World(tmp_path / f"world{len(worlds)}", policy, forge=request.param, **kwargs)
-        worlds.append(world)
-        return world
-
-    yield make
-    for world in worlds:
-        world.stop()
+from bot.sandbox_forges import WEBHOOK_SECRET
+from tests.world import MakeWorld, World, staging_change
 
 
 def post_webhook(world: World, event: str, body: bytes, secret: str | None = WEBHOOK_SECRET,

@@ -8,34 +8,10 @@ branch without classic protection (GitHub's 404 "Branch not protected") is no er
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Iterator
-from pathlib import Path
-
-import pytest
-
 from bot.sandbox import REPO
-from bot.sandbox_forges import FORGES
-from tests.world import TEST_POLICY, World, staging_change
+from tests.world import MakeWorld, World, staging_change
 
-MakeWorld = Callable[[], World]
-
-
-@pytest.fixture(params=sorted(FORGES))
-def make_world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeWorld]:
-    """Worlds whose policy requires approval and mergeability, on each forge in turn."""
-    worlds: list[World] = []
-
-    def make() -> World:
-        policy = copy.deepcopy(TEST_POLICY)
-        policy["repos"][REPO]["apply_requirements"] = ["approved", "mergeable"]
-        world = World(tmp_path / f"world{len(worlds)}", policy, forge=request.param)
-        worlds.append(world)
-        return world
-
-    yield make
-    for world in worlds:
-        world.stop()
+MERGEABLE = {"apply_requirements": ["approved", "mergeable"]}
 
 
 def planned_and_approved(world: World) -> int:
@@ -55,7 +31,7 @@ def apply(world: World, number: int) -> str:
 
 
 def test_approved_but_missing_the_forges_required_reviews_is_refused(make_world: MakeWorld):
-    world = make_world()
+    world = make_world(MERGEABLE)
     if world.forge.name == "github":
         world.forge.fake.set_required_reviews(REPO, "main", 2)  # branch protection: two approvals
         reason = "it lacks the approving reviews main requires"
@@ -77,7 +53,7 @@ def test_approved_but_missing_the_forges_required_reviews_is_refused(make_world:
 
 
 def test_blocked_for_a_reason_the_bot_cannot_see_is_refused(make_world: MakeWorld):
-    world = make_world()
+    world = make_world(MERGEABLE)
     number = planned_and_approved(world)
     if world.forge.name == "github":
         # GitHub says blocked, yet the base has no classic protection (404) and no ruleset
@@ -102,7 +78,7 @@ def test_blocked_for_a_reason_the_bot_cannot_see_is_refused(make_world: MakeWorl
 
 def test_a_base_without_classic_protection_applies(make_world: MakeWorld):
     """No classic protection is no error; a ruleset that requires our own status does not deadlock."""
-    world = make_world()
+    world = make_world(MERGEABLE)
     if world.forge.name == "github":
         world.forge.fake.set_branch_rules(REPO, "main", [{"type": "required_status_checks", "parameters": {
             "strict_required_status_checks_policy": False,

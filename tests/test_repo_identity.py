@@ -8,14 +8,12 @@ repository that keeps working.
 
 from __future__ import annotations
 
-import copy
 import json
 import secrets
 import sqlite3
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
 
 import httpx
 import pytest
@@ -24,10 +22,10 @@ from bot import cli, github_webhook, gitlab_webhook
 from bot.ci_auth import hmac_signature
 from bot.local_forge import stable_id
 from bot.sandbox import REPO
-from bot.sandbox_forges import FORGES, WEBHOOK_SECRET
+from bot.sandbox_forges import WEBHOOK_SECRET
 from bot.store import Store
 from policies.repo_identity import check_repo_id
-from tests.world import TEST_POLICY, World, staging_change
+from tests.world import MakeWorld, World, staging_change
 
 # --- the decision (pure) ---------------------------------------------------------------
 
@@ -110,27 +108,7 @@ def test_store_records_the_first_id_and_forgets_it_on_request(tmp_path: Path):
 
 # --- end to end: the real bot, both forges ---------------------------------------------------
 
-MakeWorld = Callable[..., World]
 KEY = "jenkins-hmac-key-0123456789abcdef"
-
-
-@pytest.fixture(params=sorted(FORGES))
-def make_world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeWorld]:
-    """Worlds on each forge in turn: the repository's policy changed by `policy_changes`, and `callers`."""
-    worlds: list[World] = []
-
-    def make(policy_changes: dict | None = None, callers: list | None = None, **kwargs) -> World:
-        policy = copy.deepcopy(TEST_POLICY)
-        policy["repos"][REPO].update(policy_changes or {})
-        if callers:
-            policy["callers"] = callers
-        world = World(tmp_path / f"world{len(worlds)}", policy, forge=request.param, **kwargs)
-        worlds.append(world)
-        return world
-
-    yield make
-    for world in worlds:
-        world.stop()
 
 
 def recreate(world: World) -> int:

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 
@@ -157,3 +157,6 @@ class World:
 def staging_change(world: World, size: str = "large") -> dict[str, str]:
     """Files that change the staging project only."""
     return {"staging/main.tf": project_files(world.state_dir, {"staging": size})["staging/main.tf"]}
+
+
+MakeWorld = Callable[..., World]  # the `make_world` fixture (tests/conftest.py)
