@@ -20,8 +20,8 @@ from typing import Any
 import httpx
 
 from bot.config import load_config
-from bot.sandbox import GitRepo, git, write_config
-from bot.sandbox_forges import REPO, SandboxGitHub
+from bot.sandbox.forges import REPO, SandboxGitHub
+from bot.sandbox.trial import GitRepo, git, write_config
 from bot.store import Store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

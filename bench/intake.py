@@ -36,8 +36,8 @@ from pathlib import Path
 import httpx
 
 from bench.common import REPO_ROOT, Server, World, percentile, proc_memory_mb
-from bot.sandbox import POLICY
-from bot.sandbox_forges import INSTALLATION_ID, WEBHOOK_SECRET
+from bot.sandbox.forges import INSTALLATION_ID, WEBHOOK_SECRET
+from bot.sandbox.trial import POLICY
 from bot.store import Store
 
 FIXTURE = REPO_ROOT / "tests" / "fixtures" / "github" / "pull_request.opened.1.json"
@@ -492,6 +492,6 @@ def _delivery_ids(db_path: Path):
 
 
 def _free_port() -> int:
-    from bot.sandbox import free_port
+    from bot.sandbox.trial import free_port
 
     return free_port()

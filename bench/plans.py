@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import JobRecord, World, median
-from bot.git import git_subcommand
-from bot.sandbox import POLICY, project_files
-from bot.sandbox_forges import REPO
-from bot.terraform import find_terraform
+from bot.jobs.git import git_subcommand
+from bot.jobs.terraform import find_terraform
+from bot.sandbox.forges import REPO
+from bot.sandbox.trial import POLICY, project_files
 
 # --------------------------------------------------------------------------- samples
 

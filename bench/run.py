@@ -85,7 +85,7 @@ def _say(text: str) -> None:
 
 
 def environment() -> str:
-    from bot.terraform import find_terraform
+    from bot.jobs.terraform import find_terraform
 
     version = subprocess.run([find_terraform(), "version"], capture_output=True, text=True).stdout.split("\n")[0]
     load = os.getloadavg()

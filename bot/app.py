@@ -20,22 +20,24 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import handlers
-from bot import github_webhook, gitlab_webhook, trigger_api
-from bot.api_runs import ApiError, ApiRuns
-from bot.ci_auth import HmacVerifier, OidcVerifier
+from bot.ci import api as trigger_api
+from bot.ci.auth import HmacVerifier, OidcVerifier
+from bot.ci.runs import ApiError, ApiRuns
+from bot.ci.slack import MESSAGE_KINDS, SlackNotifier, render_run_message
 from bot.config import Config
-from bot.dispatcher import Dispatcher, repo_id_refusal
-from bot.git import GitError, RepoCache
+from bot.forges.github import webhook as github_webhook
+from bot.forges.github.client import GitHubApp, github_login_of
+from bot.forges.gitlab import webhook as gitlab_webhook
+from bot.forges.gitlab.client import GitLabClient, check_gitlab_token, gitlab_login_of, lookup_gitlab_repo
+from bot.forges.vcs import ForgeError, VCSClient
+from bot.forges.webhook import InvalidSignature, MalformedPayload, load_body
+from bot.jobs.dispatcher import Dispatcher, repo_id_refusal
+from bot.jobs.git import GitError, RepoCache
+from bot.jobs.terraform import Terraform, TerraformSettings, find_terraform
+from bot.jobs.worker import Worker, disk_is_full
 from bot.metrics import Metrics
-from bot.github_client import GitHubApp, github_login_of
-from bot.github_webhook import InvalidSignature, MalformedPayload, load_body
-from bot.gitlab_client import GitLabClient, check_gitlab_token, gitlab_login_of, lookup_gitlab_repo
-from bot.slack import MESSAGE_KINDS, SlackNotifier, render_run_message
 from bot.models import CommentEvent, Event, PullRequestEvent, Repo
 from bot.store import Delivery, Job, Run, Store, repo_key
-from bot.terraform import Terraform, TerraformSettings, find_terraform
-from bot.vcs import ForgeError, VCSClient
-from bot.worker import Worker, disk_is_full
 from handlers.context import HandlerContext
 from policies.policy import Policy, load_policy_file
 
@@ -129,7 +131,7 @@ class Deploybot:
         """A repository the forge API described, if its id is the one the policy means.
 
         Else ApiError 403: the trigger API refuses the call and audits the reason, as the
-        dispatcher does for webhooks (bot.dispatcher.repo_id_refusal).
+        dispatcher does for webhooks (bot.jobs.dispatcher.repo_id_refusal).
         """
         refusal = repo_id_refusal(self.store, self.policy, repo)
         if refusal is not None:

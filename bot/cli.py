@@ -11,7 +11,7 @@ import os
 import sys
 
 from bot.config import ConfigError, load_config
-from policies.policy import PolicyError
+from policies.validation import PolicyError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,13 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     sandbox.add_argument("--forge", choices=["github", "gitlab"], default="github",
                          help="which local forge to run the trial on")
 
-    # Every argument after `run` goes to bot.run_cli as is: its usage errors exit 1, never 2
+    # Every argument after `run` goes to bot.ci.cli as is: its usage errors exit 1, never 2
     # (2 means "changes present"), and `deploybot run --help` is its own help.
     run = commands.add_parser("run", add_help=False, prefix_chars="\0",
                               help="plan or apply through a deploybot server, for CI jobs (see `deploybot run --help`)")
     run.add_argument("run_args", nargs=argparse.REMAINDER)
 
-    from bot.github_app_setup import add_create_parser
+    from bot.forges.github.app_setup import add_create_parser
 
     add_create_parser(commands)
 
@@ -62,14 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "repo-id":
             return _forget_repo_id(args.config, args.forge, args.name)
         if args.command == "run":
-            from bot.run_cli import main as run_main
+            from bot.ci.cli import main as run_main
 
             return run_main(args.run_args)
         if args.command == "github-app":
-            from bot.github_app_setup import run_create
+            from bot.forges.github.app_setup import run_create
 
             return run_create(args)
-        from bot.sandbox import run_sandbox
+        from bot.sandbox.trial import run_sandbox
 
         return run_sandbox(args.dir, keep=args.keep, forge_name=args.forge)
     except (ConfigError, PolicyError) as exc:

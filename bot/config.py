@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from bot.aws_credentials import PhaseRoles
+from bot.jobs.aws_credentials import PhaseRoles
 
 
 class ConfigError(ValueError):
@@ -154,8 +154,8 @@ class Config:
         return [v for v in values if len(v) >= 4]
 
 
-_SECTIONS = {"server": ServerConfig, "github": GitHubConfig, "gitlab": GitLabConfig,
-             "slack": SlackConfig, "aws": AwsConfig, "terraform": TerraformConfig}
+SECTIONS = {"server": ServerConfig, "github": GitHubConfig, "gitlab": GitLabConfig,
+            "slack": SlackConfig, "aws": AwsConfig, "terraform": TerraformConfig}
 _ENV_PREFIX = "DEPLOYBOT_"
 
 
@@ -176,11 +176,11 @@ def load_config(path: str | Path | None, environ: Mapping[str, str] | None = Non
         base_dir = path.parent.resolve()
     _apply_environment(raw, environ)
 
-    unknown = set(raw) - set(_SECTIONS) - {"policy_file"}
+    unknown = set(raw) - set(SECTIONS) - {"policy_file"}
     if unknown:
         raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
     config = Config()
-    for name, cls in _SECTIONS.items():
+    for name, cls in SECTIONS.items():
         section = raw.get(name) or {}
         if not isinstance(section, dict):
             raise ConfigError(f"{name}: must be a mapping")
@@ -207,7 +207,7 @@ def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
             raw["policy_file"] = value
             continue
         section, sep, name = rest.partition("__")
-        if not sep or section not in _SECTIONS:
+        if not sep or section not in SECTIONS:
             continue
         target = raw.setdefault(section, {})
         if isinstance(target, dict):

@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from bot.comments import redact
+from bot.report.comments import redact
 
 _CONTEXT: contextvars.ContextVar[dict[str, str | int]] = contextvars.ContextVar("deploybot_log_context", default={})
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
-import logging
-
-from bot.apply_gate import excluded, may
+from bot.jobs.apply_gate import excluded, may
 from bot.models import CommentEvent, Project, PullRequest, plan_id
 from bot.store import SavedPlan, project_key
 from handlers.comment_parser import Command, Reply, parse_comment
@@ -157,7 +156,7 @@ def approve(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Com
         ctx.store.audit(user, "approve", "refused", pull.repo.full_name, sha=pull.head_sha, detail=detail)
         reply(ctx, pull.number, text)
 
-    if user.lower() in excluded(ctx.client, policy, pull):
+    if user.lower() in excluded(ctx.client, ctx.store, policy, pull):
         refuse(SELF_APPROVAL.format(user=user), "the author or a committer cannot approve")
         return
     # What the approver saw is judged by the comment as the forge has it, at the forge's time:

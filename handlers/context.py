@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+from bot.forges.vcs import VCSClient
 from bot.models import Repo
 from bot.store import Job, Store
-from bot.vcs import VCSClient
 from policies.policy import Policy
 
 

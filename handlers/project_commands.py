@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from bot.apply_gate import apply_blockers, may
-from bot.git import GitError
+from bot.forges.vcs import ForgeError
+from bot.jobs.apply_gate import apply_blockers, may
+from bot.jobs.git import GitError
 from bot.models import Project, PullRequest, Repo
-from bot.statuses import APPLY_CONTEXT, PLAN_CONTEXT
+from bot.report.statuses import APPLY_CONTEXT, PLAN_CONTEXT
 from bot.store import project_key
-from bot.vcs import ForgeError
 from handlers.context import HandlerContext
 from policies.autoplan import NarrowedProject, narrow_projects, projects_to_autoplan
 from policies.policy import RepoPolicy

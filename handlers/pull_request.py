@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from bot.apply_gate import may
+from bot.jobs.apply_gate import may
 from bot.models import PullRequestEvent
 from handlers.context import HandlerContext
 from handlers.project_commands import (
@@ -47,6 +47,9 @@ def autoplan(event: PullRequestEvent, ctx: HandlerContext) -> None:
     if policy is None:
         log.info("%s is not allow-listed; not planning #%s", pull.repo.full_name, pull.number)
         return
+    if event.action in ("opened", "updated"):
+        # A commit's e-mail can name anyone; who pushed is the forge's own word, and never approves.
+        ctx.store.add_pusher(pull.repo, pull.number, event.sender)
     if event.action == "updated":
         _cancel_pull_jobs(ctx, event, command="plan")
     if pull.is_fork and not policy.allow_forks:

@@ -1,7 +1,7 @@
 """Who may call the trigger API (``POST /api/v1/runs``): the ``callers:`` section of the policy.
 
 Pure: parsing and decisions over plain data, no network, no disk. The HTTP edge
-(``bot.ci_auth``) proves which caller a request comes from; this module says what
+(``bot.ci.auth``) proves which caller a request comes from; this module says what
 that caller may do. Anything not listed is refused.
 
 Shape::
@@ -48,22 +48,20 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from bot.models import Project
 from policies.autoplan import normalize_dir
-from policies.policy import (
-    _REPO_NAME,
-    PolicyError,
-    _expect,
-    _has_dot_segment,
-    _no_unknown_keys,
-    _type_name,
-)
+from policies.validation import REPO_NAME, PolicyError, expect, has_dot_segment, no_unknown_keys, type_name
 
-if TYPE_CHECKING:
-    from policies.policy import RepoPolicy
+
+class AllowListedRepo(Protocol):
+    """What a grant is checked against: a repository of the policy (`policies.policy.RepoPolicy`)."""
+
+    name: str
+    projects: tuple[Project, ...]
+
 
 COMMANDS: tuple[str, ...] = ("plan", "apply")
 ID_CLAIMS: tuple[str, ...] = ("repository_id", "repository_owner_id", "project_id", "namespace_id")
@@ -202,14 +200,14 @@ def _entry_covers(entry: str, project: Project) -> bool:
 
 
 def parse_callers(
-    raw: Any, path: str = "callers", repos: Mapping[str, RepoPolicy] | None = None
+    raw: Any, path: str = "callers", repos: Mapping[str, AllowListedRepo] | None = None
 ) -> tuple[Caller, ...]:
     """Validate the ``callers`` list; raise PolicyError naming the bad key.
 
     With `repos` (the policy's repos keyed by lower-cased name), every granted repo
     and project must exist there.
     """
-    items = _expect(raw, list, path, "a list of callers")
+    items = expect(raw, list, path, "a list of callers")
     callers: list[Caller] = []
     names: set[str] = set()
     for i, item in enumerate(items):
@@ -222,11 +220,11 @@ def parse_callers(
     return tuple(callers)
 
 
-def _caller(raw: Any, path: str, repos: Mapping[str, RepoPolicy] | None) -> Caller:
-    raw = _expect(raw, dict, path, "a mapping")
+def _caller(raw: Any, path: str, repos: Mapping[str, AllowListedRepo] | None) -> Caller:
+    raw = expect(raw, dict, path, "a mapping")
     if "key" in raw or "secret" in raw:
         raise PolicyError(f"{path}: never write a key in the policy; use hmac: {{key_file: PATH}} or {{key_env: NAME}}")
-    _no_unknown_keys(raw, _CALLER_KEYS, path)
+    no_unknown_keys(raw, _CALLER_KEYS, path)
 
     if "name" not in raw:
         raise PolicyError(f"{path}.name: required")
@@ -244,13 +242,13 @@ def _caller(raw: Any, path: str, repos: Mapping[str, RepoPolicy] | None) -> Call
 
     if "repos" not in raw:
         raise PolicyError(f"{path}.repos: required (a caller without repos may trigger nothing)")
-    grants_raw = _expect(raw["repos"], dict, f"{path}.repos", "a mapping of repo full names")
+    grants_raw = expect(raw["repos"], dict, f"{path}.repos", "a mapping of repo full names")
     if not grants_raw:
         raise PolicyError(f"{path}.repos: must list at least one repo")
     grants: dict[str, CallerGrant] = {}
     for repo_name, grant_raw in grants_raw.items():
         gpath = f"{path}.repos.{repo_name}"
-        if not isinstance(repo_name, str) or not _REPO_NAME.fullmatch(repo_name) or _has_dot_segment(repo_name):
+        if not isinstance(repo_name, str) or not REPO_NAME.fullmatch(repo_name) or has_dot_segment(repo_name):
             raise PolicyError(f"{gpath}: not a repo full name like owner/repo or group/sub/repo")
         key = repo_name.lower()
         if key in grants:
@@ -265,22 +263,22 @@ def _caller(raw: Any, path: str, repos: Mapping[str, RepoPolicy] | None) -> Call
 
 
 def _oidc(raw: Any, path: str) -> OidcTrust:
-    raw = _expect(raw, dict, path, "a mapping")
-    _no_unknown_keys(raw, _OIDC_KEYS, path)
+    raw = expect(raw, dict, path, "a mapping")
+    no_unknown_keys(raw, _OIDC_KEYS, path)
     for key in _OIDC_KEYS:
         if key not in raw:
             raise PolicyError(f"{path}.{key}: required")
 
     issuer = raw["issuer"]
     if not isinstance(issuer, str):
-        raise PolicyError(f"{path}.issuer: must be a string, not {_type_name(issuer)}")
+        raise PolicyError(f"{path}.issuer: must be a string, not {type_name(issuer)}")
     _check_issuer(issuer, f"{path}.issuer")
 
     audience = raw["audience"]
     if not isinstance(audience, str) or not audience.strip():
         raise PolicyError(f"{path}.audience: must be a non-empty string")
 
-    claims_raw = _expect(raw["claims"], dict, f"{path}.claims", "a mapping of claim names to values")
+    claims_raw = expect(raw["claims"], dict, f"{path}.claims", "a mapping of claim names to values")
     claims: dict[str, tuple[str, ...]] = {}
     for claim, value in claims_raw.items():
         cpath = f"{path}.claims.{claim}"
@@ -324,17 +322,17 @@ def _claim_values(value: Any, path: str) -> tuple[str, ...]:
             text = str(v).lower() if isinstance(v, bool) else str(v)
             raise PolicyError(f'{where}: must be a string; quote it: "{text}" (claims compare as exact strings)')
         if not isinstance(v, str) or not v:
-            raise PolicyError(f"{where}: must be a non-empty string, not {_type_name(v)}")
+            raise PolicyError(f"{where}: must be a non-empty string, not {type_name(v)}")
         if v not in result:
             result.append(v)
     return tuple(result)
 
 
 def _hmac(raw: Any, path: str) -> tuple[str | None, str | None]:
-    raw = _expect(raw, dict, path, "a mapping with key_file or key_env")
+    raw = expect(raw, dict, path, "a mapping with key_file or key_env")
     if "key" in raw or "secret" in raw:
         raise PolicyError(f"{path}: never write the key in the policy; use key_file or key_env")
-    _no_unknown_keys(raw, _HMAC_KEYS, path)
+    no_unknown_keys(raw, _HMAC_KEYS, path)
     if ("key_file" in raw) == ("key_env" in raw):
         raise PolicyError(f"{path}: give exactly one of key_file, key_env")
     if "key_file" in raw:
@@ -348,13 +346,13 @@ def _hmac(raw: Any, path: str) -> tuple[str | None, str | None]:
     return None, key_env
 
 
-def _grant(raw: Any, path: str, repo_policy: RepoPolicy | None) -> CallerGrant:
-    raw = _expect(raw, dict, path, "a mapping")
-    _no_unknown_keys(raw, _GRANT_KEYS, path)
+def _grant(raw: Any, path: str, repo_policy: AllowListedRepo | None) -> CallerGrant:
+    raw = expect(raw, dict, path, "a mapping")
+    no_unknown_keys(raw, _GRANT_KEYS, path)
 
     if "projects" not in raw:
         raise PolicyError(f"{path}.projects: required")
-    projects = _expect(raw["projects"], list, f"{path}.projects", "a list of project names or dirs")
+    projects = expect(raw["projects"], list, f"{path}.projects", "a list of project names or dirs")
     if not projects:
         raise PolicyError(f"{path}.projects: must list at least one project")
     entries: list[str] = []
@@ -370,7 +368,7 @@ def _grant(raw: Any, path: str, repo_policy: RepoPolicy | None) -> CallerGrant:
 
     if "commands" not in raw:
         raise PolicyError(f"{path}.commands: required (plan, apply)")
-    commands_raw = _expect(raw["commands"], list, f"{path}.commands", "a list")
+    commands_raw = expect(raw["commands"], list, f"{path}.commands", "a list")
     if not commands_raw:
         raise PolicyError(f"{path}.commands: must list at least one of {', '.join(COMMANDS)}")
     seen: set[str] = set()
@@ -386,13 +384,13 @@ def _grant(raw: Any, path: str, repo_policy: RepoPolicy | None) -> CallerGrant:
     if "apply" in seen:
         if "apply_refs" not in raw:
             raise PolicyError(f"{path}.apply_refs: required when apply is allowed (e.g. [refs/heads/main])")
-        refs = _expect(raw["apply_refs"], list, f"{path}.apply_refs", "a list of git refs")
+        refs = expect(raw["apply_refs"], list, f"{path}.apply_refs", "a list of git refs")
         if not refs:
             raise PolicyError(f"{path}.apply_refs: must list at least one ref")
         for j, ref in enumerate(refs):
             rpath = f"{path}.apply_refs[{j}]"
             if not isinstance(ref, str):
-                raise PolicyError(f"{rpath}: must be a string, not {_type_name(ref)}")
+                raise PolicyError(f"{rpath}: must be a string, not {type_name(ref)}")
             if not ref.startswith("refs/"):
                 raise PolicyError(f"{rpath}: must be a full ref like refs/heads/{ref or 'main'}")
             if not _GIT_REF.fullmatch(ref) or ".." in ref or "//" in ref or ref.endswith(("/", ".lock", ".")):

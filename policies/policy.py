@@ -70,19 +70,22 @@ import os
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from bot.models import Project
 from policies.autoplan import normalize_dir, resolve_glob
-
-if TYPE_CHECKING:
-    from policies.callers import Caller
-
-
-class PolicyError(ValueError):
-    """The policy file is invalid; the message names the offending key."""
+from policies.callers import Caller, parse_callers
+from policies.validation import (
+    REPO_NAME,
+    SEGMENT,
+    PolicyError,
+    expect,
+    has_dot_segment,
+    no_unknown_keys,
+    type_name,
+)
 
 
 class ApplyRequirement(StrEnum):
@@ -206,9 +209,7 @@ _BRANCH = re.compile(r"[A-Za-z0-9._/-]+")
 _SUBJECT_KEYS = ("users", "teams", "permission")
 _PROJECT_KEYS = ("name", "dir", "workspace", "autoplan")
 
-_SEGMENT = r"[A-Za-z0-9_.-]+"
-_REPO_NAME = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})+")
-_TEAM = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})+")
+_TEAM = re.compile(rf"{SEGMENT}(?:/{SEGMENT})+")
 # GitHub logins, GitLab usernames, and GitHub App bots ("renovate[bot]").
 _USER = re.compile(r"[A-Za-z0-9_.-]+(?:\[bot\])?")
 _NAME = re.compile(r"[A-Za-z0-9._/-]+")  # what the comment parser accepts for -p
@@ -263,27 +264,26 @@ def load_policy(text: str) -> Policy:
         raise PolicyError(f"invalid YAML: {e}") from None
     if not isinstance(data, dict):
         raise PolicyError("the policy must be a mapping with a `repos` key")
-    _no_unknown_keys(data, ("repos", "callers"), "")
+    no_unknown_keys(data, ("repos", "callers"), "")
     if "repos" not in data:
         raise PolicyError("repos: required")
-    repos_raw = _expect(data["repos"], dict, "repos", "a mapping of repo full names")
+    repos_raw = expect(data["repos"], dict, "repos", "a mapping of repo full names")
     repos: dict[str, RepoPolicy] = {}
     for name, raw in repos_raw.items():
-        if not isinstance(name, str) or not _REPO_NAME.fullmatch(name) or _has_dot_segment(name):
+        if not isinstance(name, str) or not REPO_NAME.fullmatch(name) or has_dot_segment(name):
             raise PolicyError(f"repos.{name}: not a repo full name like owner/repo or group/sub/repo")
         key = name.lower()
         if key in repos:
             raise PolicyError(f"repos.{name}: listed twice (repo names are case-insensitive)")
         repos[key] = _repo(name, raw, f"repos.{name}")
-    from policies.callers import parse_callers  # here: policies.callers imports this module
 
     callers = parse_callers(data["callers"], path="callers", repos=repos) if "callers" in data else ()
     return Policy(repos, callers)
 
 
 def _repo(name: str, raw: Any, path: str) -> RepoPolicy:
-    raw = _expect(raw, dict, path, "a mapping")
-    _no_unknown_keys(raw, _REPO_KEYS, path)
+    raw = expect(raw, dict, path, "a mapping")
+    no_unknown_keys(raw, _REPO_KEYS, path)
 
     repo_config_file = raw.get("repo_config_file")
     if repo_config_file is not None:
@@ -324,7 +324,7 @@ def _approvers_exclude(raw: dict[str, Any], path: str) -> frozenset[str]:
     if "approvers_exclude" not in raw:
         return frozenset(APPROVER_EXCLUSIONS)
     path = f"{path}.approvers_exclude"
-    values = _expect(raw["approvers_exclude"], list, path, "a list")
+    values = expect(raw["approvers_exclude"], list, path, "a list")
     for i, value in enumerate(values):
         if value not in APPROVER_EXCLUSIONS:
             raise PolicyError(f"{path}[{i}]: must be one of {', '.join(APPROVER_EXCLUSIONS)}")
@@ -333,7 +333,7 @@ def _approvers_exclude(raw: dict[str, Any], path: str) -> frozenset[str]:
 
 def _branches(raw: dict[str, Any], key: str, path: str) -> tuple[str, ...]:
     path = f"{path}.{key}"
-    values = _expect(raw.get(key, []), list, path, "a list")
+    values = expect(raw.get(key, []), list, path, "a list")
     for i, value in enumerate(values):
         if not isinstance(value, str) or not _BRANCH.fullmatch(value) or ".." in value:
             raise PolicyError(f"{path}[{i}]: not a branch name")
@@ -353,18 +353,18 @@ def _subjects(raw: dict[str, Any], key: str, path: str, default: Subjects) -> Su
     if key not in raw:
         return default
     path = f"{path}.{key}"
-    block = _expect(raw[key], dict, path, "a mapping (use {} for nobody)")
-    _no_unknown_keys(block, _SUBJECT_KEYS, path)
+    block = expect(raw[key], dict, path, "a mapping (use {} for nobody)")
+    no_unknown_keys(block, _SUBJECT_KEYS, path)
 
     users: set[str] = set()
-    for i, user in enumerate(_expect(block.get("users", []), list, f"{path}.users", "a list")):
+    for i, user in enumerate(expect(block.get("users", []), list, f"{path}.users", "a list")):
         if not isinstance(user, str) or not _USER.fullmatch(user):
             raise PolicyError(f"{path}.users[{i}]: not a user login")
         users.add(user.lower())
 
     teams: list[str] = []
-    for i, team in enumerate(_expect(block.get("teams", []), list, f"{path}.teams", "a list")):
-        if not isinstance(team, str) or not _TEAM.fullmatch(team) or _has_dot_segment(team):
+    for i, team in enumerate(expect(block.get("teams", []), list, f"{path}.teams", "a list")):
+        if not isinstance(team, str) or not _TEAM.fullmatch(team) or has_dot_segment(team):
             raise PolicyError(f"{path}.teams[{i}]: must look like org/team (or group/subgroup)")
         if team.lower() not in (t.lower() for t in teams):
             teams.append(team)
@@ -384,7 +384,7 @@ def _requirements(raw: dict[str, Any], path: str) -> frozenset[str]:
     if "apply_requirements" not in raw:
         return frozenset({ApplyRequirement.APPROVED.value})
     path = f"{path}.apply_requirements"
-    names = _expect(raw["apply_requirements"], list, path, "a list")
+    names = expect(raw["apply_requirements"], list, path, "a list")
     allowed = [r.value for r in ApplyRequirement]
     result: set[str] = set()
     for i, name in enumerate(names):
@@ -400,7 +400,7 @@ def _projects(raw: dict[str, Any], path: str) -> tuple[Project, ...]:
     path = f"{path}.projects"
     if "projects" not in raw:
         raise PolicyError(f"{path}: required (a repo without projects runs nothing)")
-    items = _expect(raw["projects"], list, path, "a list")
+    items = expect(raw["projects"], list, path, "a list")
     if not items:
         raise PolicyError(f"{path}: must list at least one project")
     projects: list[Project] = []
@@ -408,8 +408,8 @@ def _projects(raw: dict[str, Any], path: str) -> tuple[Project, ...]:
     places: set[tuple[str, str]] = set()
     for i, item in enumerate(items):
         ppath = f"{path}[{i}]"
-        item = _expect(item, dict, ppath, "a mapping")
-        _no_unknown_keys(item, _PROJECT_KEYS, ppath)
+        item = expect(item, dict, ppath, "a mapping")
+        no_unknown_keys(item, _PROJECT_KEYS, ppath)
         if "dir" not in item:
             raise PolicyError(f"{ppath}.dir: required")
         dir_ = _path(item["dir"], f"{ppath}.dir")
@@ -432,7 +432,7 @@ def _projects(raw: dict[str, Any], path: str) -> tuple[Project, ...]:
 
         autoplan: tuple[str, ...] = ()
         if "autoplan" in item:
-            globs = _expect(item["autoplan"], list, f"{ppath}.autoplan", "a list of globs")
+            globs = expect(item["autoplan"], list, f"{ppath}.autoplan", "a list of globs")
             if not globs:
                 raise PolicyError(f"{ppath}.autoplan: must list at least one glob (omit it for the default)")
             for j, glob in enumerate(globs):
@@ -448,41 +448,17 @@ def _projects(raw: dict[str, Any], path: str) -> tuple[Project, ...]:
 # --- small checks ----------------------------------------------------------------
 
 
-def _expect(value: Any, kind: type, path: str, what: str) -> Any:
-    if not isinstance(value, kind):
-        raise PolicyError(f"{path}: must be {what}, not {_type_name(value)}")
-    return value
-
-
 def _bool(raw: dict[str, Any], key: str, path: str) -> bool:
     value = raw.get(key, False)
     if not isinstance(value, bool):
-        raise PolicyError(f"{path}.{key}: must be true or false, not {_type_name(value)}")
+        raise PolicyError(f"{path}.{key}: must be true or false, not {type_name(value)}")
     return value
 
 
 def _path(value: Any, path: str) -> str:
     if not isinstance(value, str):
-        raise PolicyError(f"{path}: must be a string, not {_type_name(value)}")
+        raise PolicyError(f"{path}: must be a string, not {type_name(value)}")
     try:
         return normalize_dir(value)
     except ValueError as e:
         raise PolicyError(f"{path}: {e}") from None
-
-
-def _no_unknown_keys(raw: dict[Any, Any], allowed: tuple[str, ...], path: str) -> None:
-    for key in raw:
-        if key not in allowed:
-            where = f"{path}.{key}" if path else str(key)
-            raise PolicyError(f"{where}: unknown key (allowed: {', '.join(allowed)})")
-
-
-def _has_dot_segment(name: str) -> bool:
-    return any(seg in (".", "..") for seg in name.split("/"))
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)

@@ -1,6 +1,6 @@
 """Whether a repository is the one the policy means: by its forge id, not only by its name.
 
-Pure: one decision over plain values. The edge (``bot.dispatcher.repo_id_refusal``)
+Pure: one decision over plain values. The edge (``bot.jobs.dispatcher.repo_id_refusal``)
 reads the policy and the store and passes what it found.
 
 A repository's name can be deleted (or renamed away) and registered again by someone

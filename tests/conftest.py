@@ -3,7 +3,7 @@
 - `tf_settings` (session): TerraformSettings whose CLI config names a filesystem
   mirror holding the null provider 2.1.2, so `terraform init` never touches the
   network; plugin cache and HOME live in a session temp dir.
-- `terraform`: a `bot.terraform.Terraform` built from `tf_settings`.
+- `terraform`: a `bot.jobs.terraform.Terraform` built from `tf_settings`.
 - `make_world`: end-to-end worlds (tests/world.py), once on each forge.
 - `make_git_repo` / `git_repo`: an "upstream" bare repository plus a working clone,
   with helpers to write files, commit and push (see `GitRepo`).
@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from bot.sandbox import REPO, GitRepo, git  # noqa: F401  (git is used by test modules)
-from bot.sandbox_forges import FORGES
-from bot.terraform import Terraform, TerraformSettings, find_terraform, make_null_provider_mirror
+from bot.jobs.terraform import Terraform, TerraformSettings, find_terraform, make_null_provider_mirror
+from bot.sandbox.forges import FORGES
+from bot.sandbox.trial import REPO, GitRepo, git  # noqa: F401  (git is used by test modules)
 from tests.world import TEST_POLICY, MakeWorld, World
+
 
 @pytest.fixture(scope="session")
 def tf_settings(tmp_path_factory: pytest.TempPathFactory) -> TerraformSettings:

@@ -12,7 +12,7 @@
 Everything accepted is recorded (`webhook_posts`, `chat_messages`, `responses`).
 `sign_slack_request` and `interaction_body` build what Slack would post to the bot's
 interactivity URL when someone clicks a button, computed here independently of
-`bot.slack`.
+`bot.ci.slack`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from bot.local_forge import ServerThread
+from bot.sandbox.local_forge import ServerThread
 
 
 def sign_slack_request(body: bytes, secret: str, timestamp: int | float | str) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """An approval is of a plan: each way to apply without a valid approval, tried on the real bot.
 
 Every attack runs on both forges with real terraform, git and HTTP, and ends with nothing
-applied; next to it, the honest path still applies. The people (bot.sandbox_forges.PEOPLE):
+applied; next to it, the honest path still applies. The people (bot.sandbox.forges.PEOPLE):
 alice and carol are developers, bob and dave approvers and appliers.
 """
 
@@ -11,8 +11,8 @@ import json
 import re
 import time
 
-from bot.local_forge import Fault
-from bot.sandbox import git, wait_for
+from bot.sandbox.local_forge import Fault
+from bot.sandbox.trial import git, wait_for
 from tests.test_flow import post_webhook
 from tests.world import MakeWorld, World, staging_change
 
@@ -57,15 +57,18 @@ def audit(world: World, action: str, outcome: str) -> list[dict]:
         store.close()
 
 
-def push_as(world: World, number: int, branch: str, files: dict[str, str], user: str) -> str:
-    """`user` (name and e-mail of their account) commits to the pull request's branch and pushes."""
+def push_as(world: World, number: int, branch: str, files: dict[str, str], user: str,
+            identity: str | None = None) -> str:
+    """`user` commits to the pull request's branch (as `identity`'s name and e-mail, by default
+    their own) and pushes."""
+    identity = identity or user
     git("switch", "--quiet", branch, cwd=world.repo.work)
     world.repo.write(files)
     git("add", "--all", cwd=world.repo.work)
-    git("-c", f"user.name={user}", "-c", f"user.email={user}@example.com",
+    git("-c", f"user.name={identity}", "-c", f"user.email={identity}@example.com",
         "commit", "--quiet", "-m", f"{user}'s change", cwd=world.repo.work)
     world.repo.push(branch)
-    world.forge.synchronize(number)
+    world.forge.synchronize(number, pusher=user)
     return world.repo.sha()
 
 
@@ -232,6 +235,25 @@ def test_an_approver_who_committed_to_the_pull_request_cannot_approve_it(make_wo
     assert world.state_resources("staging") == 2
 
 
+def test_an_approver_who_pushed_a_commit_in_someone_elses_name_cannot_approve_it(make_world: MakeWorld):
+    world = make_world()
+    number = world.open_pr("resize-staging", staging_change(world))
+    wait_plan(world, number, 1)
+    # bob commits as alice (a commit's e-mail is whatever git was told) and pushes it himself.
+    next_second()
+    push_as(world, number, "resize-staging", staging_change(world, size="huge"), "bob", identity="alice")
+    wait_plan(world, number, 2)
+    assert "cannot approve" in answer_to(world, number, "bob", "deploybot approve", "@bob")
+    world.forge.approve(number, "bob")
+    world.wait_idle()
+    assert "needs 1 approval from approvers, has 0" in apply_as(world, number, "bob")
+    assert world.state_resources("staging") == 0
+
+    # Positive control: dave, who pushed nothing, approves; bob may then apply.
+    world.forge.approve(number, "dave")
+    assert "applied plan" in apply_as(world, number, "bob")
+
+
 def test_approvers_exclude_author_only_lets_a_committer_approve(make_world: MakeWorld):
     world = make_world({"approvers_exclude": ["author"]})
     number = world.open_pr("resize-staging", staging_change(world))
@@ -288,3 +310,30 @@ def test_a_forge_error_in_the_apply_gate_fails_closed_and_says_what_the_forge_sa
 
     # Positive control: once the forge answers again, the same approval applies.
     assert "applied plan" in apply_as(world, number)
+
+
+def test_a_withdrawal_voids_a_comment_approval_that_reaches_the_bot_after_it(make_world: MakeWorld):
+    world = make_world()
+    number = world.open_pr("resize-staging", staging_change(world))
+    wait_plan(world, number, 1)
+    world.forge.approve(number, "bob")
+    world.wait_idle()
+    # bob comments `deploybot approve`, but its delivery fails and comes back only after bob has
+    # withdrawn his approval (GitHub: requested changes), whose webhook the bot handled first.
+    world.forge.set_webhook("http://127.0.0.1:9")
+    world.comment(number, "bob", "deploybot approve")
+    late = world.forge.fake.deliveries[-1]
+    world.forge.set_webhook(world.url)
+    next_second()
+    world.forge.request_changes(number, "bob")
+    world.wait_idle()
+    world.forge.fake.redeliver(late.delivery_id)
+    world.wait_comment(number, "@bob approved")
+    refused = apply_as(world, number, "dave")
+    assert "apply refused" in refused and "has 0" in refused
+    assert world.state_resources("staging") == 0
+
+    # Positive control: approving again, after the withdrawal, counts.
+    next_second()
+    assert "@bob approved" in answer_to(world, number, "bob", "deploybot approve", "@bob approved")
+    assert "applied plan" in apply_as(world, number, "dave")

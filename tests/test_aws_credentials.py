@@ -22,7 +22,7 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 
-from bot.aws_credentials import (
+from bot.jobs.aws_credentials import (
     REFRESH_MARGIN_S,
     CredentialsError,
     PhaseCredentials,
@@ -30,7 +30,7 @@ from bot.aws_credentials import (
     session_name,
     with_credentials,
 )
-from bot.terraform import Terraform, TerraformSettings
+from bot.jobs.terraform import Terraform, TerraformSettings
 
 ACCOUNT = "123456789012"  # moto's default account
 REGION = "eu-west-1"

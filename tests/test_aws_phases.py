@@ -7,7 +7,6 @@ from typing import Iterator
 
 import pytest
 
-from bot.sandbox import REPO
 from tests.test_aws_credentials import REGION, Moto, bot_environment, moto  # noqa: F401  (fixtures)
 from tests.world import World, staging_change
 

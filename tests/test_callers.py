@@ -14,7 +14,8 @@ from policies.callers import (
     authorize_trigger,
     parse_callers,
 )
-from policies.policy import PolicyError, load_policy
+from policies.policy import load_policy
+from policies.validation import PolicyError
 
 REPOS = """
 repos:

@@ -29,7 +29,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from bot.ci_auth import (
+from bot.ci.auth import (
     CallerAuthError,
     HmacVerifier,
     OidcVerifier,
@@ -663,13 +663,13 @@ def test_caller_with_missing_key_is_disabled_not_a_crash(hmac_verifier: HmacVeri
 def test_missing_and_short_keys_are_logged(store: Store, monkeypatch: pytest.MonkeyPatch,
                                            caplog: pytest.LogCaptureFixture):
     monkeypatch.delenv("JENKINS_DEPLOYBOT_KEY", raising=False)
-    with caplog.at_level(logging.WARNING, logger="bot.ci_auth"):
+    with caplog.at_level(logging.WARNING, logger="bot.ci.auth"):
         verifier = HmacVerifier(policy_callers("https://issuer.example"), store.first_use)
     assert verifier.enabled == ()
     assert "caller jenkins disabled" in caplog.text and "caller circleci disabled" in caplog.text
     caplog.clear()
     monkeypatch.setenv("JENKINS_DEPLOYBOT_KEY", "tiny-key-value")
-    with caplog.at_level(logging.WARNING, logger="bot.ci_auth"):
+    with caplog.at_level(logging.WARNING, logger="bot.ci.auth"):
         verifier = HmacVerifier(policy_callers("https://issuer.example"), store.first_use)
     assert verifier.enabled == ()
     assert "shorter than 32 bytes" in caplog.text and "tiny-key-value" not in caplog.text

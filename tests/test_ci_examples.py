@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bot import run_cli
+from bot.ci import cli as run_cli
 from policies.callers import parse_callers
 
 CI_DIR = Path(__file__).resolve().parent.parent / "deploy" / "ci"

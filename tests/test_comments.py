@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bot.comments import ProjectOutcome, redact, render_run_comment, strip_ansi
+from bot.report.comments import ProjectOutcome, redact, render_run_comment, strip_ansi
 
 GITHUB_COMMENT_LIMIT = 65_536
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from bot.dispatcher import Dispatcher
+from bot.forges.vcs import ForgeError
+from bot.jobs.dispatcher import Dispatcher
 from bot.metrics import Metrics
 from bot.models import CommentEvent
 from bot.store import Delivery, Store
-from bot.vcs import ForgeError
 from handlers.router import Router
 
 COMMENT = (b'{"action": "created", "issue": {"number": 1, "pull_request": {"url": "x"}},'
@@ -29,7 +29,7 @@ def run_dispatcher(store: Store, router: Router, seconds: float) -> None:
 
 
 def test_outage_is_retried_later_and_other_errors_are_final(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr("bot.dispatcher.RETRY_BASE_SECONDS", 0.2)
+    monkeypatch.setattr("bot.jobs.dispatcher.RETRY_BASE_SECONDS", 0.2)
     store = Store(tmp_path / "db.sqlite3")
     calls: list[int] = []
     router = Router()

@@ -19,7 +19,7 @@ from typing import Any
 import hcl2
 import pytest
 
-from bot.terraform import find_terraform
+from bot.jobs.terraform import find_terraform
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = ROOT / "deploy" / "terraform"
@@ -353,12 +353,12 @@ def test_secrets_reach_the_container_only_through_ecs_secrets(module: Module) ->
 
 
 def test_secret_environment_names_are_config_fields() -> None:
-    from bot.config import _SECTIONS
+    from bot.config import SECTIONS
 
     for env in ("DEPLOYBOT_GITHUB__PRIVATE_KEY", "DEPLOYBOT_GITHUB__WEBHOOK_SECRET", "DEPLOYBOT_GITLAB__TOKEN",
                 "DEPLOYBOT_GITLAB__WEBHOOK_SECRET", "DEPLOYBOT_SLACK__SIGNING_SECRET", "DEPLOYBOT_SLACK__WEBHOOK_URL"):
         section, field_name = env.removeprefix("DEPLOYBOT_").lower().split("__")
-        assert field_name in _SECTIONS[section].__dataclass_fields__, env
+        assert field_name in SECTIONS[section].__dataclass_fields__, env
 
 
 def test_the_task_environment_is_a_config_deploybot_accepts(module: Module) -> None:

@@ -34,12 +34,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bot.github_webhook import sign
-from bot.local_forge import Fault
-from bot.sandbox import wait_for
-from bot.sandbox_forges import WEBHOOK_SECRET
+from bot.forges.github.webhook import sign
+from bot.jobs.terraform import find_terraform
+from bot.sandbox.forges import WEBHOOK_SECRET
+from bot.sandbox.local_forge import Fault
+from bot.sandbox.trial import wait_for
 from bot.store import project_key
-from bot.terraform import find_terraform
 from tests.test_races import held_deliveries
 from tests.world import World, staging_change
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import httpx
 
-from bot.github_webhook import sign
-from bot.sandbox_forges import WEBHOOK_SECRET
-from bot.terraform import find_terraform
+from bot.forges.github.webhook import sign
+from bot.jobs.terraform import find_terraform
+from bot.sandbox.forges import WEBHOOK_SECRET
 from tests.test_races import held_deliveries
 from tests.world import World, staging_change
 

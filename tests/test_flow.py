@@ -9,10 +9,10 @@ from pathlib import Path
 
 import httpx
 
-from bot.github_webhook import sign
+from bot.forges.github.webhook import sign
 from bot.models import Repo
-from bot.sandbox import REPO, wait_for
-from bot.sandbox_forges import WEBHOOK_SECRET
+from bot.sandbox.forges import WEBHOOK_SECRET
+from bot.sandbox.trial import REPO, wait_for
 from tests.world import MakeWorld, World, staging_change
 
 

@@ -28,14 +28,17 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from bot import github_client, github_fake, gitlab_client, gitlab_fake
-from bot.github_client import GitHubApp, GitHubClient, RetryPolicy, retry_after_seconds
-from bot.gitlab_client import GitLabClient
-from bot.local_forge import Fault
+from bot.forges.github import client as github_client
+from bot.forges.github.client import GitHubApp, GitHubClient
+from bot.forges.gitlab import client as gitlab_client
+from bot.forges.gitlab.client import GitLabClient
+from bot.forges.retry import RetryPolicy, retry_after_seconds
+from bot.forges.vcs import ForgeError
 from bot.models import Repo
-from bot.sandbox import REPO, wait_for
-from bot.sandbox_forges import FORGES
-from bot.vcs import ForgeError
+from bot.sandbox import github_fake, gitlab_fake
+from bot.sandbox.forges import FORGES
+from bot.sandbox.local_forge import Fault
+from bot.sandbox.trial import REPO, wait_for
 from tests.forge_support import make_repo_dirs
 from tests.world import TEST_POLICY, World, staging_change
 

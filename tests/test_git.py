@@ -1,4 +1,4 @@
-"""bot.git against real git repositories made by the tests."""
+"""bot.jobs.git against real git repositories made by the tests."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-import bot.git
-from bot.git import GitError, RepoCache, _redact, escapes, local_module_dirs
-from bot.sandbox import GitRepo, git
+import bot.jobs.git
+from bot.jobs.git import GitError, RepoCache, escapes, header_secrets, local_module_dirs
+from bot.report.comments import redact
+from bot.sandbox.trial import GitRepo, git
 
 KEY = "github:acme/infra"  # as bot.store.repo_key makes it
 
@@ -254,7 +255,7 @@ def test_auth_header_reaches_git_only_through_the_environment(
         spawned.append((argv, kwargs.get("env") or {}))
         return await real_spawn(*argv, **kwargs)
 
-    monkeypatch.setattr(bot.git.asyncio, "create_subprocess_exec", recording_spawn)
+    monkeypatch.setattr(bot.jobs.git.asyncio, "create_subprocess_exec", recording_spawn)
 
     with pytest.raises(GitError) as raised:
         run(cache.fetch(KEY, f"{base_url}/acme/infra.git", "a" * 40, header))
@@ -286,11 +287,11 @@ def test_unreachable_server_error_has_no_secret(cache: RepoCache) -> None:
 def test_redact_covers_every_form_of_the_credential() -> None:
     token = "ghs_tok3n"
     header = "Basic " + base64.b64encode(f"x-access-token:{token}".encode()).decode()
-    secrets = bot.git._header_secrets(header)
+    secrets = header_secrets(header)
     text = f"fatal: header {header}; raw {header.split()[1]}; user x-access-token:{token}; {token}"
-    redacted = _redact(text, secrets)
+    redacted = redact(text, secrets)
     assert token not in redacted and header.split()[1] not in redacted
-    assert bot.git._header_secrets(None) == []
+    assert header_secrets(None) == []
 
 
 # --------------------------------------------------------------------------- pure helpers

@@ -23,7 +23,7 @@ import yaml
 
 from bot.cli import main
 from bot.config import load_config
-from bot.github_app_setup import (
+from bot.forges.github.app_setup import (
     CONFIG_FILE,
     PRIVATE_KEY_FILE,
     WEBHOOK_SECRET_FILE,
@@ -31,8 +31,8 @@ from bot.github_app_setup import (
     SetupError,
     load_manifest,
 )
-from bot.github_client import GitHubApp
-from bot.github_fake import FakeGitHub
+from bot.forges.github.client import GitHubApp
+from bot.sandbox.github_fake import FakeGitHub
 
 MANIFEST = Path(__file__).resolve().parent.parent / "app-manifest.yml"
 GITHUB_WEB = "https://github.example.test"

@@ -19,10 +19,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from bot.github_client import GitHubApp, GitHubClient
-from bot.github_fake import Fault, FakeGitHub
+from bot.forges.github.client import GitHubApp, GitHubClient
+from bot.forges.vcs import ForgeError
 from bot.models import ForgeComment, Repo
-from bot.vcs import ForgeError
+from bot.sandbox.github_fake import FakeGitHub, Fault
 from tests.forge_support import Received, commit, git, push_to_feature, webhook_receiver
 
 APP_ID = 42

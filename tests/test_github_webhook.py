@@ -7,14 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.github_webhook import (
-    InvalidSignature,
-    MalformedPayload,
-    load_body,
-    parse_event,
-    sign,
-    verify_signature,
-)
+from bot.forges.github.webhook import parse_event, sign, verify_signature
+from bot.forges.webhook import InvalidSignature, MalformedPayload, load_body
 from bot.models import CommentEvent, PullRequestEvent, ReviewEvent
 
 FIXTURES = Path(__file__).parent / "fixtures" / "github"

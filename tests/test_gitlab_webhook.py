@@ -9,18 +9,10 @@ from pathlib import Path
 
 import pytest
 
-import bot.github_webhook
-from bot.gitlab_webhook import (
-    FORGE,
-    InvalidSignature,
-    MalformedPayload,
-    delivery_id,
-    load_body,
-    parse_event,
-    sign,
-    verify_signing_token,
-    verify_token,
-)
+import bot.forges.github.webhook
+import bot.forges.gitlab.webhook
+from bot.forges.gitlab.webhook import FORGE, delivery_id, parse_event, sign, verify_signing_token, verify_token
+from bot.forges.webhook import InvalidSignature, MalformedPayload, load_body
 from bot.models import CommentEvent, PullRequestEvent, ReviewEvent
 
 FIXTURES = Path(__file__).parent / "fixtures" / "gitlab"
@@ -46,10 +38,12 @@ def test_token_accepts_the_exact_secret_and_rejects_everything_else():
         verify_token("", b"")
 
 
-def test_the_exception_types_are_the_github_edges():
-    assert InvalidSignature is bot.github_webhook.InvalidSignature
-    assert MalformedPayload is bot.github_webhook.MalformedPayload
-    assert load_body is bot.github_webhook.load_body
+def test_both_forges_raise_the_shared_exception_types():
+    # The intake turns exactly these into 401 and 400, whichever forge sent the body.
+    assert bot.forges.github.webhook.InvalidSignature is InvalidSignature
+    assert bot.forges.gitlab.webhook.InvalidSignature is InvalidSignature
+    assert bot.forges.gitlab.webhook.MalformedPayload is MalformedPayload
+    assert bot.forges.gitlab.webhook.load_body is load_body
     assert FORGE == "gitlab"
 
 

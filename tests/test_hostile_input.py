@@ -45,14 +45,14 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from bot.api_runs import RUN_FIELDS
-from bot.ci_auth import hmac_signature
-from bot.github_webhook import sign
-from bot.gitlab_webhook import parse_event as parse_gitlab_event
-from bot.github_webhook import parse_event as parse_github_event
+from bot.ci.auth import hmac_signature
+from bot.ci.runs import RUN_FIELDS
+from bot.forges.github.webhook import parse_event as parse_github_event
+from bot.forges.github.webhook import sign
+from bot.forges.gitlab.webhook import parse_event as parse_gitlab_event
 from bot.models import Mergeability, Repo, Review
-from bot.sandbox import REPO, project_files, wait_for
-from bot.sandbox_forges import WEBHOOK_SECRET
+from bot.sandbox.forges import WEBHOOK_SECRET
+from bot.sandbox.trial import REPO, project_files, wait_for
 from handlers.comment_parser import COMMANDS, Command, Reply, parse_comment
 from policies.apply_requirements import (
     ApplyFacts,
@@ -63,7 +63,8 @@ from policies.apply_requirements import (
 )
 from policies.authz import Actor, is_allowed
 from policies.autoplan import NarrowedProject, narrow_projects, projects_to_autoplan
-from policies.policy import PERMISSIONS, PolicyError, RepoPolicy, Subjects, load_policy
+from policies.policy import PERMISSIONS, RepoPolicy, Subjects, load_policy
+from policies.validation import PolicyError
 from tests.world import TEST_POLICY, World, staging_change
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -83,7 +84,7 @@ HMAC_KEY = "hostile-input-ci-key-0123456789abcdef"
 ADMIN_TOKEN = "hostile-input-admin-token"
 MAX_BODY = 1_000_000  # the worlds' server.max_body_bytes: big enough for every example, cheap to exceed
 
-# The bot's retry jitter (bot/dispatcher.py, bot/github_client.py) calls the global `random` from server
+# The bot's retry jitter (bot/jobs/dispatcher.py, bot/forges/github/client.py) calls the global `random` from server
 # threads while hypothesis generates examples; hypothesis then blames the strategy. Ignored for the tests
 # that run next to a server (the pure tests run first, before any world exists).
 BACKGROUND_RANDOM = pytest.mark.filterwarnings(
@@ -876,7 +877,7 @@ def test_oversized_and_replayed_webhooks(any_world: World, http: httpx.Client):
 
 
 def test_bug_github_number_out_of_float_range_is_a_400(github_world: World, http: httpx.Client):
-    """Was a bug: `1e999` is valid JSON that Python reads as inf; `int(pr["number"])` in bot/github_webhook.py `_pull`
+    """Was a bug: `1e999` is valid JSON that Python reads as inf; `int(pr["number"])` in bot/forges/github/webhook.py `_pull`
     (also `int(installation["id"])` in `_repo`) raises OverflowError, which `parse_with` does not catch
     (only KeyError/TypeError/ValueError/AttributeError): the signed webhook is answered 500."""
     payload = next(x for e, x in GITHUB_EXAMPLES if e == "pull_request" and x["action"] == "opened")
@@ -888,7 +889,7 @@ def test_bug_github_number_out_of_float_range_is_a_400(github_world: World, http
 
 
 def test_bug_deeply_nested_webhook_body_is_a_400(any_world: World, http: httpx.Client):
-    """Was a bug: `json.loads` raises RecursionError on 100000 nested '['; bot/github_webhook.py `load_body` (shared by
+    """Was a bug: `json.loads` raises RecursionError on 100000 nested '['; bot/forges/github/webhook.py `load_body` (shared by
     both forges) catches only UnicodeDecodeError/ValueError: a signed webhook is answered 500, not 400."""
     event = "pull_request" if any_world.forge.name == "github" else "Merge Request Hook"
     answer = deliver(http, any_world, event, b"[" * 100_000 + b"]" * 100_000)
@@ -1052,7 +1053,7 @@ def world_audit(world: World) -> list[dict]:
                                      {"repo": "", "command": "plan", "ref": "main", "project": "staging"}])
 def test_bug_trigger_api_body_without_repo_or_command_is_a_400(github_world: World, http: httpx.Client,
                                                                  payload: dict):
-    """Was a bug: bot/api_runs.py `parse_run_request` builds `RunRequest(**{...})` before its own "repo is required"
+    """Was a bug: bot/ci/runs.py `parse_run_request` builds `RunRequest(**{...})` before its own "repo is required"
     check; without `repo` or `command` (or with "" for them) that raises TypeError (missing required
     positional argument): a correctly signed request is answered 500, not 400."""
     answer = post_run(http, github_world, json.dumps(payload).encode())
@@ -1060,14 +1061,14 @@ def test_bug_trigger_api_body_without_repo_or_command_is_a_400(github_world: Wor
 
 
 def test_bug_trigger_api_deeply_nested_body_is_a_400(github_world: World, http: httpx.Client):
-    """Was a bug: 60000 nesting brackets fit the 64 KB limit; `json.loads` in bot/api_runs.py `parse_run_request`
+    """Was a bug: 60000 nesting brackets fit the 64 KB limit; `json.loads` in bot/ci/runs.py `parse_run_request`
     raises RecursionError, and only UnicodeDecodeError/ValueError are caught: 500, not 400."""
     answer = post_run(http, github_world, b"[" * 30_000 + b"]" * 30_000)
     assert answer.status_code == 400, answer.text
 
 
 def test_bug_trigger_api_lone_surrogate_is_a_4xx(github_world: World, http: httpx.Client):
-    """Was a bug: JSON `"\\ud800"` is valid text and decodes to a lone surrogate; the 403 refusal in bot/api_runs.py
+    """Was a bug: JSON `"\\ud800"` is valid text and decodes to a lone surrogate; the 403 refusal in bot/ci/runs.py
     `ApiRuns.start` is audited with `Store.audit(repo=request.repo, detail=...)`, and sqlite3 raises
     UnicodeEncodeError ("surrogates not allowed") from inside the except block: 500, not 403/400."""
     body = b'{"repo": "acme/\\ud800", "command": "plan", "ref": "main", "project": "staging"}'
@@ -1078,7 +1079,7 @@ def test_bug_trigger_api_lone_surrogate_is_a_4xx(github_world: World, http: http
 @pytest.mark.parametrize("forge", ["bitbucket", "gitlab", "GitHub"])
 def test_bug_trigger_api_unknown_forge_is_a_4xx(github_world: World, http: httpx.Client, forge: str):
     """Was a bug: an authorized request naming a forge this server does not serve gets ForgeError from
-    `Deploybot.forge` (bot/app.py), which bot/api_runs.py `ApiRuns._start` maps to ApiError(502, "the forge
+    `Deploybot.forge` (bot/app.py), which bot/ci/runs.py `ApiRuns._start` maps to ApiError(502, "the forge
     could not be asked"): a client mistake answered as a server error (the OpenAPI document allows only
     github/gitlab and lists no 502)."""
     body = json.dumps({"repo": REPO, "ref": "main", "project": "staging", "command": "plan",
@@ -1089,7 +1090,7 @@ def test_bug_trigger_api_unknown_forge_is_a_4xx(github_world: World, http: httpx
 
 @pytest.mark.parametrize("ref", ["..", "refs/heads/.."])
 def test_bug_trigger_api_dot_ref_is_a_4xx(github_world: World, http: httpx.Client, ref: str):
-    """Was a bug: bot/github_client.py `GitHubClient.commit_sha` requests `/commits/{quote(ref)}`; quote
+    """Was a bug: bot/forges/github/client.py `GitHubClient.commit_sha` requests `/commits/{quote(ref)}`; quote
     leaves "..", and the HTTP client normalises `/repos/O/R/commits/..` to `/repos/O/R`: the repository JSON
     has no "sha", the KeyError escapes `_call` (only forge errors are mapped) and the request is answered
     500. The same path arithmetic points the bot's authenticated GET at an endpoint it did not mean to call."""

@@ -8,7 +8,7 @@ branch without classic protection (GitHub's 404 "Branch not protected") is no er
 
 from __future__ import annotations
 
-from bot.sandbox import REPO
+from bot.sandbox.trial import REPO
 from tests.world import MakeWorld, World, staging_change
 
 MERGEABLE = {"apply_requirements": ["approved", "mergeable"]}

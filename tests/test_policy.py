@@ -12,13 +12,13 @@ from policies.policy import (
     DEFAULT_PLAN,
     NOBODY,
     Policy,
-    PolicyError,
     RepoPolicy,
     Subjects,
     load_policy,
     load_policy_file,
     select_projects,
 )
+from policies.validation import PolicyError
 
 FULL = """
 repos:

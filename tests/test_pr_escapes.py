@@ -1,6 +1,6 @@
 """A pull request that tries to escape: out of the clone, into the bot's files, its environment or its comments.
 
-Two halves: `bot.repo_guard.checkout_problems` on real directories (real git, real
+Two halves: `bot.jobs.repo_guard.checkout_problems` on real directories (real git, real
 symlinks, real `terraform init`), then end-to-end worlds where the pull request
 itself carries the attack. The end-to-end tests marked `needs Worker wiring` are
 refused only once the worker calls `checkout_problems` after the checkout.
@@ -17,9 +17,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from bot.comments import ProjectOutcome, render_run_comment
-from bot.git import RepoCache
-from bot.repo_guard import (
+from bot.jobs.git import RepoCache
+from bot.jobs.repo_guard import (
     MAX_OUTPUT_BYTES,
     MAX_REASONS,
     cap_output,
@@ -27,11 +26,11 @@ from bot.repo_guard import (
     installed_module_problems,
     parse_index,
 )
-from bot.sandbox import REPO, GitRepo, git, project_files, wait_for
-from bot.sandbox_forges import FORGES, WEBHOOK_SECRET
-from bot.terraform import NULL_PROVIDER_FILE, Terraform
+from bot.jobs.terraform import NULL_PROVIDER_FILE, Terraform
+from bot.report.comments import ProjectOutcome, render_run_comment
+from bot.sandbox.forges import FORGES, WEBHOOK_SECRET
+from bot.sandbox.trial import REPO, GitRepo, git, project_files, wait_for
 from tests.world import TEST_POLICY, World, staging_change
-
 
 # --------------------------------------------------------------------------- checkouts on disk
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import httpx
 
-from bot.github_webhook import sign
-from bot.sandbox import wait_for
-from bot.sandbox_forges import WEBHOOK_SECRET
+from bot.forges.github.webhook import sign
+from bot.sandbox.forges import WEBHOOK_SECRET
+from bot.sandbox.trial import wait_for
 from tests.world import World, staging_change
 
 

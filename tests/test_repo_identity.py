@@ -18,11 +18,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bot import cli, github_webhook, gitlab_webhook
-from bot.ci_auth import hmac_signature
-from bot.local_forge import stable_id
-from bot.sandbox import REPO
-from bot.sandbox_forges import WEBHOOK_SECRET
+from bot import cli
+from bot.ci.auth import hmac_signature
+from bot.forges.github import webhook as github_webhook
+from bot.forges.gitlab import webhook as gitlab_webhook
+from bot.forges.webhook import MalformedPayload
+from bot.sandbox.forges import WEBHOOK_SECRET
+from bot.sandbox.local_forge import stable_id
+from bot.sandbox.trial import REPO
 from bot.store import Store
 from policies.repo_identity import check_repo_id
 from tests.world import MakeWorld, World, staging_change
@@ -78,7 +81,7 @@ def test_github_repository_id_is_read():
     without = {**GITHUB_COMMENT, "repository": {k: v for k, v in GITHUB_COMMENT["repository"].items() if k != "id"}}
     assert github_webhook.parse_event("issue_comment", without).repo.id is None
     wrong = {**GITHUB_COMMENT, "repository": {**GITHUB_COMMENT["repository"], "id": "123"}}
-    with pytest.raises(github_webhook.MalformedPayload):
+    with pytest.raises(MalformedPayload):
         github_webhook.parse_event("issue_comment", wrong)
 
 

@@ -10,8 +10,8 @@ import signal
 import time
 from pathlib import Path
 
-from bot.sandbox import REPO, wait_for
-from bot.sandbox_forges import WEBHOOK_SECRET
+from bot.sandbox.forges import WEBHOOK_SECRET
+from bot.sandbox.trial import REPO, wait_for
 from tests.world import TEST_POLICY, World, staging_change
 
 SLOW_APPLY = """

@@ -2,7 +2,7 @@
 
 `FakeTriggerApi` serves `POST /api/v1/runs`, `GET /api/v1/runs/{id}` and the streamed
 `GET /api/v1/runs/{id}/log` with the server's JSON shapes, and checks credentials the
-way the server does: HMAC headers verified with `bot.ci_auth.hmac_signature` (5-minute
+way the server does: HMAC headers verified with `bot.ci.auth.hmac_signature` (5-minute
 window, each nonce once), or a bearer token it knows, each accepted once (the server
 takes a token's `jti` once). Each run follows a script played in a thread, so tests can
 hold a run between two chunks of output, or keep it awaiting approval.
@@ -30,8 +30,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from bot import run_cli
-from bot.ci_auth import hmac_signature
+from bot.ci import cli as run_cli
+from bot.ci.auth import hmac_signature
 
 KEY_ID = "jenkins"
 KEY = "k3y-" + "0123456789abcdef" * 3  # 52 bytes: the server wants at least 32

@@ -12,10 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bot.github_webhook import InvalidSignature, MalformedPayload
-from bot.sandbox import REPO, wait_for
-from bot.sandbox_forges import FORGES
-from bot.slack import (
+from bot.ci.slack import (
     APPROVE_ACTION_ID,
     MESSAGE_KINDS,
     REJECT_ACTION_ID,
@@ -25,6 +22,9 @@ from bot.slack import (
     render_run_message,
     verify_slack_signature,
 )
+from bot.forges.webhook import InvalidSignature, MalformedPayload
+from bot.sandbox.forges import FORGES
+from bot.sandbox.trial import REPO, wait_for
 from tests.slack_fake import FakeSlack, form_body, interaction_body, interaction_payload, sign_slack_request
 from tests.test_trigger_api import KEY, SIGNING_SECRET, click, get_run, post_run
 from tests.world import TEST_POLICY, World, staging_change

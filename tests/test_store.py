@@ -85,3 +85,18 @@ def test_a_handled_delivery_keeps_its_id_but_not_its_body(tmp_path: Path):
     assert bodies == {"done": 0, "failed": 25_000}  # a failed one stays to be looked into
     assert not store.add_delivery(Delivery("done", "github", "pull_request", b"{}"))  # still a duplicate
     assert store.delivery_status("done") == "done" and store.delivery_status("failed") == "failed"
+
+
+def test_pull_queries_stay_in_their_repository(tmp_path: Path):
+    """`_` in a repository's name is no wildcard: closing one pull request never touches another repo's."""
+    store = Store(tmp_path / "s.sqlite3")
+    mine = Repo("github", "acme/infra_live", "", "main")
+    other = Repo("github", "acme/infra-live", "", "main")
+    theirs = SavedPlan(project_key(other, Project("staging")), 7, "a" * 40, "/p", "f" * 64, True)
+    store.save_plan(theirs)
+    store.mark_plan_shown(theirs.project_key, 7, theirs.sha256, "2026-01-01T00:00:00Z")
+    assert store.approve_plan(theirs, "bob", 1, "2026-01-01T00:00:05Z")
+    assert store.plans_for_pull(mine, 7) == []
+    assert store.void_approvals_by(mine, 7, "bob") == 0
+    assert [p.sha256 for p in store.plans_for_pull(other, 7)] == ["f" * 64]
+    assert store.void_approvals_by(other, 7, "BOB") == 1

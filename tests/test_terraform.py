@@ -1,4 +1,4 @@
-"""bot.terraform against real terraform 1.0.3 and the real null provider (no network)."""
+"""bot.jobs.terraform against real terraform 1.0.3 and the real null provider (no network)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.terraform import (
+from bot.jobs.terraform import (
     PhaseResult,
     PlanSummary,
     Terraform,

@@ -16,9 +16,9 @@ import httpx
 import pytest
 
 from bot import models
-from bot.ci_auth import hmac_signature
-from bot.sandbox import REPO, wait_for
-from bot.sandbox_forges import FORGES
+from bot.ci.auth import hmac_signature
+from bot.sandbox.forges import FORGES
+from bot.sandbox.trial import REPO, wait_for
 from tests.slack_fake import FakeSlack, interaction_body, sign_slack_request
 from tests.test_ci_auth import FakeIssuer, github_claims, rsa_key
 from tests.world import TEST_POLICY, World, staging_change

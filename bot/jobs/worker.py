@@ -20,21 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
 
-from bot.api_runs import lock_refusal
-from bot.apply_gate import apply_blockers
-from policies.apply_requirements import merge_apply_refusals
-from bot.aws_credentials import CredentialsError, PhaseCredentials, PhaseRoles, session_name, with_credentials
-from bot.comments import ProjectOutcome, redact, render_run_comment, strip_ansi
+from bot.ci.runs import lock_refusal
 from bot.config import Config
-from bot.git import KEEP_ON_RESET, GitError, RepoCache
+from bot.forges.vcs import ForgeError, VCSClient
+from bot.jobs.apply_gate import apply_blockers
+from bot.jobs.aws_credentials import CredentialsError, PhaseCredentials, PhaseRoles, session_name, with_credentials
+from bot.jobs.git import KEEP_ON_RESET, GitError, RepoCache
+from bot.jobs.repo_guard import cap_output, checkout_problems, installed_module_problems
+from bot.jobs.terraform import PhaseResult, PlanSummary, Terraform, TerraformError, sha256_file, summarize_plan_file
 from bot.logs import log_context
 from bot.metrics import Metrics
-from bot.repo_guard import cap_output, checkout_problems, installed_module_problems
 from bot.models import PullRequest, Repo, plan_id
-from bot.statuses import plan_context, report_aggregate_statuses
+from bot.report.comments import ProjectOutcome, redact, render_run_comment, strip_ansi
+from bot.report.statuses import plan_context, report_aggregate_statuses
 from bot.store import Job, Run, SavedPlan, Store, StoreRetry, project_key, repo_key
-from bot.terraform import PhaseResult, PlanSummary, Terraform, TerraformError, sha256_file, summarize_plan_file
-from bot.vcs import ForgeError, VCSClient
+from policies.apply_requirements import merge_apply_refusals
 from policies.policy import Policy
 
 log = logging.getLogger("deploybot.worker")
@@ -550,9 +550,10 @@ class Worker:
             await self._stored(f"record the report of run {run.id}", lambda: self.store.finish_run_report(run.id))
         except ForgeError as exc:
             self.metrics.forge_errors.labels(run.repo.forge).inc()
+            detail = f"run {run.id} on #{run.pull_number}: {exc}"
             await self._stored(f"audit the report of run {run.id}", lambda: self.store.audit(
                 "deploybot", f"report-{run.command}", "failed", run.repo.full_name,
-                sha=run.head_sha, detail=f"run {run.id} on #{run.pull_number}: {exc}"))
+                sha=run.head_sha, detail=detail))
             log.error("could not report run %s on %s#%s: %s", run.id, run.repo.full_name,
                       run.pull_number, exc)
 

@@ -5,21 +5,41 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import AsyncIterator, Callable, Protocol
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from bot.api_runs import ApiError, parse_run_request, run_view
-from bot.ci_auth import CallerAuthError, authenticate
-from bot.github_webhook import InvalidSignature, MalformedPayload
-from bot.slack import parse_interaction, verify_slack_signature
-from bot.store import FINISHED
-from bot.vcs import ForgeError
+from bot.ci.auth import CallerAuthError, HmacVerifier, OidcVerifier, authenticate
+from bot.ci.runs import ApiError, ApiRuns, parse_run_request, run_view
+from bot.ci.slack import parse_interaction, verify_slack_signature
+from bot.config import Config
+from bot.forges.vcs import ForgeError
+from bot.forges.webhook import InvalidSignature, MalformedPayload
+from bot.jobs.worker import Worker
+from bot.store import FINISHED, Store
 from policies.callers import authorize_read
 
-if TYPE_CHECKING:
-    from bot.app import Deploybot
+
+class ForgeLogins(Protocol):
+    """A forge as the API sees it: whose own token a token is."""
+
+    login_of: Callable[[str], str]
+
+
+class TriggerHost(Protocol):
+    """What these endpoints need of the running bot (`bot.app.Deploybot`, in `app.state.bot`)."""
+
+    config: Config
+    store: Store
+    api_runs: ApiRuns
+    worker: Worker
+    oidc: OidcVerifier
+    hmac: HmacVerifier
+
+    def forge(self, name: str) -> ForgeLogins: ...
+    def job_log(self, job_id: int) -> str: ...
+    def notify_decision(self, run_id: int, outcome: str, login: str) -> None: ...
 
 MAX_API_BODY = 64 * 1024
 LOG_POLL_SECONDS = 0.2
@@ -39,7 +59,7 @@ async def _body(request: Request, limit: int) -> bytes | None:
     return body
 
 
-async def _caller(bot: "Deploybot", request: Request, body: bytes):
+async def _caller(bot: TriggerHost, request: Request, body: bytes):
     """The authenticated caller and its token's claims; audited and raised as CallerAuthError."""
     try:
         return await asyncio.to_thread(authenticate, request.headers, request.method,
@@ -52,7 +72,7 @@ async def _caller(bot: "Deploybot", request: Request, body: bytes):
 
 async def create_run(request: Request) -> Response:
     """POST /api/v1/runs: a plan or apply of one project of an allow-listed repo at a ref."""
-    bot: Deploybot = request.app.state.bot
+    bot: TriggerHost = request.app.state.bot
     body = await _body(request, MAX_API_BODY)
     if body is None:
         return _error(413, "body too large")
@@ -72,7 +92,7 @@ async def _authorized_job(request: Request):
     A run the caller may not read is answered exactly like one that does not exist (404), so
     run ids tell a caller nothing of what others deploy; the audit log keeps the reason.
     """
-    bot: Deploybot = request.app.state.bot
+    bot: TriggerHost = request.app.state.bot
     caller, _ = await _caller(bot, request, b"")
     jobs = bot.store.run_jobs(int(request.path_params["run_id"]))
     reason = authorize_read(caller, jobs[0].run.repo.full_name, [job.project for job in jobs]) if jobs else "no such run"
@@ -87,7 +107,7 @@ async def _authorized_job(request: Request):
 
 async def get_run(request: Request) -> Response:
     """GET /api/v1/runs/{id}: status, summary and output."""
-    bot: Deploybot = request.app.state.bot
+    bot: TriggerHost = request.app.state.bot
     try:
         job = await _authorized_job(request)
     except (CallerAuthError, ApiError) as exc:
@@ -98,7 +118,7 @@ async def get_run(request: Request) -> Response:
 
 async def run_log(request: Request) -> Response:
     """GET /api/v1/runs/{id}/log: the output as terraform writes it, until the job ends."""
-    bot: Deploybot = request.app.state.bot
+    bot: TriggerHost = request.app.state.bot
     try:
         job = await _authorized_job(request)
     except (CallerAuthError, ApiError) as exc:
@@ -128,7 +148,7 @@ async def run_log(request: Request) -> Response:
 
 async def _decide_with_forge_token(request: Request, approve: bool) -> Response:
     """An approver decides on a plan run, proving who they are with their own forge token."""
-    bot: Deploybot = request.app.state.bot
+    bot: TriggerHost = request.app.state.bot
     action = "approve" if approve else "reject"
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() not in ("token", "bearer") or not token.strip():
@@ -166,7 +186,7 @@ async def reject_run(request: Request) -> Response:
 
 async def audit_log(request: Request) -> Response:
     """GET /api/v1/audit?limit=N: the newest audit entries, for admins (the admin token)."""
-    bot: Deploybot = request.app.state.bot
+    bot: TriggerHost = request.app.state.bot
     expected = bot.config.server.admin_token.reveal()
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if not expected or scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
@@ -180,7 +200,7 @@ async def audit_log(request: Request) -> Response:
 
 async def slack_interaction(request: Request) -> Response:
     """POST /slack/interactions: an Approve or Reject click on a plan message."""
-    bot: Deploybot = request.app.state.bot
+    bot: TriggerHost = request.app.state.bot
     secret = bot.config.slack.signing_secret.reveal()
     if not secret:
         return _error(404, "Slack is not configured on this server")

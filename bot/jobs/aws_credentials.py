@@ -19,7 +19,7 @@ both) is refused when `PhaseCredentials` is built.
 With no roles configured at all, `env_for` returns `{}` and terraform gets only
 the variables the server config gives it (`terraform.env`, `plan_env`,
 `apply_env`); nothing comes from the bot's own environment (see
-`bot.terraform.Terraform.environment`). Terraform's AWS provider then looks
+`bot.jobs.terraform.Terraform.environment`). Terraform's AWS provider then looks
 further down its own credential chain: HOME is the bot's private terraform home
 (no `~/.aws`), so on ECS/Fargate it finds no credentials (the container
 credentials URI is in the bot's environment only) unless `plan_env`/`apply_env`

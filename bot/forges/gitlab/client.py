@@ -1,7 +1,7 @@
 """The GitLab edge: a `VCSClient` for one project (merge requests), over python-gitlab.
 
 `GitLabClient` talks to whatever `url` says: gitlab.com, a self-managed GitLab, or the
-local fake in `bot.gitlab_fake`. It authenticates with one token (a project, group or
+local fake in `bot.sandbox.gitlab_fake`. It authenticates with one token (a project, group or
 personal access token of the bot user, scope `api`), looks the project up by its path
 (nested groups allowed: `group/subgroup/infrastructure-live`), and numbers merge
 requests by their iid. The token never appears in a repr, a log line or an exception.
@@ -19,7 +19,7 @@ How GitLab's words become the bot's:
 - Mergeability comes from the merge request's `detailed_merge_status` (see `mergeability`).
 - Approvals: see `reviews`.
 
-Retries: the same `RetryPolicy` as the GitHub client (`bot.github_client`; constructor kwarg
+Retries: the same `RetryPolicy` as the GitHub client (`bot.forges.github.client`; constructor kwarg
 `retry`, else this module's `DEFAULT_RETRY`): exponential backoff with full jitter inside a
 budget per call, `Retry-After` (or `RateLimit-Reset`) obeyed where GitLab sends it. Retried:
 429; 500, 502, 503, 504; connection failures and timeouts. Reads and status writes are
@@ -45,7 +45,7 @@ import httpx
 import requests
 from gitlab.exceptions import GitlabError
 
-from bot.github_client import (
+from bot.forges.retry import (
     COMMENT_LOOKBACK,
     TRANSIENT_STATUSES,
     RetryPolicy,
@@ -56,14 +56,15 @@ from bot.github_client import (
     retry_after_seconds,
     transport_transient,
 )
+from bot.forges.vcs import ForgeError, Permission, StatusState
 from bot.models import ForgeComment, Mergeability, PullRequest, Repo, Review
-from bot.vcs import ForgeError, Permission, StatusState
 
 USER_AGENT = "deploybot"
 NOTE_LIMIT = 1_000_000  # characters: GitLab refuses longer notes (400 "is too long")
 STATUS_DESCRIPTION_LIMIT = 255  # kept short, like a column that holds it
 PER_PAGE = 100  # GitLab's maximum page size
 APPROVED_NOTE = "approved this merge request"  # the system note GitLab adds for each approval
+UNAPPROVED_NOTE = "unapproved this merge request"  # ... and for each withdrawn one
 # Who made a merge request's commits: REST names only emails, GraphQL the users they belong to.
 # 100 is the most GitLab gives a page; commits are paged with `after`.
 COMMIT_PEOPLE_QUERY = """
@@ -224,7 +225,7 @@ class GitLabClient:
     def create_comment(self, number: int, body: str) -> ForgeComment:
         """Post a note (up to `NOTE_LIMIT` characters) on the merge request; return it as GitLab recorded it.
 
-        Posted at most once across retries (see `bot.github_client.post_once`): identical notes
+        Posted at most once across retries (see `bot.forges.github.client.post_once`): identical notes
         of the last few minutes are listed first, and after an answer that leaves open whether
         GitLab made the note, a new identical one is taken for ours instead of posting again.
         """
@@ -336,11 +337,14 @@ class GitLabClient:
           current head, even if a branch was reset back to it);
         - when either time cannot be established → `commit_sha` is "" and it never counts.
 
-        Every Review is "APPROVED": GitLab lists only standing approvals (a withdrawn one
-        simply disappears). `submitted_at` is the approval time, "" if unknown.
+        Standing approvals are "APPROVED" (GitLab's approvals API lists only those); each
+        withdrawal ("unapproved this merge request" system note) is a "DISMISSED" review at
+        its time, so a `deploybot approve` the same user commented before it stays withdrawn
+        whatever order the webhooks arrive in. `submitted_at` is "" if unknown.
         """
 
-        def fetch() -> tuple[str, list[tuple[str, datetime | None]], list[tuple[str, datetime | None]]]:
+        def fetch() -> tuple[str, list[tuple[str, datetime | None]], list[tuple[str, datetime | None]],
+                             list[tuple[str, datetime]]]:
             mr = self._project.mergerequests.get(number)
             head = str(mr.sha or "")
             versions = [(v.head_commit_sha, _parse_time(v.created_at)) for v in mr.diffs.list(get_all=True)]
@@ -350,33 +354,39 @@ class GitLabClient:
                 for entry in approved_by
                 if isinstance(entry, dict) and isinstance(entry.get("user"), dict)
             ]
-            if any(when is None for _, when in approvals):
-                noted = self._approval_note_times(mr)
-                approvals = [(user, when or noted.get(user.lower())) for user, when in approvals]
-            return head, versions, approvals
+            noted, withdrawals = self._approval_notes(mr)
+            approvals = [(user, when or noted.get(user.lower())) for user, when in approvals]
+            return head, versions, approvals, withdrawals
 
-        head, versions, approvals = self._call(
+        head, versions, approvals, withdrawals = self._call(
             f"listing approvals of merge request !{number} of {self.repo.full_name}", fetch)
         pushed = [created for sha, created in versions if sha == head and created is not None]
         pushed_at = max(pushed) if pushed else None
         reviews = [
-            Review(user=user, state="APPROVED", commit_sha=_approved_sha(when, head, pushed_at, versions),
+            Review(user=user, state="APPROVED", commit_sha=approved_sha(when, head, pushed_at, versions),
                    submitted_at=_iso(when))
             for user, when in approvals
         ]
+        reviews += [Review(user=user, state="DISMISSED", commit_sha="", submitted_at=_iso(when))
+                    for user, when in withdrawals]
         return sorted(reviews, key=lambda r: (r.submitted_at == "", r.submitted_at))
 
-    def _approval_note_times(self, mr: Any) -> dict[str, datetime]:
-        """Each user's latest "approved this merge request" system note, by lower-cased username."""
-        times: dict[str, datetime] = {}
+    def _approval_notes(self, mr: Any) -> tuple[dict[str, datetime], list[tuple[str, datetime]]]:
+        """Each user's latest "approved this merge request" system note time (by lower-cased
+        username), and every "unapproved this merge request" note as (username, time)."""
+        approved: dict[str, datetime] = {}
+        withdrawn: list[tuple[str, datetime]] = []
         for note in mr.notes.list(iterator=True, sort="asc", order_by="created_at"):
-            if not note.system or note.body.strip() != APPROVED_NOTE:
-                continue
+            body = note.body.strip() if note.system else ""
             when = _parse_time(note.created_at)
-            user = str(note.author["username"]).lower()
-            if when is not None and (user not in times or when > times[user]):
-                times[user] = when
-        return times
+            if body not in (APPROVED_NOTE, UNAPPROVED_NOTE) or when is None:
+                continue
+            user = str(note.author["username"])
+            if body == UNAPPROVED_NOTE:
+                withdrawn.append((user, when))
+            elif user.lower() not in approved or when > approved[user.lower()]:
+                approved[user.lower()] = when
+        return approved, withdrawn
 
     # -- people ------------------------------------------------------------------------------
 
@@ -608,7 +618,7 @@ class GitLabClient:
         return {str(author["username"])} if isinstance(author, dict) and author.get("username") else set()
 
 
-def _approved_sha(
+def approved_sha(
     when: datetime | None, head: str, pushed_at: datetime | None, versions: list[tuple[str, datetime | None]]
 ) -> str:
     """The commit an approval given at `when` counts for (see `GitLabClient.reviews`)."""

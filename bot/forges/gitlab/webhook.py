@@ -1,6 +1,6 @@
 """GitLab webhooks without I/O: check the token or signature, turn a payload into a domain event.
 
-The GitLab twin of `bot.github_webhook`: pure functions over bytes, headers and dicts,
+The GitLab twin of `bot.forges.github.webhook`: pure functions over bytes, headers and dicts,
 raising the same `InvalidSignature` and `MalformedPayload` so the HTTP layer answers
 both forges alike.
 
@@ -52,7 +52,7 @@ import hmac
 from collections.abc import Mapping
 from typing import Any
 
-from bot.github_webhook import InvalidSignature, MalformedPayload, Parser, integer, load_body, parse_with, text
+from bot.forges.webhook import InvalidSignature, MalformedPayload, Parser, integer, load_body, parse_with, text
 from bot.models import CommentEvent, Event, PullRequest, PullRequestEvent, Repo, ReviewEvent
 
 __all__ = [

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from bot.report.comments import redact
+
 _SHA_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # SHA-1 or SHA-256 object names
 _KEY_PART_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
@@ -260,14 +262,7 @@ class _TreeReader:
 # --------------------------------------------------------------------------- running git
 
 
-def _redact(text: str, secrets: Iterable[str]) -> str:
-    """`text` with every secret (longest first) replaced by `***`."""
-    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
-
-
-def _header_secrets(auth_header: str | None) -> list[str]:
+def header_secrets(auth_header: str | None) -> list[str]:
     """The auth header value and every form of its credential that could show up in output."""
     if not auth_header:
         return []
@@ -353,7 +348,7 @@ class RepoCache:
                 extra_env=env,
                 timeout_s=self.fetch_timeout_s,
                 # A URL should carry no credentials; if one does, keep them out of errors too.
-                secrets=[*_header_secrets(auth_header), url_password],
+                secrets=[*header_secrets(auth_header), url_password],
             )  # fmt: skip
             if not await self._has_commit(mirror, sha):
                 raise GitError(f"commit {sha} is not in {key} after fetching it")
@@ -484,7 +479,7 @@ class RepoCache:
                 raise GitError(f"git {git_subcommand(args)} timed out after {timeout_s:g} s") from None
             raise
         if proc.returncode != 0:
-            detail = _redact(err.decode("utf-8", "replace").strip(), secrets)
+            detail = redact(err.decode("utf-8", "replace").strip(), secrets)
             raise GitError(f"git {git_subcommand(args)} failed ({proc.returncode}): {detail}")
         return out
 

@@ -7,9 +7,9 @@ earlier events. A forge that cannot answer fails the check closed, saying what i
 
 from __future__ import annotations
 
-from bot.models import PullRequest, Project
+from bot.forges.vcs import ForgeError, VCSClient
+from bot.models import Project, PullRequest
 from bot.store import SavedPlan, Store, project_key
-from bot.vcs import ForgeError, VCSClient
 from policies.apply_requirements import (
     ApplyFacts,
     CommentApproval,
@@ -36,9 +36,12 @@ def may(client: VCSClient, user: str, subjects: Subjects) -> bool:
     return is_allowed(subjects, actor(client, user, subjects))
 
 
-def excluded(client: VCSClient, policy: RepoPolicy, pull: PullRequest) -> set[str]:
-    """Lower-cased logins who may not approve this pull request, with its commits as the forge lists them now."""
-    people = client.commit_people(pull.number) if "committers" in policy.approvers_exclude else set()
+def excluded(client: VCSClient, store: Store, policy: RepoPolicy, pull: PullRequest) -> set[str]:
+    """Lower-cased logins who may not approve this pull request: its opener, and whoever wrote
+    its commits (as the forge lists them now) or pushed them (as its webhooks said)."""
+    people: set[str] = set()
+    if "committers" in policy.approvers_exclude:
+        people = client.commit_people(pull.number) | store.pushers(pull.repo, pull.number)
     return excluded_approvers(policy, pull, people)
 
 
@@ -48,7 +51,7 @@ def eligible_approvers(
     """Users whose approval of exactly this saved plan counts."""
     facts = PlanFacts(plan.head_sha, plan.sha256, plan.shown_at)
     comments = [CommentApproval(a.user, a.approved_at) for a in store.plan_approvals(plan)]
-    candidates = plan_approvers(facts, client.reviews(pull.number), comments, excluded(client, policy, pull))
+    candidates = plan_approvers(facts, client.reviews(pull.number), comments, excluded(client, store, policy, pull))
     return {u for u in candidates if may(client, u, policy.approvers)}
 
 

@@ -1,6 +1,6 @@
 """The local forges of `deploybot sandbox` and the end-to-end tests, behind one interface.
 
-Each wraps a local API fake (`bot.github_fake`, `bot.gitlab_fake`) and acts the
+Each wraps a local API fake (`bot.sandbox.github_fake`, `bot.sandbox.gitlab_fake`) and acts the
 way people act on that forge: open a pull/merge request, comment, approve, merge.
 The fake then sends its signed webhooks to the bot over HTTP.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from bot.github_fake import FakeGitHub
-from bot.gitlab_fake import FakeGitLab
+from bot.sandbox.github_fake import FakeGitHub
+from bot.sandbox.gitlab_fake import FakeGitLab
 
 REPO = "acme/infrastructure-live"
 TEAM = "acme/platform"
@@ -46,7 +46,7 @@ class SandboxForge(Protocol):
     def config_section(self, root: Path) -> dict: ...
     def set_webhook(self, bot_url: str) -> None: ...
     def open(self, branch: str, author: str = "alice", fork: bool = False, base: str = "main") -> int: ...
-    def synchronize(self, number: int) -> None: ...
+    def synchronize(self, number: int, pusher: str | None = None) -> None: ...
     def comment(self, number: int, user: str, body: str) -> int: ...
     def edit_comment(self, number: int, comment_id: int, body: str, user: str) -> None: ...
     def approve(self, number: int, user: str) -> int: ...
@@ -123,8 +123,8 @@ class SandboxGitHub(_LocalForge):
     def open(self, branch: str, author: str = "alice", fork: bool = False, base: str = "main") -> int:
         return self.fake.open_pull(REPO, branch, base, author=author, fork=fork, title=f"Change {branch}")
 
-    def synchronize(self, number: int) -> None:
-        self.fake.synchronize(REPO, number)
+    def synchronize(self, number: int, pusher: str | None = None) -> None:
+        self.fake.synchronize(REPO, number, sender=pusher)
 
     def approve(self, number: int, user: str) -> int:
         return self.fake.review(REPO, number, user, "APPROVED")
@@ -186,8 +186,8 @@ class SandboxGitLab(_LocalForge):
     def open(self, branch: str, author: str = "alice", fork: bool = False, base: str = "main") -> int:
         return self.fake.open_merge_request(REPO, branch, base, author=author, fork=fork, title=f"Change {branch}")
 
-    def synchronize(self, number: int) -> None:
-        self.fake.push(REPO, number)
+    def synchronize(self, number: int, pusher: str | None = None) -> None:
+        self.fake.push(REPO, number, user=pusher)
 
     def approve(self, number: int, user: str) -> int:
         if (number, user) in self._approved:

@@ -1,7 +1,7 @@
 """A local stand-in for GitLab: the REST endpoints deploybot calls, plus webhooks.
 
 `FakeGitLab` serves, over real HTTP on 127.0.0.1, the subset of GitLab's REST API v4
-that `bot.gitlab_client` uses, with GitLab's paths (URL-encoded project and group
+that `bot.forges.gitlab.client` uses, with GitLab's paths (URL-encoded project and group
 paths such as `/api/v4/projects/group%2Fsub%2Frepo/...` as well as numeric ids), its
 JSON shapes, status codes and error bodies, its offset pagination headers (`X-Page`,
 `X-Per-Page`, `X-Total`, `X-Total-Pages`, `X-Next-Page`, `X-Prev-Page`, `Link`) and
@@ -9,7 +9,7 @@ its authentication: one bot token, required on every call as `PRIVATE-TOKEN` or
 `Authorization: Bearer`. Tests and `deploybot sandbox` drive it the way people drive
 GitLab (open a merge request, push, comment, approve, merge) and it sends the webhook
 GitLab would send, built from GitLab's documented example payloads
-(`bot/payloads/gitlab_*.json`).
+(`bot/sandbox/payloads/gitlab_*.json`).
 
 Projects are real bare git repositories on disk: SHAs, diffs, comparisons, conflicts,
 merge commits and file contents come from git itself. A commit's author or committer is
@@ -21,7 +21,7 @@ GraphQL (`POST /api/graphql`): just enough to ask who made a merge request's com
 GitLab's error answer; fragments, directives and mutations are not understood. The bot
 token sees every project, no token none (they are private), any other token is a 401.
 
-Faults: `inject_faults` (from `bot.local_forge`) makes the next matching API requests
+Faults: `inject_faults` (from `bot.sandbox.local_forge`) makes the next matching API requests
 fail (patterns see the raw path, `projects/group%2Frepo/...`); `server_error` and
 `rate_limited` below build the answers GitLab gives, headers and all.
 
@@ -58,10 +58,25 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bot.local_forge import Delivery, Fault, RequestRecord  # noqa: F401  (re-exported: records tests read)
-from bot.local_forge import FaultInjector, LocalForge, RequestLog, branch_heads, commit_info, count_commits, git
-from bot.local_forge import git_bytes
-from bot.local_forge import merge_commit, merge_conflicts, raw_changes, raw_path, rev_parse, stable_id
+from bot.sandbox.local_forge import (  # noqa: F401  (re-exported: records tests read)
+    Delivery,
+    Fault,
+    FaultInjector,
+    LocalForge,
+    RequestLog,
+    RequestRecord,
+    branch_heads,
+    commit_info,
+    count_commits,
+    git,
+    git_bytes,
+    merge_commit,
+    merge_conflicts,
+    raw_changes,
+    raw_path,
+    rev_parse,
+    stable_id,
+)
 
 API_PREFIX = "/api/v4"
 GRAPHQL_PATH = "/api/graphql"
@@ -239,7 +254,7 @@ class FakeGitLab(LocalForge):
         self._user_ids = iter(range(2, 10**9))
         self._last_time = datetime.fromtimestamp(0, UTC)
         self._templates = {
-            name: json.loads(resources.files("bot").joinpath("payloads", f"gitlab_{name}.json").read_text())
+            name: json.loads(resources.files("bot.sandbox").joinpath("payloads", f"gitlab_{name}.json").read_text())
             for name in ("merge_request", "note")
         }
         self.bot_user_id = self.add_user(bot_username, name="deploybot")

@@ -20,7 +20,7 @@ says on stderr that it waits and where, and gives up with exit 1 after
 Credentials, first found wins (never printed):
 
 1. HMAC: `DEPLOYBOT_HMAC_KEY_ID` and `DEPLOYBOT_HMAC_KEY` (or `DEPLOYBOT_HMAC_KEY_FILE`);
-   every request is signed with `bot.ci_auth.hmac_signature` and a fresh nonce.
+   every request is signed with `bot.ci.auth.hmac_signature` and a fresh nonce.
 2. GitHub Actions OIDC: `ACTIONS_ID_TOKEN_REQUEST_URL` + `ACTIONS_ID_TOKEN_REQUEST_TOKEN`
    (the job needs `permissions: id-token: write`); a fresh token for `--audience` is
    requested for every call, since the server accepts each token's `jti` once.
@@ -48,7 +48,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from bot.ci_auth import hmac_signature
+from bot.ci.auth import hmac_signature
 
 EXIT_OK = 0
 EXIT_ERROR = 1

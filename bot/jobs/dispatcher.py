@@ -9,12 +9,14 @@ import sqlite3
 import time
 from typing import Callable
 
-from bot import github_webhook, gitlab_webhook
-from bot.metrics import Metrics
+from bot.forges.github import webhook as github_webhook
+from bot.forges.gitlab import webhook as gitlab_webhook
+from bot.forges.vcs import ForgeError
+from bot.forges.webhook import load_body
 from bot.logs import log_context
+from bot.metrics import Metrics
 from bot.models import CommentEvent, Event, Repo, ReviewEvent
 from bot.store import Delivery, Store, StoreRetry, repo_key
-from bot.vcs import ForgeError
 from handlers.context import HandlerContext
 from handlers.router import Router
 from policies.policy import Policy
@@ -42,7 +44,7 @@ def _transient(exc: ForgeError) -> bool:
 
 def parse_delivery(delivery: Delivery) -> Event | None:
     """The domain event a stored delivery stands for."""
-    payload = github_webhook.load_body(delivery.body)
+    payload = load_body(delivery.body)
     return PARSERS[delivery.forge](delivery.event, payload)
 
 

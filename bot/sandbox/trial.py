@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
@@ -24,8 +25,8 @@ import yaml
 
 from bot.app import create_app
 from bot.config import load_config
-from bot.sandbox_forges import FORGES, REPO, TEAM, SandboxForge, email_of
-from bot.terraform import find_terraform, make_null_provider_mirror
+from bot.jobs.terraform import find_terraform, make_null_provider_mirror
+from bot.sandbox.forges import FORGES, REPO, TEAM, SandboxForge, email_of
 
 PROJECT_TF = """\
 terraform {{

@@ -1,6 +1,6 @@
-"""The durable store: deliveries, runs and their jobs, saved plans, locks, approvals.
+"""The SQLite store (the embedded default): deliveries, runs and their jobs, saved plans, locks, approvals.
 
-SQLite (the embedded default) behind one connection guarded by a lock: every call
+SQLite behind one connection guarded by a lock: every call
 is a short transaction, made from the event loop or from handler threads alike.
 Everything the bot must not lose or do twice goes through here.
 """
@@ -13,11 +13,23 @@ import logging
 import sqlite3
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, TypeVar
 
 from bot.models import Project, Repo
+from bot.store.records import (
+    FINISHED,
+    Delivery,
+    Job,
+    Lock,
+    LockAttempt,
+    PlanApproval,
+    Run,
+    SavedPlan,
+    project_key,
+    repo_key,
+)
 
 log = logging.getLogger("deploybot.store")
 
@@ -121,6 +133,12 @@ CREATE TABLE IF NOT EXISTS acted_comments (
     comment_key TEXT PRIMARY KEY, -- forge:repo:comment id: a comment is acted on once
     delivery_id TEXT NOT NULL     -- whichever delivery brought it first (its retries go on)
 );
+CREATE TABLE IF NOT EXISTS pushers (
+    repo_key TEXT NOT NULL,
+    pull_number INTEGER NOT NULL,
+    login TEXT NOT NULL,          -- lower case: who opened or pushed to the PR, as its webhooks say
+    PRIMARY KEY (repo_key, pull_number, login)
+);
 CREATE TABLE IF NOT EXISTS repo_ids (
     repo_key TEXT PRIMARY KEY,    -- forge:full name, lower-cased (repo_key)
     repo_id INTEGER NOT NULL,     -- the forge's id first seen for that name: a later other id is refused
@@ -131,88 +149,16 @@ CREATE TABLE IF NOT EXISTS repo_ids (
 # Columns added after a table was first created: (table, column, definition).
 ADDED_COLUMNS = (("plans", "shown_at", "TEXT"),)
 
-FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
-
-
-def project_key(repo: Repo, project: Project) -> str:
-    """The lock and queue key of a project: forge, repo, dir and workspace."""
-    return f"{repo.forge}:{repo.full_name.lower()}:{project.dir}:{project.workspace}"
-
-
-def repo_key(repo: Repo) -> str:
-    """The key of a repository in the store."""
-    return f"{repo.forge}:{repo.full_name.lower()}"
-
-
-@dataclass(frozen=True)
-class Delivery:
-    id: str
-    forge: str
-    event: str
-    body: bytes
-    attempts: int = 0
-
-
-@dataclass(frozen=True)
-class Run:
-    id: int
-    repo: Repo
-    pull_number: int
-    head_sha: str
-    command: str
-    trigger: str
-    requested_by: str
-
-
-@dataclass(frozen=True)
-class Job:
-    id: int
-    run: Run
-    project: Project
-    project_key: str
-    status: str
-    result: dict
-
-
-@dataclass(frozen=True)
-class SavedPlan:
-    project_key: str
-    pull_number: int
-    head_sha: str
-    planfile: str
-    sha256: str
-    has_changes: bool
-    shown_at: str | None = None  # when the forge shows the comment with this plan; None: not shown
-
-
 def _saved_plan(row: sqlite3.Row) -> SavedPlan:
     return SavedPlan(row["project_key"], row["pull_number"], row["head_sha"], row["planfile"],
                      row["sha256"], bool(row["has_changes"]), row["shown_at"])
 
 
-@dataclass(frozen=True)
-class PlanApproval:
-    """A `deploybot approve` comment's approval of one saved plan."""
-
-    user: str
-    comment_id: int
-    approved_at: str  # the forge's time of the comment
-
-
-@dataclass(frozen=True)
-class Lock:
-    project_key: str
-    repo: str
-    pull_number: int
-    holder: str
-
-
-@dataclass(frozen=True)
-class LockAttempt:
-    """The outcome of trying to lock a project: acquired, or who holds it."""
-
-    acquired: bool
-    holder: Lock | None = None
+def _key_prefix(repo: Repo) -> tuple[int, str]:
+    """(length, prefix) the project keys of a repository start with; compared exactly, since
+    LIKE would read `_` and `%` in a repository's name as wildcards."""
+    prefix = repo_key(repo) + ":"
+    return len(prefix), prefix
 
 
 def _repo_from_json(text: str) -> Repo:
@@ -517,8 +463,8 @@ class Store:
     def plans_for_pull(self, repo: Repo, pull_number: int) -> list[SavedPlan]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM plans WHERE project_key LIKE ? AND pull_number = ?",
-                (repo_key(repo) + ":%", pull_number),
+                "SELECT * FROM plans WHERE substr(project_key, 1, ?) = ? AND pull_number = ?",
+                (*_key_prefix(repo), pull_number),
             ).fetchall()
         return [_saved_plan(r) for r in rows]
 
@@ -669,13 +615,26 @@ class Store:
             ).fetchall()
         return [PlanApproval(r["user"], r["comment_id"], r["approved_at"]) for r in rows]
 
+    def add_pusher(self, repo: Repo, pull_number: int, login: str) -> None:
+        """Remember who pushed commits to a pull request (a commit's e-mail can name anyone)."""
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO pushers (repo_key, pull_number, login) VALUES (?, ?, ?)",
+                             (repo_key(repo), pull_number, login.lower()))
+
+    def pushers(self, repo: Repo, pull_number: int) -> set[str]:
+        """Lower-cased logins of everyone who opened or pushed to the pull request."""
+        with self._lock:
+            rows = self._db.execute("SELECT login FROM pushers WHERE repo_key = ? AND pull_number = ?",
+                                    (repo_key(repo), pull_number)).fetchall()
+        return {r["login"] for r in rows}
+
     def void_approvals_by(self, repo: Repo, pull_number: int, user: str) -> int:
         """Delete a user's comment approvals on a pull request (they requested changes); how many."""
         with self._lock:
             cursor = self._db.execute(
-                "DELETE FROM plan_approvals WHERE project_key LIKE ? AND pull_number = ?"
+                "DELETE FROM plan_approvals WHERE substr(project_key, 1, ?) = ? AND pull_number = ?"
                 " AND lower(user) = lower(?)",
-                (repo_key(repo) + ":%", pull_number, user),
+                (*_key_prefix(repo), pull_number, user),
             )
             return cursor.rowcount
 

@@ -1,7 +1,7 @@
 """A local stand-in for GitHub: the REST endpoints deploybot calls, plus webhooks.
 
 `FakeGitHub` serves, over real HTTP on 127.0.0.1, the subset of the GitHub REST
-API that `bot.github_client` uses, with GitHub's paths, status codes, JSON shapes
+API that `bot.forges.github.client` uses, with GitHub's paths, status codes, JSON shapes
 and authentication (App JWT checked against the app's public key; installation
 tokens on every other call). Tests and `deploybot sandbox` drive it the way a
 person drives GitHub (open a pull request, comment, review, merge) and it sends
@@ -11,7 +11,7 @@ Repositories are real bare git repositories on disk: SHAs, changed files,
 comparisons and file contents come from git itself. A commit names the account whose
 email (`set_user_email`) its author or committer has, as GitHub does; others none.
 
-Faults: `inject_faults` (from `bot.local_forge`) makes the next matching API requests
+Faults: `inject_faults` (from `bot.sandbox.local_forge`) makes the next matching API requests
 fail; `server_error`, `too_many_requests`, `secondary_rate_limit` and `primary_rate_limit`
 below build the answers GitHub gives, headers and all.
 
@@ -52,10 +52,24 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bot.local_forge import Delivery, Fault, RequestRecord  # noqa: F401  (re-exported: records tests read)
-from bot.local_forge import FaultInjector, LocalForge, RequestLog, branch_heads, commit_info, count_commits, git
-from bot.local_forge import git_bytes
-from bot.local_forge import merge_commit, merge_conflicts, raw_changes, rev_parse, stable_id
+from bot.sandbox.local_forge import (  # noqa: F401  (re-exported: records tests read)
+    Delivery,
+    Fault,
+    FaultInjector,
+    LocalForge,
+    RequestLog,
+    RequestRecord,
+    branch_heads,
+    commit_info,
+    count_commits,
+    git,
+    git_bytes,
+    merge_commit,
+    merge_conflicts,
+    raw_changes,
+    rev_parse,
+    stable_id,
+)
 
 DOCS_URL = "https://docs.github.com/rest"
 PERMISSION_LEVELS = ("none", "read", "triage", "write", "maintain", "admin")
@@ -235,7 +249,7 @@ class FakeGitHub(LocalForge):
         self._reviews: dict[int, _Review] = {}
         self._ids = iter(range(1000, 10**9))
         self._templates = {
-            name: json.loads(resources.files("bot").joinpath("payloads", f"{name}.json").read_text())
+            name: json.loads(resources.files("bot.sandbox").joinpath("payloads", f"{name}.json").read_text())
             for name in ("pull_request", "issue_comment", "pull_request_review")
         }
 
@@ -368,8 +382,8 @@ class FakeGitHub(LocalForge):
         self._deliver("pull_request", payload)
         return number
 
-    def synchronize(self, repo: str, number: int) -> int | None:
-        """Pick up commits pushed to the head branch (GitHub's "synchronize")."""
+    def synchronize(self, repo: str, number: int, sender: str | None = None) -> int | None:
+        """Pick up commits pushed to the head branch (GitHub's "synchronize"; `sender`: who pushed)."""
         with self._lock:
             state, pull = self._repo(repo), self._pull(repo, number)
             git_dir, head_ref, base_ref = state.git_dir, pull.head_ref, pull.base_ref
@@ -383,7 +397,7 @@ class FakeGitHub(LocalForge):
             pull.head_sha, pull.base_sha, pull.files, pull.commits = head_sha, base_sha, files, commits
             pull.updated_at = _now()
             git(git_dir, "update-ref", f"refs/pull/{number}/head", head_sha)
-            payload = self._pull_request_event("synchronize", state, pull, sender=pull.author)
+            payload = self._pull_request_event("synchronize", state, pull, sender=sender or pull.author)
             payload["before"], payload["after"] = before, head_sha
         return self._deliver("pull_request", payload)
 

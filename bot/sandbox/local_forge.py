@@ -1,4 +1,4 @@
-"""What the local forge fakes (`bot.github_fake`, `bot.gitlab_fake`) share.
+"""What the local forge fakes (`bot.sandbox.github_fake`, `bot.sandbox.gitlab_fake`) share.
 
 `LocalForge` is their base class. It serves the subclass's Starlette app (`self.app`)
 over real HTTP on a free port of 127.0.0.1 (a `ServerThread`), logs every API request

@@ -14,11 +14,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from bot.apply_gate import may
-from bot.ci_auth import sha_claim_matches
+from bot.ci.auth import sha_claim_matches
+from bot.forges.vcs import ForgeError, VCSClient
+from bot.jobs.apply_gate import may
 from bot.models import Project, Repo, plan_id
 from bot.store import FINISHED, Job, Store, project_key
-from bot.vcs import ForgeError, VCSClient
 from policies.callers import Caller, authorize_trigger
 from policies.policy import Policy, select_projects
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from bot.forges.vcs import VCSClient
 from bot.store import Run, Store
-from bot.vcs import VCSClient
 
 PLAN_CONTEXT = "deploybot/plan"
 APPLY_CONTEXT = "deploybot/apply"

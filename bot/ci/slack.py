@@ -35,7 +35,7 @@ from urllib.parse import parse_qs
 
 import httpx
 
-from bot.github_webhook import InvalidSignature, MalformedPayload
+from bot.forges.webhook import InvalidSignature, MalformedPayload
 
 __all__ = [
     "APPROVE_ACTION_ID",

@@ -1,0 +1,34 @@
+"""The durable store: what the bot must not lose or do twice. Import it from here.
+
+`records` holds the plain records; `sqlite` the embedded SQLite store (today the only
+backend).
+"""
+
+from bot.store.records import (
+    FINISHED,
+    Delivery,
+    Job,
+    Lock,
+    LockAttempt,
+    PlanApproval,
+    Run,
+    SavedPlan,
+    project_key,
+    repo_key,
+)
+from bot.store.sqlite import Store, StoreRetry
+
+__all__ = [
+    "FINISHED",
+    "Delivery",
+    "Job",
+    "Lock",
+    "LockAttempt",
+    "PlanApproval",
+    "Run",
+    "SavedPlan",
+    "Store",
+    "StoreRetry",
+    "project_key",
+    "repo_key",
+]

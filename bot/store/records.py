@@ -1,0 +1,88 @@
+"""What the store keeps, as plain records: deliveries, runs, jobs, plans, approvals, locks.
+
+Backend-neutral: the SQLite store (bot.store.sqlite) reads and writes these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bot.models import Project, Repo
+
+FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
+
+
+def project_key(repo: Repo, project: Project) -> str:
+    """The lock and queue key of a project: forge, repo, dir and workspace."""
+    return f"{repo.forge}:{repo.full_name.lower()}:{project.dir}:{project.workspace}"
+
+
+def repo_key(repo: Repo) -> str:
+    """The key of a repository in the store."""
+    return f"{repo.forge}:{repo.full_name.lower()}"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: str
+    forge: str
+    event: str
+    body: bytes
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class Run:
+    id: int
+    repo: Repo
+    pull_number: int
+    head_sha: str
+    command: str
+    trigger: str
+    requested_by: str
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    run: Run
+    project: Project
+    project_key: str
+    status: str
+    result: dict
+
+
+@dataclass(frozen=True)
+class SavedPlan:
+    project_key: str
+    pull_number: int
+    head_sha: str
+    planfile: str
+    sha256: str
+    has_changes: bool
+    shown_at: str | None = None  # when the forge shows the comment with this plan; None: not shown
+
+
+@dataclass(frozen=True)
+class PlanApproval:
+    """A `deploybot approve` comment's approval of one saved plan."""
+
+    user: str
+    comment_id: int
+    approved_at: str  # the forge's time of the comment
+
+
+@dataclass(frozen=True)
+class Lock:
+    project_key: str
+    repo: str
+    pull_number: int
+    holder: str
+
+
+@dataclass(frozen=True)
+class LockAttempt:
+    """The outcome of trying to lock a project: acquired, or who holds it."""
+
+    acquired: bool
+    holder: Lock | None = None
