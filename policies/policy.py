@@ -46,7 +46,7 @@ Defaults and rules:
   current head is always required on top of these.
 - ``auto_apply_on_approval: true`` needs ``approved`` among the requirements.
 - ``approvers_exclude``: ``author`` (whoever opened the pull request) and
-  ``committers`` (whoever authored or committed one of its commits) never approve
+  ``committers`` (whoever authored, committed or pushed one of its commits) never approve
   it. Both by default; ``[author]`` or ``[]`` loosen the four-eyes rule.
 - ``apply_on_merge`` applies only when the merged pull request's base is the
   repository's default branch, or one of ``apply_on_merge_branches`` if given.
