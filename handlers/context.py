@@ -25,3 +25,4 @@ class HandlerContext:
     forget_pull: Callable[[Repo, int], None]  # remove a closed pull request's working dirs and plan files
     # (sha, project dirs, depth) -> the local module dirs each calls at sha, read through git
     module_dirs: Callable[[str, Iterable[str], int], dict[str, set[str]]]
+    replies: int = 0  # answers posted so far while handling this delivery: each one's marker

@@ -9,6 +9,7 @@ from bot.forges.vcs import ForgeError
 from bot.jobs.apply_gate import apply_blockers, may
 from bot.jobs.git import GitError
 from bot.models import Project, PullRequest, Repo
+from bot.report.comments import marker_line, with_marker
 from bot.report.statuses import APPLY_CONTEXT, PLAN_CONTEXT
 from bot.store import project_key
 from handlers.context import HandlerContext
@@ -30,8 +31,12 @@ def repo_policy(ctx: HandlerContext, repo: Repo) -> RepoPolicy | None:
 
 
 def reply(ctx: HandlerContext, number: int, text: str) -> None:
-    """Post a short answer on the pull request."""
-    ctx.client.create_comment(number, text)
+    """Post a short answer on the pull request, once: a delivery handled again after a crash
+    or a forge outage finds its earlier answer by the hidden marker and does not repeat it."""
+    ctx.replies += 1
+    marker = f"delivery {ctx.delivery_id} reply {ctx.replies}"
+    if ctx.client.find_comment(number, marker_line(marker)) is None:
+        ctx.client.create_comment(number, with_marker(text, marker))
 
 
 def pull_projects(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest) -> list[NarrowedProject]:
@@ -86,7 +91,7 @@ def _queue_run(ctx: HandlerContext, pull: PullRequest, projects: list[Project], 
                trigger: str, requested_by: str, context: str, doing: str) -> None:
     """Lock what can be locked, set the run's pending status (`doing` N projects), then queue the run."""
     locked = _lock(ctx, pull, projects, requested_by)
-    key = f"{ctx.delivery_id}:{command}"
+    key = run_key(ctx, command)
     if not locked or ctx.store.has_run(key):
         return  # nothing to run; or this delivery was handled before a restart and queued its run
     # Before the run is queued: set after, it could reach the forge after the worker's final
@@ -98,6 +103,11 @@ def _queue_run(ctx: HandlerContext, pull: PullRequest, projects: list[Project], 
         log.error("could not set %s on %s@%s: %s", context, pull.repo.full_name, pull.head_sha[:8], exc)
     if ctx.store.add_run(key, pull.repo, pull.number, pull.head_sha, command, trigger, requested_by, locked):
         ctx.wake_workers()
+
+
+def run_key(ctx: HandlerContext, command: str) -> str:
+    """The key of the run a delivery queues for a command: one run per delivery and command."""
+    return f"{ctx.delivery_id}:{command}"
 
 
 def _lock(ctx: HandlerContext, pull: PullRequest, projects: list[Project], user: str) -> list[Project]:

@@ -13,6 +13,7 @@ from handlers.project_commands import (
     pull_projects,
     reply,
     repo_policy,
+    run_key,
     start_apply,
     start_plan,
 )
@@ -50,7 +51,9 @@ def autoplan(event: PullRequestEvent, ctx: HandlerContext) -> None:
     if event.action in ("opened", "updated"):
         # A commit's e-mail can name anyone; who pushed is the forge's own word, and never approves.
         ctx.store.add_pusher(pull.repo, pull.number, event.sender)
-    if event.action == "updated":
+    if event.action == "updated" and not ctx.store.has_run(run_key(ctx, "plan")):
+        # Older plans stop. Not when this very delivery queued its plans before a crash cut
+        # its handling off: handled again, it must not cancel what it did itself.
         _cancel_pull_jobs(ctx, event, command="plan")
     if pull.is_fork and not policy.allow_forks:
         if event.action != "updated":

@@ -198,7 +198,7 @@ def test_approval_comments_count_only_from_approvers(make_world: MakeWorld):
 
     world.comment(number, "bob", "deploybot approve -p staging")
     approved = world.wait_comment(number, "@bob approved")
-    assert re.search(r"approved plan `[0-9a-f]{12}` of `staging`\.$", approved)
+    assert re.search(r"approved plan `[0-9a-f]{12}` of `staging`\.\n", approved)
     seen = len(world.bot_comments(number))
     world.comment(number, "bob", "deploybot apply")
     assert "`staging`: applied" in world.wait_comment(number, "**deploybot apply**", after=seen)

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -166,5 +167,91 @@ def test_sigkills_at_random_points_lose_no_delivery_and_run_nothing_twice(tmp_pa
         plan_comments = [c for c in world.bot_comments(number) if "**deploybot plan**" in c]
         # A kill between posting a comment and recording it posts it again: at least once, rarely twice.
         assert kills + 1 <= len(plan_comments) <= 2 * (kills + 1)
+    finally:
+        world.stop()
+
+
+# Effects exactly once: a delivery or a report handled again after a crash repeats nothing. ------
+
+
+def cut_off(world: World, delivery_id: str) -> None:
+    """Leave the stored delivery as a crash before `finish_delivery` does: received, body kept.
+
+    The bot must be stopped; the body is the one the forge sent (a handled delivery drops its own).
+    """
+    body = next(d.body for d in world.forge.fake.deliveries if d.delivery_id == delivery_id)
+    with sqlite3.connect(world.root / "data" / "deploybot.sqlite3") as db:
+        changed = db.execute("UPDATE deliveries SET status = 'received', body = ? WHERE id = ?",
+                             (body, delivery_id)).rowcount
+    assert changed == 1
+
+
+def plan_comments(world: World, number: int) -> list[str]:
+    return [c for c in world.bot_comments(number) if "**deploybot plan**" in c]
+
+
+def test_a_push_handled_again_after_a_crash_keeps_the_plans_it_queued(tmp_path: Path):
+    world = World(tmp_path, in_process=False, parallelism=1)
+    try:
+        number = start_planning_both_projects(world)
+        world.wait_idle()
+        world.push(number, "module", {"staging/extra.tf": 'resource "null_resource" "extra" {}\n'})
+        head = world.head(number)
+        pushed = world.forge.fake.deliveries[-1].delivery_id
+        wait_for(lambda: (job := running_job(world, "plan")) and job.run.head_sha == head, 60, "the new plan")
+        world.kill_bot()
+        cut_off(world, pushed)  # killed between queueing the plans and finishing the delivery
+
+        world.start_bot()
+        world.wait_idle()
+        wait_for(lambda: len(plan_comments(world, number)) >= 2, 60, "the plan of the push")
+        latest = plan_comments(world, number)[-1]
+        assert f"`{head[:8]}`" in latest and "`staging`: +3 ~0 -0" in latest, latest
+        assert "⏹️" not in latest and "cancelled" not in latest
+        assert world.wait_status(number, "deploybot/plan", "success")
+    finally:
+        world.stop()
+
+
+def test_a_report_cut_off_after_its_comment_is_not_posted_twice(tmp_path: Path):
+    world = World(tmp_path, in_process=False)
+    try:
+        number = world.open_pr("resize", staging_change(world))
+        world.wait_comment(number, "**deploybot plan**")
+        world.wait_idle()
+        world.kill_bot()
+        # The crash came after the forge stored the comment, before the bot recorded it.
+        with sqlite3.connect(world.root / "data" / "deploybot.sqlite3") as db:
+            assert db.execute("UPDATE runs SET reported = 1 WHERE command = 'plan'").rowcount == 1
+
+        world.start_bot()
+        world.wait_idle()
+        time.sleep(2)
+        assert len(plan_comments(world, number)) == 1
+        store = world.store()
+        try:
+            assert store.unreported_runs() == []  # the recovery found its comment and recorded it
+        finally:
+            store.close()
+    finally:
+        world.stop()
+
+
+def test_a_reply_of_a_delivery_handled_again_is_not_posted_twice(tmp_path: Path):
+    world = World(tmp_path, in_process=False)
+    try:
+        number = world.open_pr("resize", staging_change(world))
+        world.wait_comment(number, "**deploybot plan**")
+        world.comment(number, "eve", "deploybot apply")
+        asked = world.forge.fake.deliveries[-1].delivery_id
+        world.wait_comment(number, "@eve may not")
+        world.wait_idle()
+        world.kill_bot()
+        cut_off(world, asked)  # killed after the refusal was posted, before the delivery was done
+
+        world.start_bot()
+        world.wait_idle()
+        time.sleep(2)
+        assert len([c for c in world.bot_comments(number) if "@eve may not" in c]) == 1
     finally:
         world.stop()

@@ -27,6 +27,9 @@ class VCSClient(Protocol):
     def create_comment(self, number: int, body: str) -> ForgeComment:
         """Post a comment; return it as the forge recorded it (id and creation time)."""
 
+    def find_comment(self, number: int, text: str) -> ForgeComment | None:
+        """The oldest comment of the pull request whose body contains `text`; None if there is none."""
+
     def get_comment(self, number: int, comment_id: int) -> ForgeComment | None:
         """A comment on the pull request as the forge has it now; None if there is none by that id."""
 

@@ -31,7 +31,15 @@ from bot.jobs.terraform import PhaseResult, PlanSummary, Terraform, TerraformErr
 from bot.logs import log_context
 from bot.metrics import Metrics
 from bot.models import PullRequest, Repo, plan_id
-from bot.report.comments import ProjectOutcome, redact, render_run_comment, strip_ansi
+from bot.report.comments import (
+    MARKER_ROOM,
+    ProjectOutcome,
+    marker_line,
+    redact,
+    render_run_comment,
+    strip_ansi,
+    with_marker,
+)
 from bot.report.statuses import plan_context, report_aggregate_statuses
 from bot.store import Job, Run, SavedPlan, Store, StoreRetry, project_key, repo_key
 from policies.apply_requirements import merge_apply_refusals
@@ -162,10 +170,10 @@ class Worker:
                 await self._report_if_done(job.run)
             else:
                 await self._stored(f"re-queue job {job.id}", lambda: self.store.requeue_job(job.id))
-        # A crash between a run's last job and its comment: report it now. A crash after the
-        # comment was posted but before that was recorded posts it twice, which beats never.
+        # A crash between a run's last job and its comment: report it now. Parts of the comment
+        # posted before the crash are found by their markers and not posted again.
         for run in await self._stored("find unreported runs", self.store.unreported_runs):
-            await self._report_if_done(run)
+            await self._report_if_done(run, recovering=True)
 
     async def _loop(self, recovery: asyncio.Task) -> None:
         try:
@@ -515,7 +523,7 @@ class Worker:
 
     # Reporting ------------------------------------------------------------------
 
-    async def _report_if_done(self, run: Run) -> None:
+    async def _report_if_done(self, run: Run, recovering: bool = False) -> None:
         if not await self._stored(f"claim the report of run {run.id}", lambda: self.store.claim_run_report(run.id)):
             return
         jobs = self.store.run_jobs(run.id)
@@ -542,8 +550,13 @@ class Worker:
         client = self.clients(run.repo)
         try:
             posted = None
-            for body in render_run_comment(run.command, run.head_sha, outcomes, footer, client.comment_limit):
-                posted = await asyncio.to_thread(client.create_comment, run.pull_number, body)
+            bodies = render_run_comment(run.command, run.head_sha, outcomes, footer, client.comment_limit - MARKER_ROOM)
+            for part, body in enumerate(bodies, 1):
+                marker = f"run {run.id} part {part}"
+                found = (await asyncio.to_thread(client.find_comment, run.pull_number, marker_line(marker))
+                         if recovering else None)
+                posted = found or await asyncio.to_thread(client.create_comment, run.pull_number,
+                                                          with_marker(body, marker))
             if run.command == "plan" and posted is not None:
                 await self._mark_shown(run, jobs, posted.created_at)
             await asyncio.to_thread(report_aggregate_statuses, client, self.store, run)

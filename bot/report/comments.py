@@ -36,6 +36,19 @@ _ICONS = {"succeeded": "✅", "failed": "❌", "cancelled": "⏹️", "interrupt
           "refused": "🚫"}
 
 
+MARKER_ROOM = 100  # characters a comment keeps free for its marker
+
+
+def with_marker(body: str, marker: str) -> str:
+    """The body with a hidden line naming what it reports, so it is found again after a crash."""
+    return f"{body}\n\n{marker_line(marker)}"
+
+
+def marker_line(marker: str) -> str:
+    """The hidden line `with_marker` appends: an HTML comment, which the forges do not show."""
+    return f"<!-- deploybot: {marker} -->"
+
+
 def render_run_comment(
     command: str, head_sha: str, outcomes: list[ProjectOutcome], footer: str, limit: int
 ) -> list[str]:

@@ -416,6 +416,15 @@ class GitHubClient:
         return self._call(what, post_once(lambda: _forge_comment(self._repo.get_issue(number).create_comment(body)),
                                           identical, _github_exception_transient, what))
 
+    def find_comment(self, number: int, text: str) -> ForgeComment | None:
+        """The oldest comment of the pull request whose body contains `text` (every page is read)."""
+
+        def fetch() -> ForgeComment | None:
+            found = next((c for c in self._repo.get_issue(number).get_comments() if text in (c.body or "")), None)
+            return _forge_comment(found) if found is not None else None
+
+        return self._call(f"looking for a comment on pull request #{number} of {self.repo.full_name}", fetch)
+
     def get_comment(self, number: int, comment_id: int) -> ForgeComment | None:
         """A comment on the pull request's conversation as GitHub has it now; None if there is none by that id.
 

@@ -247,6 +247,18 @@ class GitLabClient:
         return self._call(what, post_once(lambda: _forge_comment(notes.create({"body": body}).attributes), identical,
                                           self._transient, what))
 
+    def find_comment(self, number: int, text: str) -> ForgeComment | None:
+        """The oldest note of the merge request whose body contains `text` (system notes never do)."""
+
+        def fetch() -> ForgeComment | None:
+            notes = self._project.mergerequests.get(number, lazy=True).notes
+            for note in notes.list(iterator=True, sort="asc", order_by="created_at"):
+                if not note.system and text in str(note.body):
+                    return _forge_comment(note.attributes)
+            return None
+
+        return self._call(f"looking for a note on merge request !{number} of {self.repo.full_name}", fetch)
+
     def get_comment(self, number: int, comment_id: int) -> ForgeComment | None:
         """A note on the merge request as GitLab has it now; None if there is none by that id, or it is a system note.
 
