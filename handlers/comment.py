@@ -29,7 +29,6 @@ from policies.policy import RepoPolicy, Subjects, select_projects
 log = logging.getLogger("deploybot.handlers")
 router = Router()
 
-NOT_ALLOW_LISTED = "🚫 This repository is not allow-listed in deploybot's policy; deploybot runs nothing here."
 NOT_OPEN = "🚫 This pull request is closed; deploybot runs nothing on it."
 FORK_REFUSED = "🚫 This pull request comes from a fork, and this repository's policy does not plan forks."
 NOT_ALLOWED = "🚫 @{user} may not `{command}` in this repository."
@@ -72,6 +71,14 @@ def comment_created(event: CommentEvent, ctx: HandlerContext) -> None:
     parsed = parse_comment(event.body)
     if parsed is None:
         return
+    policy = repo_policy(ctx, event.repo)
+    if policy is None:
+        # Not even a usage reply: nothing of a repository the policy does not name reaches its API.
+        log.info("%s is not allow-listed; ignoring a comment on #%s", event.repo.full_name, event.pull_number)
+        if isinstance(parsed, Command):
+            ctx.store.audit(event.author, parsed.name, "refused", event.repo.full_name,
+                            detail="the repository is not allow-listed")
+        return
     if isinstance(parsed, Reply):
         reply(ctx, event.pull_number, parsed.text)
         return
@@ -87,10 +94,6 @@ def comment_created(event: CommentEvent, ctx: HandlerContext) -> None:
         ctx.store.audit(event.author, parsed.name, "refused", event.repo.full_name, sha=sha, detail=detail)
         reply(ctx, event.pull_number, text)
 
-    policy = repo_policy(ctx, event.repo)
-    if policy is None:
-        refuse(NOT_ALLOW_LISTED, "the repository is not allow-listed")
-        return
     pull = ctx.client.get_pull_request(event.pull_number)
     if pull.state != "open":
         refuse(NOT_OPEN, "the pull request is closed", pull.head_sha)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 
 from bot.forges.github.webhook import sign
 from bot.models import Repo
-from bot.sandbox.forges import WEBHOOK_SECRET
+from bot.sandbox.forges import FORGES, WEBHOOK_SECRET
 from bot.sandbox.trial import REPO, wait_for
-from tests.world import MakeWorld, World, staging_change
+from tests.world import TEST_POLICY, MakeWorld, World, staging_change
 
 
 def post_webhook(world: World, event: str, body: bytes, secret: str | None = WEBHOOK_SECRET,
@@ -434,3 +436,24 @@ def test_a_change_with_nothing_to_plan_says_no_changes(make_world: MakeWorld):
     replan = world.wait_comment(number, "`staging`: no changes")
     assert "**deploybot plan**" in replan
     assert world.wait_status(number, "deploybot/apply", "success") == "no changes to apply"
+
+
+@pytest.mark.parametrize("forge", sorted(FORGES))
+def test_a_repository_the_policy_does_not_name_gets_no_answer_at_all(tmp_path: Path, forge: str):
+    policy = copy.deepcopy(TEST_POLICY)
+    policy["repos"] = {"acme/another-repo": policy["repos"][REPO]}
+    world = World(tmp_path, policy, forge=forge)
+    try:
+        number = world.open_pr("resize", staging_change(world))
+        for body in ("deploybot help", "deploybot plan", "deploybot nonsense"):
+            world.comment(number, "bob", body)
+        world.wait_idle()
+        assert world.bot_comments(number) == []
+        store = world.store()
+        try:
+            refused = [e for e in store.audit_entries() if e["outcome"] == "refused"]
+        finally:
+            store.close()
+        assert [(e["action"], e["detail"]) for e in refused] == [("plan", "the repository is not allow-listed")]
+    finally:
+        world.stop()
