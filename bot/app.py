@@ -351,6 +351,11 @@ async def webhook_endpoint(request: Request) -> Response:
     except MalformedPayload as exc:
         count("malformed")
         return _error(400, str(exc))
+    except Exception:  # noqa: BLE001 - our bug, not the sender's: never a 500, and the forge may send it again
+        log.exception("could not read %s %s delivery %s", intake.forge, event_name, delivery_id)
+        count("unavailable")
+        return JSONResponse({"error": "deploybot could not read this delivery and did not store it; send it again"},
+                            status_code=503, headers={"Retry-After": "60"})
     if event is None:
         log.info("ignored %s %s delivery %s", intake.forge, event_name, delivery_id)
         count("ignored")

@@ -457,3 +457,24 @@ def test_a_repository_the_policy_does_not_name_gets_no_answer_at_all(tmp_path: P
         assert [(e["action"], e["detail"]) for e in refused] == [("plan", "the repository is not allow-listed")]
     finally:
         world.stop()
+
+
+def test_a_payload_nested_too_deeply_is_a_400_and_the_connection_stays_usable(make_world: MakeWorld):
+    world = make_world()
+    deep = "[" * 1000 + '"note"' + "]" * 1000  # within orjson's limit, too deep to print
+    if world.forge.name == "gitlab":
+        event, body = "Note Hook", f'{{"object_kind": {deep}}}'.encode()
+    else:
+        event, body = "issue_comment", f'{{"action": "created", "comment": {deep}}}'.encode()
+    headers = {"Content-Type": "application/json"}
+    with httpx.Client(timeout=30) as http:  # one kept-alive connection for both requests
+        for _ in range(2):
+            delivery = str(uuid.uuid4())
+            if world.forge.name == "github":
+                signed = {"X-GitHub-Event": event, "X-GitHub-Delivery": delivery,
+                          "X-Hub-Signature-256": sign(body, WEBHOOK_SECRET.encode())}
+            else:
+                signed = {"X-Gitlab-Event": event, "X-Gitlab-Event-UUID": delivery, "X-Gitlab-Token": WEBHOOK_SECRET}
+            answer = http.post(f"{world.url}/webhooks/{world.forge.name}", content=body, headers=headers | signed)
+            assert answer.status_code == 400, answer.text
+            assert "Traceback" not in answer.text

@@ -41,6 +41,8 @@ def parse_with(parsers: Mapping[str, Parser], event_name: str, payload: dict[str
         return None
     try:
         return parser(payload)
+    except RecursionError:
+        raise MalformedPayload(f"{event_name} payload is nested too deeply") from None
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise MalformedPayload(f"{event_name} payload lacks {exc}") from None
 

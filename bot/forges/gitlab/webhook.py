@@ -211,7 +211,9 @@ def _pull(payload: dict[str, Any], action: str) -> PullRequest:
 def _check_kind(payload: dict[str, Any], kind: str) -> None:
     found = payload.get("object_kind", kind)
     if found != kind:
-        raise ValueError(f"object_kind {kind!r}, got {found!r}")
+        # Never the value itself: a payload's value may be nested too deep to print.
+        got = repr(found[:64]) if isinstance(found, str) else f"a {type(found).__name__}"
+        raise ValueError(f"object_kind {kind!r}, got {got}")
 
 
 _PULL_ACTIONS = {"open": "opened", "reopen": "reopened", "close": "closed", "merge": "closed"}
