@@ -478,3 +478,28 @@ def test_a_payload_nested_too_deeply_is_a_400_and_the_connection_stays_usable(ma
             answer = http.post(f"{world.url}/webhooks/{world.forge.name}", content=body, headers=headers | signed)
             assert answer.status_code == 400, answer.text
             assert "Traceback" not in answer.text
+
+
+@pytest.mark.parametrize("bad_name", ["acme/infrastructure-live#x", "a" * 1_000_000, "", "acme/../etc",
+                                      "acme/infra live", "no-slash"])
+def test_a_repository_name_outside_the_forges_grammar_is_a_400_and_never_stored(make_world: MakeWorld,
+                                                                                 bad_name: str):
+    world = make_world()
+    number = world.open_pr("resize", staging_change(world))
+    world.wait_comment(number, "**deploybot plan**")
+    world.comment(number, "bob", "deploybot help")
+    sent = world.forge.fake.deliveries[-1]
+    payload = json.loads(sent.body)
+    if world.forge.name == "github":
+        payload["repository"]["full_name"] = bad_name
+    else:
+        payload["project"]["path_with_namespace"] = bad_name
+    answer = post_webhook(world, sent.event, json.dumps(payload).encode())
+    assert answer.status_code == 400 and "repository path" in answer.json()["error"], answer.text
+    assert len(answer.content) < 1000  # the one-line reason, never the value back
+    store = world.store()
+    try:
+        assert store.delivery_status(answer.request.headers.get("X-GitHub-Delivery")
+                                     or answer.request.headers["X-Gitlab-Event-UUID"]) is None
+    finally:
+        store.close()

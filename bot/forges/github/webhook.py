@@ -10,7 +10,18 @@ import hashlib
 import hmac
 from typing import Any
 
-from bot.forges.webhook import InvalidSignature, Parser, integer, parse_with, text
+from bot.forges.webhook import (
+    MAX_URL,
+    InvalidSignature,
+    Parser,
+    branch,
+    login,
+    parse_with,
+    positive,
+    repo_path,
+    sha,
+    text,
+)
 from bot.models import CommentEvent, Event, PullRequest, PullRequestEvent, Repo, ReviewEvent
 
 FORGE = "github"
@@ -39,12 +50,12 @@ def _repo(payload: dict[str, Any]) -> Repo:
     installation = payload.get("installation") or {}
     return Repo(
         forge=FORGE,
-        full_name=text(repo["full_name"]),
-        clone_url=text(repo["clone_url"]),
-        default_branch=text(repo["default_branch"]),
-        installation_id=integer(installation["id"]) if "id" in installation else None,
+        full_name=repo_path(repo["full_name"]),
+        clone_url=text(repo["clone_url"], MAX_URL),
+        default_branch=branch(repo["default_branch"]),
+        installation_id=positive(installation["id"]) if "id" in installation else None,
         # Pins the name to one repository: a deleted repository's name can be taken by another.
-        id=integer(repo["id"]) if "id" in repo else None,
+        id=positive(repo["id"]) if "id" in repo else None,
     )
 
 
@@ -53,16 +64,16 @@ def _pull(payload: dict[str, Any], pr: dict[str, Any]) -> PullRequest:
     head_repo = pr["head"].get("repo") or {}
     return PullRequest(
         repo=repo,
-        number=integer(pr["number"]),
-        head_sha=text(pr["head"]["sha"]),
-        head_ref=text(pr["head"]["ref"]),
-        base_ref=text(pr["base"]["ref"]),
-        author=text(pr["user"]["login"]),
+        number=positive(pr["number"]),
+        head_sha=sha(pr["head"]["sha"]),
+        head_ref=branch(pr["head"]["ref"]),
+        base_ref=branch(pr["base"]["ref"]),
+        author=login(pr["user"]["login"]),
         # A deleted fork has no head repo: treat it as a fork, never as ours.
         is_fork=head_repo.get("full_name") != repo.full_name,
         state="closed" if pr["state"] == "closed" else "open",
         merged=bool(pr.get("merged")),
-        url=text(pr.get("html_url") or ""),
+        url=text(pr.get("html_url") or "", MAX_URL),
     )
 
 
@@ -77,7 +88,7 @@ def _pull_request(payload: dict[str, Any]) -> PullRequestEvent | None:
     return PullRequestEvent(
         action=action,  # type: ignore[arg-type]
         pull=_pull(payload, payload["pull_request"]),
-        sender=text(payload["sender"]["login"]),
+        sender=login(payload["sender"]["login"]),
     )
 
 
@@ -87,9 +98,9 @@ def _issue_comment(payload: dict[str, Any]) -> CommentEvent | None:
         return None
     return CommentEvent(
         repo=_repo(payload),
-        pull_number=integer(payload["issue"]["number"]),
-        comment_id=integer(payload["comment"]["id"]),
-        author=text(payload["comment"]["user"]["login"]),
+        pull_number=positive(payload["issue"]["number"]),
+        comment_id=positive(payload["comment"]["id"]),
+        author=login(payload["comment"]["user"]["login"]),
         body=text(payload["comment"].get("body") or ""),
     )
 
@@ -102,8 +113,8 @@ def _pull_request_review(payload: dict[str, Any]) -> ReviewEvent | None:
     return ReviewEvent(
         action=action,
         pull=_pull(payload, payload["pull_request"]),
-        reviewer=text(review["user"]["login"]),
-        state=text(review["state"]).lower(),
+        reviewer=login(review["user"]["login"]),
+        state=text(review["state"], 64).lower(),
     )
 
 

@@ -52,7 +52,21 @@ import hmac
 from collections.abc import Mapping
 from typing import Any
 
-from bot.forges.webhook import InvalidSignature, MalformedPayload, Parser, integer, load_body, parse_with, text
+from bot.forges.webhook import (
+    MAX_URL,
+    InvalidSignature,
+    MalformedPayload,
+    Parser,
+    branch,
+    integer,
+    load_body,
+    login,
+    parse_with,
+    positive,
+    repo_path,
+    sha,
+    text,
+)
 from bot.models import CommentEvent, Event, PullRequest, PullRequestEvent, Repo, ReviewEvent
 
 __all__ = [
@@ -167,11 +181,11 @@ def _repo(payload: dict[str, Any]) -> Repo:
     project_id = project["id"] if "id" in project else payload.get("project_id")
     return Repo(
         forge=FORGE,
-        full_name=text(project["path_with_namespace"]),
-        clone_url=text(project["git_http_url"]),
-        default_branch=text(project["default_branch"]),
+        full_name=repo_path(project["path_with_namespace"]),
+        clone_url=text(project["git_http_url"], MAX_URL),
+        default_branch=branch(project["default_branch"]),
         installation_id=None,
-        id=integer(project_id) if project_id is not None else None,
+        id=positive(project_id) if project_id is not None else None,
     )
 
 
@@ -181,28 +195,28 @@ def _author(payload: dict[str, Any], attributes: dict[str, Any], action: str) ->
     users = [payload.get("user")] + list(payload.get("assignees") or []) + list(payload.get("reviewers") or [])
     for user in users:
         if isinstance(user, dict) and author_id is not None and user.get("id") == author_id:
-            return text(user["username"])
+            return login(user["username"])
     if action == "open":
-        return text(payload["user"]["username"])
+        return login(payload["user"]["username"])
     return ""
 
 
 def _pull(payload: dict[str, Any], action: str) -> PullRequest:
     attributes = payload["object_attributes"]
     last_commit = attributes.get("last_commit")  # null when the source branch has no commits left
-    state = text(attributes["state"])
+    state = text(attributes["state"], 64)
     merged = state == "merged" or action == "merge"
     return PullRequest(
         repo=_repo(payload),
-        number=integer(attributes["iid"]),
-        head_sha=text(last_commit["id"]) if last_commit is not None else "",
-        head_ref=text(attributes["source_branch"]),
-        base_ref=text(attributes["target_branch"]),
+        number=positive(attributes["iid"]),
+        head_sha=sha(last_commit["id"]) if last_commit is not None else "",
+        head_ref=branch(attributes["source_branch"]),
+        base_ref=branch(attributes["target_branch"]),
         author=_author(payload, attributes, action),
         is_fork=integer(attributes["source_project_id"]) != integer(attributes["target_project_id"]),
         state="closed" if merged or state == "closed" else "open",
         merged=merged,
-        url=text(attributes.get("url") or ""),
+        url=text(attributes.get("url") or "", MAX_URL),
     )
 
 
@@ -223,8 +237,8 @@ _UNAPPROVE_ACTIONS = frozenset({"unapproved", "unapproval"})
 
 def _merge_request(payload: dict[str, Any]) -> PullRequestEvent | ReviewEvent | None:
     _check_kind(payload, "merge_request")
-    action = text(payload["object_attributes"].get("action") or "")
-    sender = text(payload["user"]["username"])
+    action = text(payload["object_attributes"].get("action") or "", 64)
+    sender = login(payload["user"]["username"])
     if action in _APPROVE_ACTIONS or action in _UNAPPROVE_ACTIONS:
         approved = action in _APPROVE_ACTIONS
         return ReviewEvent(
@@ -258,9 +272,9 @@ def _note(payload: dict[str, Any]) -> CommentEvent | None:
         return None  # edits never run anything; system notes are GitLab's own words
     return CommentEvent(
         repo=_repo(payload),
-        pull_number=integer(payload["merge_request"]["iid"]),
-        comment_id=integer(attributes["id"]),
-        author=text(payload["user"]["username"]),
+        pull_number=positive(payload["merge_request"]["iid"]),
+        comment_id=positive(attributes["id"]),
+        author=login(payload["user"]["username"]),
         body=text(attributes.get("note") or ""),
     )
 
