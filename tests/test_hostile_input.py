@@ -50,6 +50,7 @@ from bot.ci.runs import RUN_FIELDS
 from bot.forges.github.webhook import parse_event as parse_github_event
 from bot.forges.github.webhook import sign
 from bot.forges.gitlab.webhook import parse_event as parse_gitlab_event
+from bot.forges.webhook import MalformedPayload
 from bot.models import Mergeability, Repo, Review
 from bot.sandbox.forges import WEBHOOK_SECRET
 from bot.sandbox.trial import REPO, project_files, wait_for
@@ -1178,3 +1179,45 @@ def test_unauthorized_users_are_refused_every_command_and_nothing_runs(any_world
         for command in commands:
             expected = sum(count for (_, u, c), count in sent.items() if (u, c) == (user, command))
             assert audited[(user, command)] - audited_before[(user, command)] == expected, (user, command)
+
+
+# Any JSON at any field of a real payload: the parsers answer an event, None or MalformedPayload.
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False)
+    | st.text(max_size=40) | st.sampled_from(["", "a" * 3000, "acme/x#y", "../..", "0" * 40]),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=12,
+)
+
+
+def _replace_somewhere(payload: Any, path: list[int], value: Any) -> Any:
+    """The payload with the value at one place (chosen by `path`) replaced by `value`."""
+    if not path or not isinstance(payload, (dict, list)) or not payload:
+        return value
+    keys = list(payload) if isinstance(payload, dict) else list(range(len(payload)))
+    key = keys[path[0] % len(keys)]
+    copied = dict(payload) if isinstance(payload, dict) else list(payload)
+    copied[key] = _replace_somewhere(payload[key], path[1:], value)
+    return copied
+
+
+@settings(FAST, max_examples=600)
+@given(forge=st.sampled_from(["github", "gitlab"]), which=st.integers(0, 10**6),
+       path=st.lists(st.integers(0, 10**6), max_size=6), value=JSON_VALUES)
+def test_any_json_anywhere_in_a_real_payload_is_an_event_none_or_a_400(forge, which, path, value):
+    if forge == "github":
+        event, payload = GITHUB_EXAMPLES[which % len(GITHUB_EXAMPLES)]
+        parse = parse_github_event
+    else:
+        _, event, payload = GITLAB_FIXTURES[which % len(GITLAB_FIXTURES)]
+        parse = parse_gitlab_event
+    try:
+        parsed = parse(event, _replace_somewhere(payload, path, value))
+    except MalformedPayload as exc:
+        assert len(str(exc)) < 300 and "a" * 300 not in str(exc)  # one line, never the value back
+        return
+    if parsed is not None:
+        repo = parsed.repo if hasattr(parsed, "repo") else parsed.pull.repo
+        assert "#" not in repo.full_name and ".." not in repo.full_name.split("/")
+        assert len(repo.full_name) <= 2048
