@@ -66,7 +66,7 @@ from policies.authz import Actor, is_allowed
 from policies.autoplan import NarrowedProject, narrow_projects, projects_to_autoplan
 from policies.policy import PERMISSIONS, RepoPolicy, Subjects, load_policy
 from policies.validation import PolicyError
-from tests.world import TEST_POLICY, World, staging_change
+from tests.world import TEST_POLICY, World, staging_change, visible
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GITHUB_EXAMPLES: list[tuple[str, dict]] = [
@@ -1143,8 +1143,7 @@ def test_unauthorized_users_are_refused_every_command_and_nothing_runs(any_world
                     sent[(number, user, command)] += 1
 
     def refusals(number: int) -> Counter:
-        # Each reply ends in its hidden marker (which delivery it answers): the text is before it.
-        return Counter(c.split("\n\n<!-- deploybot:")[0] for c in world.bot_comments(number)[comments_before[number]:])
+        return Counter(visible(c) for c in world.bot_comments(number)[comments_before[number]:])
 
     def all_refused() -> bool:
         return all(refusals(number)[f"🚫 @{user} may not `{command}` in this repository."] == count

@@ -30,7 +30,7 @@ from bot.jobs.terraform import NULL_PROVIDER_FILE, Terraform
 from bot.report.comments import ProjectOutcome, render_run_comment
 from bot.sandbox.forges import FORGES, WEBHOOK_SECRET
 from bot.sandbox.trial import REPO, GitRepo, git, project_files, wait_for
-from tests.world import TEST_POLICY, World, staging_change
+from tests.world import TEST_POLICY, World, staging_change, visible
 
 # --------------------------------------------------------------------------- checkouts on disk
 
@@ -438,7 +438,7 @@ def all_parts(comments: list[str]) -> list[str] | None:
     """The comments if the last one posted is the last part of a (possibly split) run comment."""
     if not comments:
         return None
-    last = comments[-1]
+    last = visible(comments[-1])
     if "_part " not in last:
         return comments
     done, _, total = last.rsplit("_part ", 1)[1].rstrip("_").partition(" of ")
@@ -615,7 +615,7 @@ def test_huge_plan_output_is_split_under_the_forge_limit(make_any_world: MakeWor
     assert "bytes of output left out here" in "".join(comments)
     assert "Plan: 3 to add, 0 to change, 0 to destroy." in comments[-1]
     if world.forge.name == "github":
-        assert len(comments) > 1 and comments[0].endswith(f"_part 1 of {len(comments)}_")
+        assert len(comments) > 1 and visible(comments[0]).endswith(f"_part 1 of {len(comments)}_")
     # The bot is still there for the next command.
     seen = len(world.bot_comments(number))
     world.comment(number, "alice", "deploybot help")

@@ -160,3 +160,8 @@ def staging_change(world: World, size: str = "large") -> dict[str, str]:
 
 
 MakeWorld = Callable[..., World]  # the `make_world` fixture (tests/conftest.py)
+
+
+def visible(body: str) -> str:
+    """A bot comment without its hidden marker line (what it reports, for finding it again)."""
+    return body.split("\n\n<!-- deploybot:")[0]
