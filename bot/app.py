@@ -105,10 +105,11 @@ class Deploybot:
             plan_timeout=tf.plan_timeout,
             apply_timeout=tf.apply_timeout,
         ))
-        self.worker = Worker(config, self.store, self.policy, self.client_for, self.repo_cache,
-                             self.terraform, self.metrics, notify_api_run=self.notify_api_run)
         self.oidc = OidcVerifier(self.policy.callers, replay=self.store.first_use)
         self.hmac = HmacVerifier(self.policy.callers, replay=self.store.first_use)
+        self.worker = Worker(config, self.store, self.policy, self.client_for, self.repo_cache,
+                             self.terraform, self.metrics, notify_api_run=self.notify_api_run,
+                             extra_secrets=self.hmac.secrets())
         self.slack = _slack_notifier(config)
         self.api_runs = ApiRuns(
             store=self.store, policy=self.policy,

@@ -380,3 +380,14 @@ def test_audit_log_is_for_admins_and_readable_from_the_cli(world: World):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "caller:jenkins" in done.stdout and "refused" in done.stdout
+
+
+def test_a_ci_callers_hmac_key_read_by_a_plan_is_redacted(world: World, tmp_path: Path):
+    """Plan-time code can read files; what it prints of a CI caller's key never reaches the pull request."""
+    files = staging_change(world)
+    files["staging/leak.tf"] = f'output "leak" {{\n  value = file("{tmp_path / "jenkins.key"}")\n}}\n'
+    number = world.open_pr("leak", files)
+    plan = world.wait_comment(number, "**deploybot plan**")
+    assert "leak" in plan and KEY not in plan and "***" in plan
+    # Positive control: the output itself is there, only the key is masked.
+    assert 'leak = "***"' in plan or "leak = ***" in plan, plan

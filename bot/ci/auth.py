@@ -356,6 +356,10 @@ class HmacVerifier:
         """Names of the callers whose keys were loaded."""
         return tuple(self._keys)
 
+    def secrets(self) -> list[str]:
+        """The callers' keys as text, so that output shown to users can be redacted."""
+        return [key.decode("utf-8", "replace") for _, key in self._keys.values()]
+
     def verify(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Caller:
         """The caller that signed this request; raise CallerAuthError.
 

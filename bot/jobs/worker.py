@@ -87,8 +87,10 @@ class Worker:
         terraform: Terraform,
         metrics: Metrics,
         notify_api_run: Callable[[Run, list[Job]], None] = lambda run, jobs: None,
+        extra_secrets: Sequence[str] = (),
     ) -> None:
         self.config = config
+        self.extra_secrets = list(extra_secrets)  # secrets the config does not hold: CI callers' keys
         self.store = store
         self.policy = policy
         self.clients = clients
@@ -519,7 +521,7 @@ class Worker:
 
     def clean(self, text: str) -> str:
         """Output as users may see it: no colour codes, no secrets of the bot."""
-        return redact(strip_ansi(text), self.config.secrets() + self.aws.secrets())
+        return redact(strip_ansi(text), self.config.secrets() + self.aws.secrets() + self.extra_secrets)
 
     # Reporting ------------------------------------------------------------------
 
