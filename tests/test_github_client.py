@@ -184,6 +184,12 @@ def test_get_pull_request(fake: FakeGitHub, client: GitHubClient, repo_dirs: tup
     fork = fake.open_pull(REPO, "feature", author="mallory", fork=True)
     assert client.get_pull_request(fork).is_fork is True
 
+    # The default branch is GitHub's now, whatever the client was made from.
+    assert client.get_pull_request(number).repo.default_branch == "main"
+    fake.set_default_branch(REPO, "trunk")
+    assert client.get_pull_request(number).repo.default_branch == "trunk"
+    fake.set_default_branch(REPO, "main")
+
     fake.merge(REPO, number)
     merged = client.get_pull_request(number)
     assert (merged.state, merged.merged) == ("closed", True)

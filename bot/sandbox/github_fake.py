@@ -293,6 +293,11 @@ class FakeGitHub(LocalForge):
         with self._lock:
             self._teams.setdefault(team, {})[user] = (role, state)
 
+    def set_default_branch(self, repo: str, branch: str) -> None:
+        """Make another branch the repository's default, as its settings page does."""
+        with self._lock:
+            self._repo(repo).default_branch = branch
+
     def set_required_contexts(self, repo: str, branch: str, contexts: list[str]) -> None:
         """Require status checks in a branch's classic protection (an empty list stops requiring them)."""
         with self._lock:

@@ -34,7 +34,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -371,7 +371,9 @@ class GitHubClient:
             pr = self._repo.get_pull(number)
             head_repo = pr.head.repo  # None when the fork was deleted
             return PullRequest(
-                repo=self.repo,
+                # The default branch as GitHub has it now (apply on merge trusts merges into it),
+                # not as the webhook that made this client said.
+                repo=replace(self.repo, default_branch=pr.base.repo.default_branch or self.repo.default_branch),
                 number=pr.number,
                 head_sha=pr.head.sha,
                 head_ref=pr.head.ref,
