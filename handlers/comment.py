@@ -90,25 +90,27 @@ def comment_created(event: CommentEvent, ctx: HandlerContext) -> None:
                         detail=f"comment {event.comment_id} was acted on before (delivery {ctx.delivery_id})")
         return
 
-    def refuse(text: str, detail: str, sha: str = "") -> None:
-        ctx.store.audit(event.author, parsed.name, "refused", event.repo.full_name, sha=sha, detail=detail)
-        reply(ctx, event.pull_number, text)
-
     pull = ctx.client.get_pull_request(event.pull_number)
     if pull.state != "open":
-        refuse(NOT_OPEN, "the pull request is closed", pull.head_sha)
+        _refuse(ctx, event, parsed.name, pull.head_sha, NOT_OPEN, "the pull request is closed")
         return
     if pull.is_fork and not policy.allow_forks:
-        refuse(FORK_REFUSED, "the pull request comes from a fork", pull.head_sha)
+        _refuse(ctx, event, parsed.name, pull.head_sha, FORK_REFUSED, "the pull request comes from a fork")
         return
     command = COMMANDS[parsed.name]
     if not may(ctx.client, event.author, command.allowed(policy)):
-        refuse(NOT_ALLOWED.format(user=event.author, command=parsed.name), "not allowed by the policy",
-               pull.head_sha)
+        _refuse(ctx, event, parsed.name, pull.head_sha, NOT_ALLOWED.format(user=event.author, command=parsed.name),
+                "not allowed by the policy")
         return
     projects = _selected(ctx, policy, pull, parsed)
     if projects is not None:
         command.run(ctx, policy, pull, parsed, projects, event)
+
+
+def _refuse(ctx: HandlerContext, event: CommentEvent, command: str, sha: str, text: str, detail: str) -> None:
+    """Audit a refused command with its reason, and tell the pull request why."""
+    ctx.store.audit(event.author, command, "refused", event.repo.full_name, sha=sha, detail=detail)
+    reply(ctx, event.pull_number, text)
 
 
 def _selected(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Command) -> list[Project] | None:
@@ -156,8 +158,7 @@ def approve(ctx: HandlerContext, policy: RepoPolicy, pull: PullRequest, cmd: Com
     user = event.author
 
     def refuse(text: str, detail: str) -> None:
-        ctx.store.audit(user, "approve", "refused", pull.repo.full_name, sha=pull.head_sha, detail=detail)
-        reply(ctx, pull.number, text)
+        _refuse(ctx, event, "approve", pull.head_sha, text, detail)
 
     if user.lower() in excluded(ctx.client, ctx.store, policy, pull):
         refuse(SELF_APPROVAL.format(user=user), "the author or a committer cannot approve")

@@ -628,16 +628,6 @@ class Store:
                                     (repo_key(repo), pull_number)).fetchall()
         return {r["login"] for r in rows}
 
-    def void_approvals_by(self, repo: Repo, pull_number: int, user: str) -> int:
-        """Delete a user's comment approvals on a pull request (they requested changes); how many."""
-        with self._lock:
-            cursor = self._db.execute(
-                "DELETE FROM plan_approvals WHERE substr(project_key, 1, ?) = ? AND pull_number = ?"
-                " AND lower(user) = lower(?)",
-                (*_key_prefix(repo), pull_number, user),
-            )
-            return cursor.rowcount
-
     def lock_holder(self, key: str) -> Lock | None:
         """Who holds a project's lock, without taking it (`try_lock` takes a free lock); None if free."""
         with self._lock:
