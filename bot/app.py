@@ -33,6 +33,7 @@ from bot.forges.vcs import ForgeError, VCSClient
 from bot.forges.webhook import InvalidSignature, MalformedPayload, load_body
 from bot.jobs.dispatcher import Dispatcher, repo_id_refusal
 from bot.jobs.git import GitError, RepoCache
+from bot.jobs.sandbox import Sandbox
 from bot.jobs.terraform import Terraform, TerraformSettings, find_terraform
 from bot.jobs.worker import Worker, disk_is_full
 from bot.metrics import Metrics
@@ -96,6 +97,12 @@ class Deploybot:
         self.forges = configured_forges(config)
         self.repo_cache = RepoCache(data_dir / "git")
         tf = config.terraform
+        self.sandbox = Sandbox(tf.sandbox, tuple(tf.sandbox_read_only), tuple(tf.sandbox_read_write))
+        self.sandbox.check()  # raises SandboxError with the fix: no job ever runs unconfined by accident
+        self.sandbox.share()
+        if not self.sandbox.confines:
+            log.warning("terraform.sandbox is none: terraform runs as the bot and can read its secrets, "
+                        "store and other jobs (docs/security.md)")
         self.terraform = Terraform(TerraformSettings(
             binary=tf.binary or find_terraform(),
             plugin_cache_dir=tf.plugin_cache_dir or data_dir / "plugin-cache",
@@ -104,6 +111,7 @@ class Deploybot:
             init_timeout=tf.init_timeout,
             plan_timeout=tf.plan_timeout,
             apply_timeout=tf.apply_timeout,
+            sandbox=self.sandbox,
         ))
         self.oidc = OidcVerifier(self.policy.callers, replay=self.store.first_use)
         self.hmac = HmacVerifier(self.policy.callers, replay=self.store.first_use)
@@ -399,6 +407,9 @@ async def readyz(request: Request) -> Response:
     checks["disk"] = "failed: the data dir's disk is full" if disk_is_full(bot.config.server.data_dir) else "ok"
     binary = bot.terraform.binary
     checks["terraform"] = "ok" if os.access(binary, os.X_OK) else f"failed: {binary} is not executable"
+    # Not a failure (`none` is set on purpose), but never silent.
+    sandbox = {"sandbox": bot.sandbox.kind} | ({} if bot.sandbox.confines else {
+        "warning": "terraform.sandbox is none: jobs are not confined"})
     for name, forge in bot.forges.items():
         try:
             await asyncio.to_thread(forge.check)
@@ -406,7 +417,7 @@ async def readyz(request: Request) -> Response:
         except ForgeError as exc:
             checks[name] = f"failed: {exc}"
     ready = all(value == "ok" for value in checks.values())
-    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
+    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks, **sandbox},
                         status_code=200 if ready else 503)
 
 

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 from bot.jobs.aws_credentials import PhaseRoles
+from bot.jobs.sandbox import KINDS as SANDBOX_KINDS
 
 
 class ConfigError(ValueError):
@@ -125,6 +126,10 @@ class TerraformConfig:
     plan_env: dict[str, str] = field(default_factory=dict)
     apply_env: dict[str, str] = field(default_factory=dict)
     parallelism: int = 4
+    # Each terraform process in its own bubblewrap sandbox; `none` only on purpose (see docs/security.md).
+    sandbox: str = "bubblewrap"
+    sandbox_read_only: list[Path] = field(default_factory=list)  # seen by every job: a provider mirror
+    sandbox_read_write: list[Path] = field(default_factory=list)  # written by every job: never in production
     init_timeout: float = 600
     plan_timeout: float = 1800
     apply_timeout: float = 3600
@@ -191,6 +196,8 @@ def load_config(path: str | Path | None, environ: Mapping[str, str] | None = Non
         config.policy_file = _resolve(base_dir, config.policy_file)
     if config.terraform.plugin_cache_dir is None:
         config.terraform.plugin_cache_dir = config.server.data_dir / "plugin-cache"
+    if config.terraform.sandbox not in SANDBOX_KINDS:
+        raise ConfigError(f"terraform.sandbox: must be one of {', '.join(SANDBOX_KINDS)}")
     if config.terraform.parallelism < 1:
         raise ConfigError("terraform.parallelism: must be at least 1")
     for problem in PhaseRoles(**dataclasses.asdict(config.aws)).problems():
@@ -236,6 +243,11 @@ def _convert(where: str, spec: dataclasses.Field, value: Any, base_dir: Path) ->
     try:
         if "Secret" in kind:
             return Secret(str(value))
+        if kind.startswith("list"):
+            value = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(value, list):
+                raise ValueError("must be a list")
+            return [_resolve(base_dir, item) for item in value]
         if "Path" in kind:
             return None if value in (None, "") else _resolve(base_dir, value)
         if kind == "int":

@@ -280,6 +280,16 @@ def header_secrets(auth_header: str | None) -> list[str]:
     return [s for s in secrets if len(s) >= 4]  # never redact trivia like "x"
 
 
+def _owned_by_jobs(dest: Path) -> list[str]:
+    """Git options for a checkout whose work tree a sandboxed job's uid owns.
+
+    Git refuses a repository whose top directory another user owns, so that their
+    `.git/config` cannot run commands as us. Here the bot made `.git` and keeps it:
+    jobs see it read-only (bot.jobs.sandbox), so it is safe to say so.
+    """
+    return ["-c", f"safe.directory={dest}"]
+
+
 def _check_sha(sha: str) -> str:
     if not isinstance(sha, str) or not _SHA_RE.fullmatch(sha):
         raise GitError(f"not a full commit SHA: {sha!r}")
@@ -371,14 +381,14 @@ class RepoCache:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 # --shared borrows the mirror's objects (no copy); the pinning refs keep them alive.
                 await self._git(["clone", "--quiet", "--shared", "--no-checkout", str(mirror), str(dest)])
-            await self._git(["-C", str(dest), "checkout", "--quiet", "--force", "--detach", sha])
+            await self._git(["-C", str(dest), *_owned_by_jobs(dest), "checkout", "--quiet", "--force", "--detach", sha])
         except GitError:
             # Asked only now, not before every checkout: the commit is almost always there.
             if not await self._has_commit(mirror, sha):
                 raise GitError(f"commit {sha} has not been fetched into {key}") from None
             raise
         excludes = [arg for name in keep for arg in ("-e", name)]
-        await self._git(["-C", str(dest), "clean", "--quiet", "-ffdx", *excludes])
+        await self._git(["-C", str(dest), *_owned_by_jobs(dest), "clean", "--quiet", "-ffdx", *excludes])
         return dest
 
     async def module_dirs(self, key: str, sha: str, project_dirs: Iterable[str], depth: int) -> dict[str, set[str]]:

@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -131,8 +132,7 @@ def installed_module_problems(checkout_root: Path, project_dir: Path, data_dir: 
         return ["the project directory leads outside the repository"]
     manifest = os.path.join(project, data_dir, "modules", "modules.json")
     try:
-        with open(manifest, "rb") as f:
-            modules = json.loads(f.read()).get("Modules") or []
+        modules = json.loads(read_job_file(manifest)).get("Modules") or []
     except FileNotFoundError:
         return []
     except (OSError, ValueError, AttributeError):
@@ -153,6 +153,19 @@ def installed_module_problems(checkout_root: Path, project_dir: Path, data_dir: 
         elif where != project and os.path.isdir(where):  # the root module was checked before init
             guard.scan_tree(where)
     return guard.reasons()
+
+
+def read_job_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a regular file that a job wrote; raises OSError for anything else.
+
+    The job chose what is at that path: a symlink must not lead the bot to its own
+    files, and a FIFO must not hang it.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(f"{os.fspath(path)} is not a regular file")
+        return f.read()
 
 
 # --------------------------------------------------------------------------- internals

@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-# Fixed PATH for terraform and its provisioners; the bot's own PATH may name
-# directories (virtualenvs, home bins) the deployed code has no business seeing.
-SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+from bot.jobs.sandbox import SAFE_PATH, JobFiles, Sandbox
+
 
 NULL_PROVIDER_FILE = "terraform-provider-null_v2.1.2_x4"
 NULL_PROVIDER_ADDR = "registry.terraform.io/hashicorp/null"
@@ -294,9 +293,11 @@ class TerraformSettings:
     """How to run terraform; built from the `terraform` section of the server config."""
 
     binary: str
-    plugin_cache_dir: Path  # shared by all checkouts; TF_PLUGIN_CACHE_DIR
+    plugin_cache_dir: Path  # TF_PLUGIN_CACHE_DIR, shared by all checkouts: only without a sandbox
     home_dir: Path  # HOME for terraform: a directory under the data dir, never the bot user's
     cli_config_file: Path | None = None  # TF_CLI_CONFIG_FILE
+    # `none`: terraform runs as the bot and sees what the bot sees.
+    sandbox: Sandbox = field(default_factory=lambda: Sandbox("none"))
     # Seconds each phase may run before terraform is stopped.
     init_timeout: float = 600  # also used for workspace select/new
     plan_timeout: float = 1800
@@ -350,7 +351,8 @@ class Terraform:
         if settings.cli_config_file is not None and not Path(settings.cli_config_file).is_file():
             raise TerraformError(f"terraform CLI config not found: {settings.cli_config_file}")
         self.settings = settings
-        Path(settings.plugin_cache_dir).mkdir(parents=True, exist_ok=True)
+        if not settings.sandbox.confines:
+            Path(settings.plugin_cache_dir).mkdir(parents=True, exist_ok=True)
         Path(settings.home_dir).mkdir(parents=True, exist_ok=True)
         # Terraform's plugin cache is not safe for concurrent writers, so inits
         # sharing it take turns (plans and applies only read it).
@@ -365,8 +367,11 @@ class Terraform:
             "TF_IN_AUTOMATION": "1",
             "TF_INPUT": "0",
             "CHECKPOINT_DISABLE": "1",  # no version check call to HashiCorp
-            "TF_PLUGIN_CACHE_DIR": str(s.plugin_cache_dir),
         }
+        if not s.sandbox.confines:
+            # A shared cache would let one job write a provider that another job runs; in the
+            # sandbox each working dir installs its own (from a read-only mirror, if configured).
+            env["TF_PLUGIN_CACHE_DIR"] = str(s.plugin_cache_dir)
         if s.cli_config_file is not None:
             env["TF_CLI_CONFIG_FILE"] = str(s.cli_config_file)
         # Server config (base, then per phase) may add or override anything.
@@ -375,16 +380,17 @@ class Terraform:
         return env
 
     async def init(
-        self, workdir: Path, env: Mapping[str, str] | None = None, log: BinaryIO | None = None
+        self, workdir: Path, env: Mapping[str, str] | None = None, log: BinaryIO | None = None,
+        files: JobFiles | None = None,
     ) -> PhaseResult:
         """`terraform init`: backend, modules and providers; output also written to `log` as it comes."""
         async with self._init_lock:
             return await self._phase(
-                ["init", "-input=false", "-no-color"], workdir, env, self.settings.init_timeout, log
+                ["init", "-input=false", "-no-color"], workdir, env, self.settings.init_timeout, log, files
             )
 
     async def select_workspace(
-        self, workdir: Path, workspace: str, env: Mapping[str, str] | None = None
+        self, workdir: Path, workspace: str, env: Mapping[str, str] | None = None, files: JobFiles | None = None
     ) -> PhaseResult | None:
         """Make `workspace` the current one (creating it if needed); run after init.
 
@@ -396,9 +402,11 @@ class Terraform:
         if self._current_workspace(workdir, env) == workspace:
             return None
         timeout = self.settings.init_timeout
-        result = await self._phase(["workspace", "select", "-no-color", workspace], workdir, env, timeout)
+        result = await self._phase(["workspace", "select", "-no-color", workspace], workdir, env, timeout,
+                                   files=files)
         if result.exit_code != 0 and not result.timed_out and workspace != "default":
-            created = await self._phase(["workspace", "new", "-no-color", workspace], workdir, env, timeout)
+            created = await self._phase(["workspace", "new", "-no-color", workspace], workdir, env, timeout,
+                                        files=files)
             result = PhaseResult(
                 exit_code=created.exit_code,
                 output=created.output if created.ok else result.output + created.output,
@@ -414,6 +422,7 @@ class Terraform:
         env: Mapping[str, str] | None = None,
         workspace: str = "default",
         log: BinaryIO | None = None,
+        files: JobFiles | None = None,
     ) -> PhaseResult:
         """`terraform plan -detailed-exitcode -out=planfile`: exit 0 no changes, 2 changes, 1 error.
 
@@ -422,7 +431,7 @@ class Terraform:
         """
         planfile = Path(workdir) / planfile
         planfile.unlink(missing_ok=True)
-        selected = await self.select_workspace(workdir, workspace, env)
+        selected = await self.select_workspace(workdir, workspace, env, files)
         if selected is not None and not selected.ok:
             return selected
         result = await self._phase(
@@ -431,6 +440,7 @@ class Terraform:
             env,
             self.settings.plan_timeout,
             log,
+            files,
         )
         if result.exit_code not in (0, 2) or result.timed_out:
             planfile.unlink(missing_ok=True)
@@ -443,6 +453,7 @@ class Terraform:
         env: Mapping[str, str] | None = None,
         workspace: str | None = None,
         log: BinaryIO | None = None,
+        files: JobFiles | None = None,
     ) -> PhaseResult:
         """`terraform apply planfile`: applies exactly the saved plan, nothing else.
 
@@ -459,7 +470,7 @@ class Terraform:
         if workspace is not None and workspace != recorded:
             message = f"the saved plan is for workspace {recorded!r}, not {workspace!r}\n"
             return PhaseResult(exit_code=1, output=message, duration_s=0.0)
-        selected = await self.select_workspace(workdir, recorded, env)
+        selected = await self.select_workspace(workdir, recorded, env, files)
         if selected is not None and not selected.ok:
             return selected
         return await self._phase(
@@ -468,6 +479,7 @@ class Terraform:
             env,
             self.settings.apply_timeout,
             log,
+            files,
         )
 
     # ------------------------------------------------------------------ internals
@@ -485,9 +497,10 @@ class Terraform:
 
     async def _phase(
         self, args: Sequence[str], workdir: Path, env: Mapping[str, str] | None, timeout_s: float,
-        log: BinaryIO | None = None,
+        log: BinaryIO | None = None, files: JobFiles | None = None,
     ) -> PhaseResult:
-        done = await self._exec(args, workdir, self.environment(env), timeout_s, merge_stderr=True, log=log)
+        done = await self._exec(args, workdir, self.environment(env), timeout_s, merge_stderr=True, log=log,
+                                files=files)
         return PhaseResult(
             exit_code=done.returncode,
             output=done.stdout.decode("utf-8", "replace"),
@@ -504,13 +517,21 @@ class Terraform:
         *,
         merge_stderr: bool,
         log: BinaryIO | None = None,
+        files: JobFiles | None = None,
     ) -> _Completed:
-        """Run terraform with a timeout; stop it (and its children) on timeout or cancel."""
+        """Run terraform (in the job's sandbox) with a timeout; stop it and its children on timeout or cancel."""
+        sandbox = self.settings.sandbox
+        if sandbox.confines and files is None:
+            raise TerraformError("terraform runs only in a job's sandbox here, and this call named no job")
+        argv = [self.binary, *args]
+        if files is not None:
+            visible = [Path(self.binary)] + ([Path(self.settings.cli_config_file)]
+                                             if self.settings.cli_config_file else [])
+            argv = sandbox.command(argv, files, Path(workdir), visible)
         started = time.monotonic()
         try:
             proc = await asyncio.create_subprocess_exec(
-                self.binary,
-                *args,
+                *argv,
                 cwd=str(workdir),
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,

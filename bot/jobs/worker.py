@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import hashlib
 import logging
 import os
 import re
@@ -26,7 +27,8 @@ from bot.forges.vcs import ForgeError, VCSClient
 from bot.jobs.apply_gate import apply_blockers
 from bot.jobs.aws_credentials import CredentialsError, PhaseCredentials, PhaseRoles, session_name, with_credentials
 from bot.jobs.git import KEEP_ON_RESET, GitError, RepoCache
-from bot.jobs.repo_guard import cap_output, checkout_problems, installed_module_problems
+from bot.jobs.repo_guard import cap_output, checkout_problems, installed_module_problems, read_job_file
+from bot.jobs.sandbox import JobFiles
 from bot.jobs.terraform import PhaseResult, PlanSummary, Terraform, TerraformError, sha256_file, summarize_plan_file
 from bot.logs import log_context
 from bot.metrics import Metrics
@@ -204,9 +206,9 @@ class Worker:
         """Where a job's terraform output is written as it runs (raw: redact before showing)."""
         return self.config.server.data_dir / "logs" / f"job-{job_id}.log"
 
-    def _home(self, job: Job) -> Path:
-        return self.config.server.data_dir / "homes" / f"job-{job.id}"
-
+    def _files(self, job: Job) -> JobFiles:
+        """What the job's terraform may see: its checkout, and a scratch dir of its own (HOME, plan file)."""
+        return JobFiles(checkout=self._workdir(job), scratch=self.config.server.data_dir / "jobs" / f"job-{job.id}")
 
     async def _run_job(self, job: Job) -> None:
         with log_context(run=job.run.id, job=job.id, repo=job.run.repo.full_name,
@@ -216,7 +218,7 @@ class Worker:
                 await self._run_logged_job(job, output_log)
             finally:
                 output_log.close()
-                shutil.rmtree(self._home(job), ignore_errors=True)
+                shutil.rmtree(self._files(job).scratch, ignore_errors=True)
 
     async def _run_logged_job(self, job: Job, output_log: BinaryIO) -> None:
         started = time.monotonic()
@@ -301,13 +303,17 @@ class Worker:
     def _workdir(self, job: Job) -> Path:
         return self._project_dir("work", job.project_key) / f"pr-{job.run.pull_number}"
 
-    def _planfile(self, job: Job) -> Path:
-        # Outside the checkout, so code in the PR can never reach or swap it; one file per
-        # job, so a re-plan never overwrites the file of a plan someone may be looking at.
+    def _keep_plan(self, job: Job, plan: bytes) -> tuple[Path, str]:
+        """Store a plan's bytes where no job can reach them; their path and SHA-256.
+
+        One file per job, so a re-plan never overwrites the file of a plan someone may be
+        looking at. The hash is of the bytes the bot holds, never re-read from a job's files.
+        """
         path = (self._project_dir("plans", job.project_key)
                 / f"pr-{job.run.pull_number}-{job.run.head_sha}-job{job.id}.tfplan")
         path.parent.mkdir(parents=True, exist_ok=True)
-        return path
+        path.write_bytes(plan)
+        return path, hashlib.sha256(plan).hexdigest()
 
     def forget_pull_soon(self, repo: Repo, pull_number: int) -> None:
         """`forget_pull` in a task of its own."""
@@ -347,6 +353,7 @@ class Worker:
         header = await asyncio.to_thread(client.git_auth_header)
         await self.repo_cache.fetch(repo_key(run.repo), run.repo.clone_url, run.head_sha, header)
         checkout = await self.repo_cache.checkout(repo_key(run.repo), run.head_sha, self._workdir(job), keep)
+        await asyncio.to_thread(self.terraform.settings.sandbox.hand_over, self._files(job))
         root = checkout.resolve()
         project_dir = (checkout / job.project.dir).resolve()
         # A symlinked project dir in the PR must not lead the bot outside the clone.
@@ -372,7 +379,9 @@ class Worker:
             env = await self._phase_env(job, phase)
         except CredentialsError as exc:
             return JobOutcome("failed", f"AWS credentials for {phase}: {exc}")
-        project_dir = await self._checkout(job)
+        # An apply starts from a clean checkout: nothing a plan left in the working dir (a
+        # provider in `.terraform`, a lock file) runs with the apply role.
+        project_dir = await self._checkout(job, KEEP_ON_RESET if reuse_init else ())
         if isinstance(project_dir, JobOutcome):
             return project_dir
         if reuse_init and (project_dir / ".terraform").is_dir():
@@ -388,7 +397,7 @@ class Worker:
     async def _init(self, job: Job, project_dir: Path, env: dict[str, str], output_log: BinaryIO
                     ) -> PhaseResult | JobOutcome:
         """`terraform init`, then a check that what it installed stays in the checkout."""
-        init = await self.terraform.init(project_dir, env, output_log)
+        init = await self.terraform.init(project_dir, env, output_log, self._files(job))
         if failed := _phase_failure("init", init):
             return JobOutcome("failed", failed, init.output, terraform_seconds=init.duration_s)
         # What init actually installed, by terraform's own account, must stay in the checkout too.
@@ -409,19 +418,21 @@ class Worker:
         phase_env = self.config.terraform.plan_env if phase == "plan" else self.config.terraform.apply_env
         # A HOME of the job's own: nothing one PR's terraform leaves there (a .terraformrc,
         # plugins) reaches another job.
-        home = self._home(job)
-        shutil.rmtree(home, ignore_errors=True)
-        home.mkdir(parents=True)
-        return {**with_credentials(phase_env, credentials), "HOME": str(home)}
+        scratch = self._files(job).scratch
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        return {**with_credentials(phase_env, credentials), "HOME": str(scratch)}
 
     async def _plan(self, job: Job, output_log: BinaryIO) -> JobOutcome:
         prepared = await self._prepare(job, "plan", output_log, reuse_init=True)
         if isinstance(prepared, JobOutcome):
             return prepared
         project_dir, init, env = prepared
-        planfile = self._planfile(job)
+        files = self._files(job)
+        # Written in the job's own scratch dir; the bot copies it out of reach of every job.
+        job_planfile = files.scratch / "plan.tfplan"
         seconds = init.duration_s if init else 0.0
-        plan = await self.terraform.plan(project_dir, planfile, env, job.project.workspace, output_log)
+        plan = await self.terraform.plan(project_dir, job_planfile, env, job.project.workspace, output_log, files)
         if init is None and plan.exit_code == 1 and not plan.timed_out and "terraform init" in plan.output:
             # The new commit changed modules, providers or the backend; terraform says so and
             # names init. (A PR could print those words itself: it only buys an init.)
@@ -435,10 +446,14 @@ class Worker:
             if isinstance(init, JobOutcome):
                 return init
             seconds += init.duration_s
-            plan = await self.terraform.plan(project_dir, planfile, env, job.project.workspace, output_log)
+            plan = await self.terraform.plan(project_dir, job_planfile, env, job.project.workspace, output_log, files)
         seconds += plan.duration_s
         if failed := _phase_failure("plan", plan, ok_codes=(0, 2)):
             return JobOutcome("failed", failed, plan.output, terraform_seconds=seconds)
+        try:
+            planfile, digest = self._keep_plan(job, read_job_file(job_planfile))
+        except OSError:
+            return JobOutcome("failed", "terraform wrote no plan file", plan.output, terraform_seconds=seconds)
         if plan.exit_code == 0:
             summary = PlanSummary()  # -detailed-exitcode 0: terraform itself says nothing changes
         else:
@@ -447,7 +462,6 @@ class Worker:
                 summary = summarize_plan_file(planfile)
             except TerraformError as exc:
                 return JobOutcome("failed", str(exc), plan.output, terraform_seconds=seconds)
-        digest = sha256_file(planfile)
         replaced = self.store.save_plan(SavedPlan(job.project_key, job.run.pull_number, job.run.head_sha,
                                                   str(planfile), digest, summary.has_changes))
         if replaced is not None and replaced.planfile != str(planfile):
@@ -478,7 +492,15 @@ class Worker:
             return prepared
         project_dir, init, env = prepared
         assert init is not None  # an apply always initialises
-        result = await self.terraform.apply(project_dir, Path(plan.planfile), env, log=output_log)
+        files = self._files(job)
+        # The job gets a copy of the very bytes that were approved, and no other plan.
+        approved = Path(plan.planfile).read_bytes()
+        if hashlib.sha256(approved).hexdigest() != plan.sha256:
+            return JobOutcome("refused", "apply refused: the saved plan file was changed — plan again")
+        job_planfile = files.scratch / "plan.tfplan"
+        job_planfile.write_bytes(approved)
+        await asyncio.to_thread(self.terraform.settings.sandbox.hand_over, files)
+        result = await self.terraform.apply(project_dir, job_planfile, env, log=output_log, files=files)
         if failed := _phase_failure("apply", result):
             return JobOutcome("failed", failed, result.output)
         self.store.delete_plan(job.project_key, run.pull_number)

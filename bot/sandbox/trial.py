@@ -190,8 +190,12 @@ def write_config(root: Path, forge: SandboxForge, policy: dict, extra: dict | No
         "server": {"host": "127.0.0.1", "port": port, "public_url": f"http://127.0.0.1:{port}",
                    "data_dir": str(root / "data")},
         **forge.config_section(root),
+        # Jobs see the provider mirror, and share the trial's local state (a real deployment
+        # keeps state in a backend such as S3, and shares nothing between jobs).
         "terraform": {"binary": find_terraform(), "cli_config_file": str(cli_config),
-                      "plugin_cache_dir": str(root / "plugin-cache"), **terraform},
+                      "plugin_cache_dir": str(root / "plugin-cache"),
+                      "sandbox_read_only": [str(cli_config.parent)], "sandbox_read_write": [str(root / "state")],
+                      **terraform},
         "policy_file": str(root / "policy.yaml"),
     }
     for section, values in (extra or {}).items():
