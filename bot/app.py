@@ -38,6 +38,9 @@ from bot.jobs.terraform import Terraform, TerraformSettings, find_terraform
 from bot.jobs.worker import Worker, disk_is_full
 from bot.metrics import Metrics
 from bot.models import CommentEvent, Event, PullRequestEvent, Repo
+from bot.request_body import read_body
+from bot.runners import api as runner_api
+from bot.runners.pools import RunnerPools, check_pools
 from bot.store import Delivery, Job, Run, Store, repo_key
 from handlers.context import HandlerContext
 from policies.policy import Policy, load_policy_file
@@ -115,9 +118,12 @@ class Deploybot:
         ))
         self.oidc = OidcVerifier(self.policy.callers, replay=self.store.first_use)
         self.hmac = HmacVerifier(self.policy.callers, replay=self.store.first_use)
+        runners = config.runners
+        check_pools(self.policy, runners.pools)
+        self.runner_pools = RunnerPools(runners.pools, runners.lease_seconds, runners.claim_wait_seconds)
         self.worker = Worker(config, self.store, self.policy, self.client_for, self.repo_cache,
                              self.terraform, self.metrics, notify_api_run=self.notify_api_run,
-                             extra_secrets=self.hmac.secrets())
+                             extra_secrets=self.hmac.secrets(), runner_pools=self.runner_pools)
         self.slack = _slack_notifier(config)
         self.api_runs = ApiRuns(
             store=self.store, policy=self.policy,
@@ -249,20 +255,6 @@ class Deploybot:
         self.store.close()
 
 
-async def _read_body(request: Request, limit: int) -> bytes | None:
-    """The raw body, or None once it passes the limit (without reading the rest into memory)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        return None
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -335,7 +327,7 @@ async def webhook_endpoint(request: Request) -> Response:
     # Unverified requests are counted under one label: header values must not grow the metrics.
     count = functools.partial(_count, bot, intake.forge, "unverified")
     try:
-        body = await _read_body(request, bot.config.server.max_body_bytes)
+        body = await read_body(request, bot.config.server.max_body_bytes)
     except ClientDisconnect:
         return _error(400, "the client went away")
     if body is None:
@@ -450,6 +442,10 @@ def create_app(config: Config, policy: Policy | None = None) -> Starlette:
             Route("/api/v1/openapi.json", trigger_api.openapi),
             Route("/api/v1/audit", trigger_api.audit_log),
             Route("/slack/interactions", trigger_api.slack_interaction, methods=["POST"]),
+            Route("/api/v1/runners/claim", runner_api.claim, methods=["POST"]),
+            Route("/api/v1/runners/leases/{lease:str}/checkout", runner_api.checkout),
+            Route("/api/v1/runners/leases/{lease:str}/log", runner_api.log, methods=["POST"]),
+            Route("/api/v1/runners/leases/{lease:str}/result", runner_api.result, methods=["PUT"]),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),

@@ -37,8 +37,20 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("run_args", nargs=argparse.REMAINDER)
 
     from bot.forges.github.app_setup import add_create_parser
+    from bot.runners.runner import add_runner_parser
 
     add_create_parser(commands)
+    add_runner_parser(commands)
+
+    tokens = commands.add_parser("runner-token", help="the tokens runners of a pool claim jobs with")
+    token_commands = tokens.add_subparsers(dest="token_command", required=True)
+    create = token_commands.add_parser("create", help="make a token for a pool; it is printed once, stored hashed")
+    create.add_argument("--pool", required=True)
+    revoke = token_commands.add_parser("revoke", help="revoke a token: its runner gets 401 from then on")
+    revoke.add_argument("id", type=int)
+    token_commands.add_parser("list", help="the tokens (ids, pools, when made and revoked; never the tokens)")
+    for sub in (create, revoke, token_commands.choices["list"]):
+        sub.add_argument("--config", help="YAML config file of the server (default: $DEPLOYBOT_CONFIG)")
 
     audit = commands.add_parser("audit", help="print the server's audit log (admin token in $DEPLOYBOT_ADMIN_TOKEN)")
     audit.add_argument("--server", default=os.environ.get("DEPLOYBOT_SERVER"),
@@ -66,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
             from bot.ci.cli import main as run_main
 
             return run_main(args.run_args)
+        if args.command == "runner":
+            from bot.runners.runner import run_runner
+
+            return run_runner(args)
+        if args.command == "runner-token":
+            return _runner_token(args)
         if args.command == "github-app":
             from bot.forges.github.app_setup import run_create
 
@@ -123,6 +141,45 @@ def _forget_repo_id(config_path: str | None, forge: str, name: str) -> int:
         store.close()
     print(f"forgot id {forgotten} of {forge} repository {name}: the id of its next event is recorded instead")
     return 0
+
+
+def _runner_token(args: argparse.Namespace) -> int:
+    """Make, revoke or list runner tokens in the server's store; each change is audited."""
+    import datetime
+    import getpass
+
+    from bot.runners.tokens import new_token, token_hash
+    from bot.store import Store
+
+    config = load_config(args.config)
+    store = Store(config.server.database_path)
+    actor = f"cli:{getpass.getuser()}"
+    try:
+        if args.token_command == "create":
+            if args.pool not in config.runners.pools:
+                print(f"deploybot: pool {args.pool!r} is not in runners.pools of the config", file=sys.stderr)
+                return 2
+            token = new_token()
+            token_id = store.add_runner_token(args.pool, token_hash(token))
+            store.audit(actor, "runner-token create", "created", detail=f"token {token_id} of pool {args.pool}")
+            print(f"# token {token_id} of pool {args.pool}: shown this once, keep it in the runner's secret store",
+                  file=sys.stderr)
+            print(token)
+            return 0
+        if args.token_command == "revoke":
+            if not store.revoke_runner_token(args.id):
+                print(f"deploybot: no token {args.id} that is not revoked already", file=sys.stderr)
+                return 1
+            store.audit(actor, "runner-token revoke", "revoked", detail=f"token {args.id}")
+            print(f"revoked token {args.id}")
+            return 0
+        for token in store.runner_tokens():
+            made = datetime.datetime.fromtimestamp(token.created_at, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            state = "revoked" if token.revoked_at else "active"
+            print(f"{token.id:>5}  {token.pool:<20} {made}  {state}")
+        return 0
+    finally:
+        store.close()
 
 
 PR_SET_DUMPABLE = 4

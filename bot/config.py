@@ -136,6 +136,15 @@ class TerraformConfig:
 
 
 @dataclass
+class RunnersConfig:
+    # Pool name -> the one phase (plan | apply) its runners run. A project names its pools in
+    # the policy (`pools: {plan: NAME, apply: NAME}`); without, the bot runs the phase itself.
+    pools: dict[str, str] = field(default_factory=dict)
+    lease_seconds: float = 30  # a runner silent this long has vanished: its plan is queued again
+    claim_wait_seconds: float = 25  # how long a runner's claim waits for a job (long poll)
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     github: GitHubConfig = field(default_factory=GitHubConfig)
@@ -143,6 +152,7 @@ class Config:
     slack: SlackConfig = field(default_factory=SlackConfig)
     aws: AwsConfig = field(default_factory=AwsConfig)
     terraform: TerraformConfig = field(default_factory=TerraformConfig)
+    runners: RunnersConfig = field(default_factory=RunnersConfig)
     policy_file: Path = Path("policy.yaml")
 
     def secrets(self) -> list[str]:
@@ -160,7 +170,7 @@ class Config:
 
 
 SECTIONS = {"server": ServerConfig, "github": GitHubConfig, "gitlab": GitLabConfig,
-            "slack": SlackConfig, "aws": AwsConfig, "terraform": TerraformConfig}
+            "slack": SlackConfig, "aws": AwsConfig, "terraform": TerraformConfig, "runners": RunnersConfig}
 _ENV_PREFIX = "DEPLOYBOT_"
 
 
@@ -198,6 +208,11 @@ def load_config(path: str | Path | None, environ: Mapping[str, str] | None = Non
         config.terraform.plugin_cache_dir = config.server.data_dir / "plugin-cache"
     if config.terraform.sandbox not in SANDBOX_KINDS:
         raise ConfigError(f"terraform.sandbox: must be one of {', '.join(SANDBOX_KINDS)}")
+    for pool, phase in config.runners.pools.items():
+        if phase not in ("plan", "apply"):
+            raise ConfigError(f"runners.pools.{pool}: must be plan or apply (a pool runs one phase)")
+    if config.runners.lease_seconds <= 0 or config.runners.claim_wait_seconds <= 0:
+        raise ConfigError("runners: lease_seconds and claim_wait_seconds must be positive")
     if config.terraform.parallelism < 1:
         raise ConfigError("terraform.parallelism: must be at least 1")
     for problem in PhaseRoles(**dataclasses.asdict(config.aws)).problems():

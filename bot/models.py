@@ -118,6 +118,13 @@ class Project:
     workspace: str = "default"
     name: str = ""
     autoplan: tuple[str, ...] = field(default_factory=tuple)
+    # The runner pool (bot.runners) each phase runs in; "" runs it in the bot itself.
+    plan_pool: str = ""
+    apply_pool: str = ""
+
+    def pool(self, command: str) -> str:
+        """The pool a job of this command runs in (an apply's plan-and-apply from CI: the apply pool)."""
+        return self.plan_pool if command == "plan" else self.apply_pool
 
     @property
     def label(self) -> str:

@@ -207,7 +207,7 @@ _REPO_KEYS = (
 APPROVER_EXCLUSIONS = ("author", "committers")
 _BRANCH = re.compile(r"[A-Za-z0-9._/-]+")
 _SUBJECT_KEYS = ("users", "teams", "permission")
-_PROJECT_KEYS = ("name", "dir", "workspace", "autoplan")
+_PROJECT_KEYS = ("name", "dir", "workspace", "autoplan", "pools")
 
 _TEAM = re.compile(rf"{SEGMENT}(?:/{SEGMENT})+")
 # GitHub logins, GitLab usernames, and GitHub App bots ("renovate[bot]").
@@ -441,7 +441,13 @@ def _projects(raw: dict[str, Any], path: str) -> tuple[Project, ...]:
                 except ValueError as e:
                     raise PolicyError(f"{ppath}.autoplan[{j}]: {e}") from None
             autoplan = tuple(globs)
-        projects.append(Project(dir=dir_, workspace=workspace, name=name, autoplan=autoplan))
+        pools = expect(item.get("pools", {}), dict, f"{ppath}.pools", "a mapping of phase to pool")
+        no_unknown_keys(pools, ("plan", "apply"), f"{ppath}.pools")
+        for phase, pool in pools.items():
+            if not isinstance(pool, str) or not _NAME.fullmatch(pool) or pool.startswith("-"):
+                raise PolicyError(f"{ppath}.pools.{phase}: a pool name of letters, digits, '.', '_', '/' and '-'")
+        projects.append(Project(dir=dir_, workspace=workspace, name=name, autoplan=autoplan,
+                                plan_pool=pools.get("plan", ""), apply_pool=pools.get("apply", "")))
     return tuple(projects)
 
 

@@ -21,7 +21,7 @@ def world(tmp_path: Path, moto: Moto) -> Iterator[World]:  # noqa: F811
 
 
 def test_apply_runs_with_the_apply_role_and_names_who_caused_it(world: World, moto: Moto, tmp_path: Path):  # noqa: F811
-    seen = tmp_path / "apply-env.txt"
+    seen = world.state_dir / "apply-env.txt"  # a dir every sandboxed job of the world may write
     files = staging_change(world)
     files["staging/env.tf"] = ('resource "null_resource" "env" {\n'
                                f'  provisioner "local-exec" {{ command = "env | grep ^AWS_ > {seen}" }}\n}}\n')

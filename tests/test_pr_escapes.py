@@ -564,7 +564,7 @@ def test_terraform_gets_none_of_the_bots_environment(make_world: MakeWorld, monk
     for name, value in bot_env.items():
         monkeypatch.setenv(name, value)  # before the in-process bot starts: it is the bot's own environment
     world = make_world()
-    dump = world.root / "terraform-env.txt"
+    dump = world.state_dir / "terraform-env.txt"  # a dir every sandboxed job of the world may write
     files = staging_change(world)
     files["staging/env.tf"] = (
         'variable "stolen" {\n  type    = string\n  default = "nothing"\n}\n'

@@ -17,6 +17,7 @@ from bot.config import Config
 from bot.forges.vcs import ForgeError
 from bot.forges.webhook import InvalidSignature, MalformedPayload
 from bot.jobs.worker import Worker
+from bot.request_body import read_body
 from bot.store import FINISHED, Store
 from policies.callers import authorize_read
 
@@ -50,15 +51,6 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-async def _body(request: Request, limit: int) -> bytes | None:
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            return None
-    return body
-
-
 async def _caller(bot: TriggerHost, request: Request, body: bytes):
     """The authenticated caller and its token's claims; audited and raised as CallerAuthError."""
     try:
@@ -73,7 +65,7 @@ async def _caller(bot: TriggerHost, request: Request, body: bytes):
 async def create_run(request: Request) -> Response:
     """POST /api/v1/runs: a plan or apply of one project of an allow-listed repo at a ref."""
     bot: TriggerHost = request.app.state.bot
-    body = await _body(request, MAX_API_BODY)
+    body = await read_body(request, MAX_API_BODY)
     if body is None:
         return _error(413, "body too large")
     try:
@@ -204,7 +196,7 @@ async def slack_interaction(request: Request) -> Response:
     secret = bot.config.slack.signing_secret.reveal()
     if not secret:
         return _error(404, "Slack is not configured on this server")
-    body = await _body(request, MAX_API_BODY)
+    body = await read_body(request, MAX_API_BODY)
     if body is None:
         return _error(413, "body too large")
     try:

@@ -155,6 +155,11 @@ def installed_module_problems(checkout_root: Path, project_dir: Path, data_dir: 
     return guard.reasons()
 
 
+def tracked_paths(root: str | os.PathLike[str]) -> set[str] | None:
+    """The paths git tracks in a checkout, from its index; None when that cannot be read."""
+    return set(paths) if (paths := _Index.load(os.fspath(root)).paths) is not None else None
+
+
 def read_job_file(path: str | os.PathLike[str]) -> bytes:
     """The bytes of a regular file that a job wrote; raises OSError for anything else.
 

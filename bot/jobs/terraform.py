@@ -26,7 +26,6 @@ from typing import BinaryIO
 
 from bot.jobs.sandbox import SAFE_PATH, JobFiles, Sandbox
 
-
 NULL_PROVIDER_FILE = "terraform-provider-null_v2.1.2_x4"
 NULL_PROVIDER_ADDR = "registry.terraform.io/hashicorp/null"
 NULL_PROVIDER_VERSION = "2.1.2"

@@ -13,6 +13,7 @@ import errno
 import hashlib
 import logging
 import os
+import posixpath
 import re
 import shutil
 import sqlite3
@@ -26,10 +27,11 @@ from bot.config import Config
 from bot.forges.vcs import ForgeError, VCSClient
 from bot.jobs.apply_gate import apply_blockers
 from bot.jobs.aws_credentials import CredentialsError, PhaseCredentials, PhaseRoles, session_name, with_credentials
+from bot.jobs.executor import LOCK_FILE, Execution, JobSpec, LocalExecutor
 from bot.jobs.git import KEEP_ON_RESET, GitError, RepoCache
-from bot.jobs.repo_guard import cap_output, checkout_problems, installed_module_problems, read_job_file
+from bot.jobs.repo_guard import cap_output, checkout_problems, tracked_paths
 from bot.jobs.sandbox import JobFiles
-from bot.jobs.terraform import PhaseResult, PlanSummary, Terraform, TerraformError, sha256_file, summarize_plan_file
+from bot.jobs.terraform import Terraform, TerraformError, sha256_file, summarize_plan_file
 from bot.logs import log_context
 from bot.metrics import Metrics
 from bot.models import PullRequest, Repo, plan_id
@@ -43,6 +45,7 @@ from bot.report.comments import (
     with_marker,
 )
 from bot.report.statuses import plan_context, report_aggregate_statuses
+from bot.runners.pools import RunnerLost, RunnerPools
 from bot.store import Job, Run, SavedPlan, Store, StoreRetry, project_key, repo_key
 from policies.apply_requirements import merge_apply_refusals
 from policies.policy import Policy
@@ -90,6 +93,7 @@ class Worker:
         metrics: Metrics,
         notify_api_run: Callable[[Run, list[Job]], None] = lambda run, jobs: None,
         extra_secrets: Sequence[str] = (),
+        runner_pools: RunnerPools | None = None,
     ) -> None:
         self.config = config
         self.extra_secrets = list(extra_secrets)  # secrets the config does not hold: CI callers' keys
@@ -98,6 +102,10 @@ class Worker:
         self.clients = clients
         self.repo_cache = repo_cache
         self.terraform = terraform
+        self.local = LocalExecutor(terraform)
+        # Jobs whose phase names a pool go to its runners; they wait there without a loop of ours.
+        self.runner_pools = runner_pools or RunnerPools({}, 30, 25)
+        self._remote: set[asyncio.Task] = set()
         self.metrics = metrics
         self.notify_api_run = notify_api_run  # runs from the trigger API have no PR to comment on
         self.aws = PhaseCredentials(PhaseRoles(**dataclasses.asdict(config.aws)))
@@ -132,13 +140,13 @@ class Worker:
                 task.cancel()
         if not self._loops:
             return
-        _, pending = await asyncio.wait(self._loops, timeout=grace)
+        _, pending = await asyncio.wait(self._loops + list(self._remote), timeout=grace)
         if pending:
             log.warning("%d apply(s) still running after %.0fs; stopping them", len(self._running), grace)
             for job, task in list(self._running.values()):
                 self._stopped_by_shutdown.add(job.id)
                 task.cancel()
-            await asyncio.wait(self._loops)
+            await asyncio.wait(self._loops + list(self._remote))
 
     def wake(self) -> None:
         """Tell idle loops that a job was queued."""
@@ -193,6 +201,11 @@ class Worker:
                     continue
                 # Wake a sibling: there may be more runnable jobs than this one.
                 self._wake.set()
+                if job.project.pool(job.run.command):
+                    task = asyncio.create_task(self._run_job(job), name=f"job-{job.id}")
+                    self._remote.add(task)
+                    task.add_done_callback(self._remote.discard)
+                    continue
                 await self._run_job(job)
         except sqlite3.OperationalError:
             if not self._stopping:
@@ -227,6 +240,15 @@ class Worker:
         try:
             outcome = await task
             status = "succeeded" if outcome.status == "succeeded" else "failed"
+        except RunnerLost as exc:
+            # As if the bot had stopped while the job ran: a plan runs again, an apply is not re-run.
+            log.warning("job %s: %s", job.id, exc)
+            if job.run.command == "plan":
+                self.store.requeue_job(job.id)
+                self._running.pop(job.id, None)
+                self.wake()
+                return
+            outcome, status = JobOutcome("failed", f"{INTERRUPTED} ({exc})"), "interrupted"
         except asyncio.CancelledError:
             if not task.cancelled():
                 raise
@@ -338,7 +360,7 @@ class Worker:
             for planfile in self._project_dir("plans", key).glob(f"pr-{pull_number}-*.tfplan"):
                 planfile.unlink(missing_ok=True)
 
-    async def _checkout(self, job: Job, keep: Sequence[str] = KEEP_ON_RESET) -> Path | JobOutcome:
+    async def _checkout(self, job: Job, keep: Sequence[str]) -> Path | JobOutcome:
         """The project's directory in a checkout of exactly the run's head SHA; or why not."""
         try:
             return await self._checkout_project(job, keep)
@@ -353,7 +375,6 @@ class Worker:
         header = await asyncio.to_thread(client.git_auth_header)
         await self.repo_cache.fetch(repo_key(run.repo), run.repo.clone_url, run.head_sha, header)
         checkout = await self.repo_cache.checkout(repo_key(run.repo), run.head_sha, self._workdir(job), keep)
-        await asyncio.to_thread(self.terraform.settings.sandbox.hand_over, self._files(job))
         root = checkout.resolve()
         project_dir = (checkout / job.project.dir).resolve()
         # A symlinked project dir in the PR must not lead the bot outside the clone.
@@ -365,109 +386,68 @@ class Worker:
             raise ProjectDirError("checkout refused: " + "; ".join(problems))
         return project_dir
 
-    async def _prepare(
-        self, job: Job, phase: str, output_log: BinaryIO, *, reuse_init: bool = False
-    ) -> tuple[Path, PhaseResult | None, dict[str, str]] | JobOutcome:
-        """The phase's environment, a checkout of the job's SHA and its project initialised; or why not.
+    async def _run_phase(self, job: Job, phase: str, output_log: BinaryIO, plan: bytes = b"") -> Execution:
+        """Checkout → sandbox → terraform, through the job's executor: the bot's own, or a runner pool's.
 
-        With `reuse_init`, a working dir this pull request's project was initialised in
-        before is not initialised again (the init result is then None): terraform
-        itself refuses to plan when the new commit changed what init installs, and
-        `_plan` then initialises and plans again.
+        A plan in the bot reuses its pull request's working dir and what init installed there
+        (terraform itself asks for init when the new commit needs it); an apply, and every job
+        of a runner, starts from a clean checkout, so nothing a plan left there runs with the
+        apply role.
         """
+        pool = job.project.pool(job.run.command)
+        reuse_init = phase == "plan" and not pool
         try:
-            env = await self._phase_env(job, phase)
+            env = await self._phase_env(job, phase, assume_role=not pool)
         except CredentialsError as exc:
-            return JobOutcome("failed", f"AWS credentials for {phase}: {exc}")
-        # An apply starts from a clean checkout: nothing a plan left in the working dir (a
-        # provider in `.terraform`, a lock file) runs with the apply role.
+            return Execution("", failure=f"AWS credentials for {phase}: {exc}")
         project_dir = await self._checkout(job, KEEP_ON_RESET if reuse_init else ())
         if isinstance(project_dir, JobOutcome):
-            return project_dir
-        if reuse_init and (project_dir / ".terraform").is_dir():
-            # What an earlier init installed must still stay in the checkout of this commit.
-            if problems := installed_module_problems(self._workdir(job).resolve(), project_dir):
-                return JobOutcome("failed", "checkout refused: " + "; ".join(problems))
-            return project_dir, None, env
-        init = await self._init(job, project_dir, env, output_log)
-        if isinstance(init, JobOutcome):
-            return init
-        return project_dir, init, env
+            return Execution(project_dir.output, failure=project_dir.summary)
+        files = self._files(job)
+        shutil.rmtree(files.scratch, ignore_errors=True)
+        files.scratch.mkdir(parents=True)
+        await asyncio.to_thread(self.terraform.settings.sandbox.hand_over, files)
+        relative = project_dir.relative_to(files.checkout.resolve()).as_posix()
+        spec = JobSpec(job.id, phase, relative, job.project.workspace, env, plan, reuse_init,
+                       lock_file_tracked=(tracked_paths(files.checkout) or set()) >= {
+                           posixpath.normpath(posixpath.join(relative, LOCK_FILE))})
+        executor = self.runner_pools.executor(pool) if pool else self.local
+        return await executor.execute(spec, files, output_log)
 
-    async def _init(self, job: Job, project_dir: Path, env: dict[str, str], output_log: BinaryIO
-                    ) -> PhaseResult | JobOutcome:
-        """`terraform init`, then a check that what it installed stays in the checkout."""
-        init = await self.terraform.init(project_dir, env, output_log, self._files(job))
-        if failed := _phase_failure("init", init):
-            return JobOutcome("failed", failed, init.output, terraform_seconds=init.duration_s)
-        # What init actually installed, by terraform's own account, must stay in the checkout too.
-        if problems := installed_module_problems(self._workdir(job).resolve(), project_dir):
-            return JobOutcome("failed", "checkout refused: " + "; ".join(problems), init.output,
-                              terraform_seconds=init.duration_s)
-        return init
-
-    async def _phase_env(self, job: Job, phase: str) -> dict[str, str]:
-        """The phase's environment: server config plus short-lived credentials of the phase's role.
+    async def _phase_env(self, job: Job, phase: str, assume_role: bool) -> dict[str, str]:
+        """The phase's environment: server config, plus short-lived credentials of the phase's role
+        when the bot runs the job itself (a runner brings its own role).
 
         Raises CredentialsError; the session name tells CloudTrail who caused what.
         """
         run = job.run
+        phase_env = self.config.terraform.plan_env if phase == "plan" else self.config.terraform.apply_env
+        if not assume_role:
+            return dict(phase_env)
         name = session_name(phase, run.repo.full_name, run.pull_number or f"run{run.id}", run.requested_by)
         timeout = self.config.terraform.plan_timeout if phase == "plan" else self.config.terraform.apply_timeout
         credentials = await asyncio.to_thread(self.aws.env_for, phase, name, valid_for=timeout)
-        phase_env = self.config.terraform.plan_env if phase == "plan" else self.config.terraform.apply_env
-        # A HOME of the job's own: nothing one PR's terraform leaves there (a .terraformrc,
-        # plugins) reaches another job.
-        scratch = self._files(job).scratch
-        shutil.rmtree(scratch, ignore_errors=True)
-        scratch.mkdir(parents=True)
-        return {**with_credentials(phase_env, credentials), "HOME": str(scratch)}
+        return with_credentials(phase_env, credentials)
 
     async def _plan(self, job: Job, output_log: BinaryIO) -> JobOutcome:
-        prepared = await self._prepare(job, "plan", output_log, reuse_init=True)
-        if isinstance(prepared, JobOutcome):
-            return prepared
-        project_dir, init, env = prepared
-        files = self._files(job)
-        # Written in the job's own scratch dir; the bot copies it out of reach of every job.
-        job_planfile = files.scratch / "plan.tfplan"
-        seconds = init.duration_s if init else 0.0
-        plan = await self.terraform.plan(project_dir, job_planfile, env, job.project.workspace, output_log, files)
-        if init is None and plan.exit_code == 1 and not plan.timed_out and "terraform init" in plan.output:
-            # The new commit changed modules, providers or the backend; terraform says so and
-            # names init. (A PR could print those words itself: it only buys an init.)
-            output_log.write(b"\ndeploybot: terraform asks for init; running it and planning again\n")
-            seconds += plan.duration_s
-            # A lock file init wrote for an earlier commit may pin what this one no longer allows.
-            reset = await self._checkout(job, keep=(".terraform",))
-            if isinstance(reset, JobOutcome):
-                return reset
-            init = await self._init(job, project_dir, env, output_log)
-            if isinstance(init, JobOutcome):
-                return init
-            seconds += init.duration_s
-            plan = await self.terraform.plan(project_dir, job_planfile, env, job.project.workspace, output_log, files)
-        seconds += plan.duration_s
-        if failed := _phase_failure("plan", plan, ok_codes=(0, 2)):
-            return JobOutcome("failed", failed, plan.output, terraform_seconds=seconds)
+        execution = await self._run_phase(job, "plan", output_log)
+        if not execution.ok:
+            return JobOutcome("failed", execution.failure, execution.output,
+                              terraform_seconds=execution.terraform_seconds)
+        assert execution.plan is not None  # a plan that succeeded has its file
+        planfile, digest = self._keep_plan(job, execution.plan)
+        # Counted from the plan file the bot holds, never from output text a PR could forge.
         try:
-            planfile, digest = self._keep_plan(job, read_job_file(job_planfile))
-        except OSError:
-            return JobOutcome("failed", "terraform wrote no plan file", plan.output, terraform_seconds=seconds)
-        if plan.exit_code == 0:
-            summary = PlanSummary()  # -detailed-exitcode 0: terraform itself says nothing changes
-        else:
-            # Counted from the plan file, never from output text a PR could forge.
-            try:
-                summary = summarize_plan_file(planfile)
-            except TerraformError as exc:
-                return JobOutcome("failed", str(exc), plan.output, terraform_seconds=seconds)
+            summary = summarize_plan_file(planfile)
+        except TerraformError as exc:
+            return JobOutcome("failed", str(exc), execution.output, terraform_seconds=execution.terraform_seconds)
         replaced = self.store.save_plan(SavedPlan(job.project_key, job.run.pull_number, job.run.head_sha,
                                                   str(planfile), digest, summary.has_changes))
         if replaced is not None and replaced.planfile != str(planfile):
             Path(replaced.planfile).unlink(missing_ok=True)
         text = f"{summary.text} (plan `{plan_id(digest)}`)" if summary.has_changes else summary.text
-        return JobOutcome("succeeded", text, plan.output, summary.has_changes, seconds, digest)
+        return JobOutcome("succeeded", text, execution.output, summary.has_changes,
+                          execution.terraform_seconds, digest)
 
     async def _apply(self, job: Job, output_log: BinaryIO) -> JobOutcome:
         run = job.run
@@ -485,27 +465,18 @@ class Worker:
         if reasons:
             return JobOutcome("refused", "apply refused: " + "; ".join(reasons))
         assert plan is not None  # the refusals checked it
-        # Only now, after every refusal check, is the deploy role assumed; and the project is
-        # checked out and initialised again: the working dir may have been used for another SHA.
-        prepared = await self._prepare(job, "apply", output_log)
-        if isinstance(prepared, JobOutcome):
-            return prepared
-        project_dir, init, env = prepared
-        assert init is not None  # an apply always initialises
-        files = self._files(job)
-        # The job gets a copy of the very bytes that were approved, and no other plan.
+        # The job gets a copy of the very bytes that were approved, and no other plan. Only
+        # now, after every refusal check, is the deploy role assumed.
         approved = Path(plan.planfile).read_bytes()
         if hashlib.sha256(approved).hexdigest() != plan.sha256:
             return JobOutcome("refused", "apply refused: the saved plan file was changed — plan again")
-        job_planfile = files.scratch / "plan.tfplan"
-        job_planfile.write_bytes(approved)
-        await asyncio.to_thread(self.terraform.settings.sandbox.hand_over, files)
-        result = await self.terraform.apply(project_dir, job_planfile, env, log=output_log, files=files)
-        if failed := _phase_failure("apply", result):
-            return JobOutcome("failed", failed, result.output)
+        execution = await self._run_phase(job, "apply", output_log, approved)
+        if not execution.ok:
+            return JobOutcome("failed", execution.failure, execution.output,
+                              terraform_seconds=execution.terraform_seconds)
         self.store.delete_plan(job.project_key, run.pull_number)
-        return JobOutcome("succeeded", f"applied plan `{plan_id(plan.sha256)}`", result.output,
-                          terraform_seconds=init.duration_s + result.duration_s, plan_sha256=plan.sha256)
+        return JobOutcome("succeeded", f"applied plan `{plan_id(plan.sha256)}`", execution.output,
+                          terraform_seconds=execution.terraform_seconds, plan_sha256=plan.sha256)
 
     def _apply_refusals(self, client: VCSClient, pull: PullRequest, job: Job, plan: SavedPlan | None) -> list[str]:
         """Why this apply must not run; checked when the job starts, not when it was asked for."""
@@ -672,14 +643,6 @@ def _disk_full_error(exc: BaseException) -> bool:
 def _reason(exc: BaseException) -> str:
     """The system's words for a disk error, without the path."""
     return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-
-
-def _phase_failure(phase: str, result: PhaseResult, ok_codes: tuple[int, ...] = (0,)) -> str:
-    if result.timed_out:
-        return f"terraform {phase} timed out after {result.duration_s:.0f}s and was stopped"
-    if result.exit_code not in ok_codes:
-        return f"terraform {phase} failed (exit {result.exit_code})"
-    return ""
 
 
 def _footer(run: Run, jobs: list[Job]) -> str:

@@ -86,3 +86,13 @@ class LockAttempt:
 
     acquired: bool
     holder: Lock | None = None
+
+
+@dataclass(frozen=True)
+class RunnerToken:
+    """A runner token as the store knows it: never the token itself."""
+
+    id: int
+    pool: str
+    created_at: float
+    revoked_at: float | None

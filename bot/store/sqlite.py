@@ -26,6 +26,7 @@ from bot.store.records import (
     LockAttempt,
     PlanApproval,
     Run,
+    RunnerToken,
     SavedPlan,
     project_key,
     repo_key,
@@ -143,6 +144,13 @@ CREATE TABLE IF NOT EXISTS repo_ids (
     repo_key TEXT PRIMARY KEY,    -- forge:full name, lower-cased (repo_key)
     repo_id INTEGER NOT NULL,     -- the forge's id first seen for that name: a later other id is refused
     first_seen REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runner_tokens (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    pool TEXT NOT NULL,           -- the one pool the token claims jobs of
+    sha256 TEXT NOT NULL UNIQUE,  -- of the token: the token itself is shown once and never stored
+    created_at REAL NOT NULL,
+    revoked_at REAL
 );
 """
 
@@ -659,6 +667,34 @@ class Store:
             row = db.execute("SELECT repo_id FROM repo_ids WHERE repo_key = ?", (key,)).fetchone()
             db.execute("DELETE FROM repo_ids WHERE repo_key = ?", (key,))
         return row["repo_id"] if row else None
+
+
+    # Runner tokens ------------------------------------------------------------------
+
+    def add_runner_token(self, pool: str, sha256: str) -> int:
+        """Record a new token of a pool (by its hash); its id."""
+        with self._tx() as db:
+            return db.execute("INSERT INTO runner_tokens (pool, sha256, created_at) VALUES (?, ?, ?)",
+                              (pool, sha256, time.time())).lastrowid
+
+    def runner_token_pool(self, sha256: str) -> str | None:
+        """The pool of a token that is not revoked, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT pool FROM runner_tokens WHERE sha256 = ? AND revoked_at IS NULL",
+                                   (sha256,)).fetchone()
+        return row["pool"] if row else None
+
+    def revoke_runner_token(self, token_id: int) -> bool:
+        """Revoke a token; False if there is no such token not yet revoked."""
+        with self._tx() as db:
+            return db.execute("UPDATE runner_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                              (time.time(), token_id)).rowcount == 1
+
+    def runner_tokens(self) -> list[RunnerToken]:
+        """Every token, revoked ones too, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, pool, created_at, revoked_at FROM runner_tokens ORDER BY id").fetchall()
+        return [RunnerToken(row["id"], row["pool"], row["created_at"], row["revoked_at"]) for row in rows]
 
 
 class _Transaction:

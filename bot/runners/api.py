@@ -1,0 +1,125 @@
+"""The runner API: runners of a pool claim leases, fetch checkouts, stream logs and send results.
+
+Every call carries `Authorization: Bearer <runner token>`; the token names one pool. A
+missing, unknown or revoked token is a 401; a lease of another pool, or one the bot gave
+up (the runner went silent, the job was cancelled), is a 410 and the runner stops.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Protocol
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from bot.jobs.executor import Execution
+from bot.request_body import read_body
+from bot.runners.pools import Lease, RunnerPools
+from bot.runners.tokens import token_hash
+from bot.store import Store
+
+MAX_LOG_CHUNK = 1 << 20
+MAX_RESULT = 64 << 20  # a plan file, base64-encoded, and the output
+
+
+class RunnerHost(Protocol):
+    """What the runner API needs of the bot."""
+
+    store: Store
+    runner_pools: RunnerPools
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _pool(request: Request) -> str | None:
+    """The pool of the request's runner token, if it is a valid one."""
+    bot: RunnerHost = request.app.state.bot
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return bot.store.runner_token_pool(token_hash(token.strip()))
+
+
+def _lease(request: Request) -> tuple[Lease | None, Response | None]:
+    bot: RunnerHost = request.app.state.bot
+    pool = _pool(request)
+    if pool is None:
+        return None, _error(401, "a valid runner token is required")
+    lease = bot.runner_pools.held(request.path_params["lease"], pool)
+    if lease is None:
+        return None, _error(410, "no such lease: stop this job")
+    return lease, None
+
+
+async def claim(request: Request) -> Response:
+    """POST /api/v1/runners/claim {"pool", "runner"}: a lease of the token's pool, or 204 after the long poll."""
+    bot: RunnerHost = request.app.state.bot
+    pool = _pool(request)
+    if pool is None:
+        return _error(401, "a valid runner token is required")
+    body = await read_body(request, 4096)
+    try:
+        asked = json.loads(body or b"{}")
+        wanted, runner = asked.get("pool"), str(asked.get("runner", ""))[:100]
+    except (ValueError, AttributeError):
+        return _error(400, 'the body must be {"pool": NAME, "runner": NAME}')
+    if wanted != pool:
+        return _error(403, f"this token is for pool {pool!r}, not {wanted!r}")
+    if pool not in bot.runner_pools.phases:
+        return _error(404, f"pool {pool!r} is not in this server's config")
+    lease = await bot.runner_pools.claim(pool, runner)
+    if lease is None:
+        return Response(status_code=204)
+    return JSONResponse({"lease": lease.id, "spec": lease.spec.to_json()})
+
+
+async def checkout(request: Request) -> Response:
+    """GET /api/v1/runners/leases/{lease}/checkout: the checkout at the job's exact SHA (tar.gz)."""
+    lease, refused = _lease(request)
+    if refused:
+        return refused
+    return Response(lease.checkout, media_type="application/gzip")
+
+
+async def log(request: Request) -> Response:
+    """POST /api/v1/runners/leases/{lease}/log: more of the job's output (an empty body is a heartbeat)."""
+    lease, refused = _lease(request)
+    if refused:
+        return refused
+    chunk = await read_body(request, MAX_LOG_CHUNK)
+    if chunk is None:
+        return _error(413, f"send the log in chunks of at most {MAX_LOG_CHUNK} bytes")
+    if chunk:
+        lease.log.write(chunk)
+    return Response(status_code=204)
+
+
+async def result(request: Request) -> Response:
+    """PUT /api/v1/runners/leases/{lease}/result: how the phase ended, with the plan file's bytes."""
+    bot: RunnerHost = request.app.state.bot
+    lease, refused = _lease(request)
+    if refused:
+        return refused
+    body = await read_body(request, MAX_RESULT)
+    if body is None:
+        return _error(413, "result too large")
+    try:
+        data = json.loads(body)
+        plan = data.get("plan")
+        execution = Execution(
+            output=str(data.get("output", "")),
+            terraform_seconds=float(data.get("terraform_seconds", 0.0)),
+            failure=str(data.get("failure", "")),
+            has_changes=bool(data.get("has_changes", False)),
+            plan=base64.b64decode(plan, validate=True) if isinstance(plan, str) else None,
+            extra={"runner": lease.runner},
+        )
+    except (ValueError, TypeError, AttributeError, binascii.Error):
+        return _error(400, "the result must be JSON: output, terraform_seconds, failure, has_changes, plan (base64)")
+    bot.runner_pools.finish(lease, execution)
+    return Response(status_code=204)
