@@ -446,6 +446,8 @@ def create_app(config: Config, policy: Policy | None = None) -> Starlette:
             Route("/api/v1/runners/leases/{lease:str}/checkout", runner_api.checkout),
             Route("/api/v1/runners/leases/{lease:str}/log", runner_api.log, methods=["POST"]),
             Route("/api/v1/runners/leases/{lease:str}/result", runner_api.result, methods=["PUT"]),
+            Route("/api/v1/runner-tokens", runner_api.tokens, methods=["GET", "POST"]),
+            Route("/api/v1/runner-tokens/{token_id:int}", runner_api.revoke_token, methods=["DELETE"]),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),

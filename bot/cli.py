@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     add_create_parser(commands)
     add_runner_parser(commands)
 
-    tokens = commands.add_parser("runner-token", help="the tokens runners of a pool claim jobs with")
+    tokens = commands.add_parser("runner-token", help="the tokens runners of a pool claim jobs with "
+                                                      "(admin token in $DEPLOYBOT_ADMIN_TOKEN)")
     token_commands = tokens.add_subparsers(dest="token_command", required=True)
     create = token_commands.add_parser("create", help="make a token for a pool; it is printed once, stored hashed")
     create.add_argument("--pool", required=True)
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     revoke.add_argument("id", type=int)
     token_commands.add_parser("list", help="the tokens (ids, pools, when made and revoked; never the tokens)")
     for sub in (create, revoke, token_commands.choices["list"]):
-        sub.add_argument("--config", help="YAML config file of the server (default: $DEPLOYBOT_CONFIG)")
+        sub.add_argument("--server", default=os.environ.get("DEPLOYBOT_SERVER"),
+                         help="the deploybot URL (default: $DEPLOYBOT_SERVER)")
 
     audit = commands.add_parser("audit", help="print the server's audit log (admin token in $DEPLOYBOT_ADMIN_TOKEN)")
     audit.add_argument("--server", default=os.environ.get("DEPLOYBOT_SERVER"),
@@ -144,42 +146,42 @@ def _forget_repo_id(config_path: str | None, forge: str, name: str) -> int:
 
 
 def _runner_token(args: argparse.Namespace) -> int:
-    """Make, revoke or list runner tokens in the server's store; each change is audited."""
-    import datetime
-    import getpass
+    """Make, revoke or list runner tokens through the server's admin API (admin token in the environment)."""
+    import httpx
 
-    from bot.runners.tokens import new_token, token_hash
-    from bot.store import Store
-
-    config = load_config(args.config)
-    store = Store(config.server.database_path)
-    actor = f"cli:{getpass.getuser()}"
+    token = os.environ.get("DEPLOYBOT_ADMIN_TOKEN", "")
+    if not args.server or not token:
+        print("deploybot runner-token: give --server (or $DEPLOYBOT_SERVER) and $DEPLOYBOT_ADMIN_TOKEN", file=sys.stderr)
+        return 1
+    url = f"{args.server.rstrip('/')}/api/v1/runner-tokens"
+    headers = {"Authorization": f"Bearer {token}"}
     try:
         if args.token_command == "create":
-            if args.pool not in config.runners.pools:
-                print(f"deploybot: pool {args.pool!r} is not in runners.pools of the config", file=sys.stderr)
-                return 2
-            token = new_token()
-            token_id = store.add_runner_token(args.pool, token_hash(token))
-            store.audit(actor, "runner-token create", "created", detail=f"token {token_id} of pool {args.pool}")
-            print(f"# token {token_id} of pool {args.pool}: shown this once, keep it in the runner's secret store",
-                  file=sys.stderr)
-            print(token)
-            return 0
-        if args.token_command == "revoke":
-            if not store.revoke_runner_token(args.id):
-                print(f"deploybot: no token {args.id} that is not revoked already", file=sys.stderr)
-                return 1
-            store.audit(actor, "runner-token revoke", "revoked", detail=f"token {args.id}")
-            print(f"revoked token {args.id}")
-            return 0
-        for token in store.runner_tokens():
-            made = datetime.datetime.fromtimestamp(token.created_at, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            state = "revoked" if token.revoked_at else "active"
-            print(f"{token.id:>5}  {token.pool:<20} {made}  {state}")
-        return 0
-    finally:
-        store.close()
+            response = httpx.post(url, json={"pool": args.pool}, headers=headers, timeout=30)
+        elif args.token_command == "revoke":
+            response = httpx.delete(f"{url}/{args.id}", headers=headers, timeout=30)
+        else:
+            response = httpx.get(url, headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        print(f"deploybot runner-token: cannot reach {args.server}: {type(exc).__name__}", file=sys.stderr)
+        return 1
+    if response.status_code >= 300:
+        print(f"deploybot runner-token: {response.status_code} {response.text[:200]}", file=sys.stderr)
+        return 1
+    if args.token_command == "create":
+        made = response.json()
+        print(f"# token {made['id']} of pool {made['pool']}: shown this once, keep it in the runner's secret store",
+              file=sys.stderr)
+        print(made["token"])
+    elif args.token_command == "revoke":
+        print(f"revoked token {args.id}")
+    else:
+        import datetime
+
+        for entry in response.json()["tokens"]:
+            made = datetime.datetime.fromtimestamp(entry["created_at"], datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            print(f"{entry['id']:>5}  {entry['pool']:<20} {made}  {'revoked' if entry['revoked_at'] else 'active'}")
+    return 0
 
 
 PR_SET_DUMPABLE = 4

@@ -203,10 +203,12 @@ _REPO_KEYS = (
     "approvers_exclude",
     "auto_apply_on_approval",
     "projects",
+    "pools",
 )
 APPROVER_EXCLUSIONS = ("author", "committers")
 _BRANCH = re.compile(r"[A-Za-z0-9._/-]+")
 _SUBJECT_KEYS = ("users", "teams", "permission")
+_POOL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 _PROJECT_KEYS = ("name", "dir", "workspace", "autoplan", "pools")
 
 _TEAM = re.compile(rf"{SEGMENT}(?:/{SEGMENT})+")
@@ -403,6 +405,7 @@ def _projects(raw: dict[str, Any], path: str) -> tuple[Project, ...]:
     items = expect(raw["projects"], list, path, "a list")
     if not items:
         raise PolicyError(f"{path}: must list at least one project")
+    repo_pools = _pools(raw.get("pools", {}), f"{path[: -len('.projects')]}.pools")  # every project's default
     projects: list[Project] = []
     names: set[str] = set()
     places: set[tuple[str, str]] = set()
@@ -441,14 +444,20 @@ def _projects(raw: dict[str, Any], path: str) -> tuple[Project, ...]:
                 except ValueError as e:
                     raise PolicyError(f"{ppath}.autoplan[{j}]: {e}") from None
             autoplan = tuple(globs)
-        pools = expect(item.get("pools", {}), dict, f"{ppath}.pools", "a mapping of phase to pool")
-        no_unknown_keys(pools, ("plan", "apply"), f"{ppath}.pools")
-        for phase, pool in pools.items():
-            if not isinstance(pool, str) or not _NAME.fullmatch(pool) or pool.startswith("-"):
-                raise PolicyError(f"{ppath}.pools.{phase}: a pool name of letters, digits, '.', '_', '/' and '-'")
+        pools = {**repo_pools, **_pools(item.get("pools", {}), f"{ppath}.pools")}
         projects.append(Project(dir=dir_, workspace=workspace, name=name, autoplan=autoplan,
                                 plan_pool=pools.get("plan", ""), apply_pool=pools.get("apply", "")))
     return tuple(projects)
+
+
+def _pools(raw: Any, path: str) -> dict[str, str]:
+    """`{plan: POOL, apply: POOL}`: the runner pools the phases run in (bot.runners)."""
+    pools = expect(raw, dict, path, "a mapping of phase (plan, apply) to pool")
+    no_unknown_keys(pools, ("plan", "apply"), path)
+    for phase, pool in pools.items():
+        if not isinstance(pool, str) or not _POOL.fullmatch(pool):
+            raise PolicyError(f"{path}.{phase}: a pool name of letters, digits, '_' and '-'")
+    return pools
 
 
 # --- small checks ----------------------------------------------------------------

@@ -403,3 +403,16 @@ def test_repo_id_must_be_an_unquoted_positive_integer(value: str):
     # A quoted or wrong id would never match a payload's and would refuse every event: say so at load.
     assert_matches(error(one_repo(f"id: {value}\n" + MINIMAL)),
                    r"^repos\.acme/infra\.id: must be the forge's numeric repository \(GitLab: project\) id")
+
+
+def test_projects_name_their_runner_pools_and_inherit_the_repos() -> None:
+    policy = load_policy(
+        "repos:\n  acme/live:\n    pools: {plan: plans, apply: applies}\n    projects:\n"
+        "      - dir: staging\n      - dir: production\n        pools: {apply: prod-applies}\n")
+    staging, production = policy.repo("acme/live").projects
+    assert (staging.plan_pool, staging.apply_pool) == ("plans", "applies")
+    assert (production.plan_pool, production.apply_pool) == ("plans", "prod-applies")
+    assert production.pool("plan") == "plans" and production.pool("apply") == "prod-applies"
+    for bad in ("{drift: x}", "{plan: '../x'}", "[plans]"):
+        with pytest.raises(PolicyError, match="pools"):
+            load_policy(f"repos:\n  acme/live:\n    projects:\n      - dir: staging\n        pools: {bad}\n")

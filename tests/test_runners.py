@@ -22,6 +22,7 @@ from bot.sandbox.trial import wait_for
 from tests.world import World, staging_change, visible
 
 POOLS = {"plans": "plan", "applies": "apply"}
+ADMIN_TOKEN = "admin-token-of-the-runner-tests"
 
 
 def pooled_world(make_world, lease_seconds: float = 3) -> World:
@@ -29,12 +30,18 @@ def pooled_world(make_world, lease_seconds: float = 3) -> World:
                 for name in ("staging", "production")]
     return make_world({"projects": projects},
                       extra_config={"runners": {"pools": POOLS, "lease_seconds": lease_seconds,
-                                                "claim_wait_seconds": 2}})
+                                                "claim_wait_seconds": 2},
+                                    "server": {"admin_token": ADMIN_TOKEN}})
+
+
+def token_cli(world: World, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bot.cli", "runner-token", *args, "--server", world.url],
+                          capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "DEPLOYBOT_ADMIN_TOKEN": ADMIN_TOKEN})
 
 
 def make_token(world: World, pool: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "bot.cli", "runner-token", "create", "--pool", pool,
-                           "--config", str(world.config_path)], capture_output=True, text=True, timeout=60)
+    done = token_cli(world, "create", "--pool", pool)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
@@ -105,13 +112,15 @@ def test_bad_and_revoked_tokens_get_401_and_a_runner_never_claims_another_pool(m
     bearer = {"Authorization": f"Bearer {token}"}
     assert httpx.post(claim, json={"pool": "applies"}, headers=bearer, timeout=10).status_code == 403
     assert httpx.post(claim, json={"pool": "plans"}, headers=bearer, timeout=10).status_code == 204  # the long poll
-    listed = subprocess.run([sys.executable, "-m", "bot.cli", "runner-token", "list", "--config",
-                             str(world.config_path)], capture_output=True, text=True, timeout=60).stdout
+    listed = token_cli(world, "list").stdout
     token_id = listed.split()[0]
     assert token not in listed and "plans" in listed and "active" in listed
-    revoked = subprocess.run([sys.executable, "-m", "bot.cli", "runner-token", "revoke", token_id, "--config",
-                              str(world.config_path)], capture_output=True, text=True, timeout=60)
-    assert revoked.returncode == 0
+    assert token_cli(world, "revoke", token_id).returncode == 0
+    assert token_cli(world, "revoke", token_id).returncode == 1  # once
+    # Tokens are the admin's to make: without the admin token, nothing.
+    tokens = f"{world.url}/api/v1/runner-tokens"
+    assert httpx.post(tokens, json={"pool": "plans"}, headers=bearer, timeout=10).status_code == 401
+    assert httpx.get(tokens, timeout=10).status_code == 401
     assert httpx.post(claim, json={"pool": "plans"}, headers=bearer, timeout=10).status_code == 401
     # A runner holding the revoked token stops with the reason, and exit code 2.
     runner = Runner(world, "plans", "revoked", token=token)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from typing import AsyncIterator, Callable, Protocol
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from bot.admin import is_admin
 from bot.ci.auth import CallerAuthError, HmacVerifier, OidcVerifier, authenticate
 from bot.ci.runs import ApiError, ApiRuns, parse_run_request, run_view
 from bot.ci.slack import parse_interaction, verify_slack_signature
@@ -179,9 +179,7 @@ async def reject_run(request: Request) -> Response:
 async def audit_log(request: Request) -> Response:
     """GET /api/v1/audit?limit=N: the newest audit entries, for admins (the admin token)."""
     bot: TriggerHost = request.app.state.bot
-    expected = bot.config.server.admin_token.reveal()
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if not expected or scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
+    if not is_admin(request, bot.config.server.admin_token):
         return _error(401, "the audit log needs the admin token")
     try:
         limit = min(max(int(request.query_params.get("limit", "100")), 1), 10_000)

@@ -15,10 +15,12 @@ from typing import Protocol
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from bot.admin import is_admin
+from bot.config import Config
 from bot.jobs.executor import Execution
 from bot.request_body import read_body
 from bot.runners.pools import Lease, RunnerPools
-from bot.runners.tokens import token_hash
+from bot.runners.tokens import new_token, token_hash
 from bot.store import Store
 
 MAX_LOG_CHUNK = 1 << 20
@@ -28,6 +30,7 @@ MAX_RESULT = 64 << 20  # a plan file, base64-encoded, and the output
 class RunnerHost(Protocol):
     """What the runner API needs of the bot."""
 
+    config: Config
     store: Store
     runner_pools: RunnerPools
 
@@ -122,4 +125,36 @@ async def result(request: Request) -> Response:
     except (ValueError, TypeError, AttributeError, binascii.Error):
         return _error(400, "the result must be JSON: output, terraform_seconds, failure, has_changes, plan (base64)")
     bot.runner_pools.finish(lease, execution)
+    return Response(status_code=204)
+
+
+async def tokens(request: Request) -> Response:
+    """GET /api/v1/runner-tokens: every token (never the token itself); POST {"pool"}: a new one, shown once."""
+    bot: RunnerHost = request.app.state.bot
+    if not is_admin(request, bot.config.server.admin_token):
+        return _error(401, "runner tokens need the admin token")
+    if request.method == "GET":
+        return JSONResponse({"tokens": [vars(token) for token in bot.store.runner_tokens()]})
+    body = await read_body(request, 4096)
+    try:
+        pool = json.loads(body or b"{}").get("pool")
+    except (ValueError, AttributeError):
+        pool = None
+    if pool not in bot.runner_pools.phases:
+        return _error(400, f"pool must be one of runners.pools: {', '.join(sorted(bot.runner_pools.phases))}")
+    token = new_token()
+    token_id = bot.store.add_runner_token(pool, token_hash(token))
+    bot.store.audit("admin", "runner-token create", "created", detail=f"token {token_id} of pool {pool}")
+    return JSONResponse({"id": token_id, "pool": pool, "token": token}, status_code=201)
+
+
+async def revoke_token(request: Request) -> Response:
+    """DELETE /api/v1/runner-tokens/{id}: its runners get 401 from now on."""
+    bot: RunnerHost = request.app.state.bot
+    if not is_admin(request, bot.config.server.admin_token):
+        return _error(401, "runner tokens need the admin token")
+    token_id = request.path_params["token_id"]
+    if not bot.store.revoke_runner_token(token_id):
+        return _error(404, f"no token {token_id} that is not revoked already")
+    bot.store.audit("admin", "runner-token revoke", "revoked", detail=f"token {token_id}")
     return Response(status_code=204)
