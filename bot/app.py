@@ -87,6 +87,12 @@ def configured_forges(config: Config) -> dict[str, Forge]:
     return forges
 
 
+def runs_jobs_itself(policy: Policy) -> bool:
+    """Whether any phase of any project runs in the bot rather than a runner pool."""
+    return any(not (project.plan_pool and project.apply_pool)
+               for repo in policy.repos.values() for project in repo.projects)
+
+
 class Deploybot:
     """The server's parts: store, forge clients, git cache, terraform, dispatcher, worker."""
 
@@ -101,8 +107,11 @@ class Deploybot:
         self.repo_cache = RepoCache(data_dir / "git")
         tf = config.terraform
         self.sandbox = Sandbox(tf.sandbox, tuple(tf.sandbox_read_only), tuple(tf.sandbox_read_write))
-        self.sandbox.check()  # raises SandboxError with the fix: no job ever runs unconfined by accident
-        self.sandbox.share()
+        # Checked only where the bot runs terraform itself (with runners for every phase it runs
+        # none, as on Fargate, where no sandbox can be made).
+        if runs_jobs_itself(self.policy):
+            self.sandbox.check()  # raises SandboxError with the fix: never unconfined by accident
+            self.sandbox.share()
         if not self.sandbox.confines:
             log.warning("terraform.sandbox is none: terraform runs as the bot and can read its secrets, "
                         "store and other jobs (docs/security.md)")

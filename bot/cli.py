@@ -6,11 +6,11 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import sys
 
 from bot.config import ConfigError, load_config
+from bot.hardening import harden_process
 from bot.jobs.sandbox import SandboxError
 from policies.validation import PolicyError
 
@@ -182,21 +182,6 @@ def _runner_token(args: argparse.Namespace) -> int:
             made = datetime.datetime.fromtimestamp(entry["created_at"], datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             print(f"{entry['id']:>5}  {entry['pool']:<20} {made}  {'revoked' if entry['revoked_at'] else 'active'}")
     return 0
-
-
-PR_SET_DUMPABLE = 4
-
-
-def harden_process() -> None:
-    """Terraform runs code from pull requests as our user: keep it out of our memory and environment.
-
-    A non-dumpable process's /proc files (environ, mem) belong to root and it cannot
-    be ptraced by processes of the same user. Linux only; elsewhere a no-op.
-    """
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _serve(config_path: str | None, log_level: str) -> int:

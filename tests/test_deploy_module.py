@@ -161,7 +161,8 @@ def test_versions_pin_terraform_and_the_aws_provider(module: Module) -> None:
     assert block["required_version"] == ">= 1.0"
     aws = one(block["required_providers"])["aws"]
     assert aws == {"source": "hashicorp/aws", "version": "~> 5.0"}
-    assert {p.name for p in MODULE.glob("*.tf")} == {"main.tf", "variables.tf", "outputs.tf", "versions.tf"}
+    assert {p.name for p in MODULE.glob("*.tf")} == {"main.tf", "runners.tf", "variables.tf", "outputs.tf",
+                                                     "versions.tf"}
 
 
 def test_every_variable_and_output_is_described_and_in_the_readme(module: Module) -> None:
@@ -182,7 +183,7 @@ def test_security_groups_have_no_inline_or_legacy_rules(module: Module) -> None:
     assert not module.of_type("aws_security_group_rule")
     for name, group in module.of_type("aws_security_group").items():
         assert "ingress" not in group and "egress" not in group, name
-    assert set(module.of_type("aws_security_group")) == {"alb", "task", "efs"}
+    assert set(module.of_type("aws_security_group")) == {"alb", "task", "efs", "runner"}
 
 
 def _ingress(module: Module, group: str) -> list[dict[str, Any]]:
@@ -190,8 +191,11 @@ def _ingress(module: Module, group: str) -> list[dict[str, Any]]:
             if rule["security_group_id"] == ref(f"aws_security_group.{group}.id")]
 
 
-def test_load_balancer_admits_only_https_from_the_allowed_networks(module: Module) -> None:
+def test_load_balancer_admits_only_https_from_the_allowed_networks_and_the_runners(module: Module) -> None:
     rules = _ingress(module, "alb")
+    runners = [rule for rule in rules if rule.get("referenced_security_group_id") == ref("aws_security_group.runner.id")]
+    assert [(rule["ip_protocol"], rule["from_port"], rule["to_port"]) for rule in runners] == [("tcp", 443, 443)]
+    rules = [rule for rule in rules if rule not in runners]
     assert rules
     for rule in rules:
         assert (rule["ip_protocol"], rule["from_port"], rule["to_port"]) == ("tcp", 443, 443)
@@ -250,29 +254,44 @@ def test_the_module_has_exactly_four_roles(module: Module) -> None:
     assert not module.of_type("aws_iam_user") and not module.of_type("aws_iam_access_key")
 
 
-def test_task_role_may_only_assume_the_plan_and_apply_roles(module: Module) -> None:
+def test_the_bots_task_role_holds_no_permission_at_all(module: Module) -> None:
+    """The bot runs no terraform: its task role may not even assume the phase roles."""
     task = module.resources[("aws_ecs_task_definition", "this")]
     assert task["task_role_arn"] == ref("aws_iam_role.task.arn")
-    inline, attached = policies_of_role(module, "task")
-    assert attached == []
-    document = policy_document(module, one(inline)["policy"])
-    assert "dynamic" not in document
-    statement = one(document["statement"])
-    assert statement.get("effect", "Allow") == "Allow"
-    assert set(statement) <= {"sid", "effect", "actions", "resources"}
-    assert statement["actions"] == ["sts:AssumeRole"]
-    assert sorted(statement["resources"]) == sorted([ref("aws_iam_role.plan.arn"), ref("aws_iam_role.apply.arn")])
+    assert policies_of_role(module, "task") == ([], [])
+    assert not any(key.startswith("DEPLOYBOT_AWS__") for key in module.locals["base_environment"])
 
 
 @pytest.mark.parametrize("role", ["plan", "apply"])
-def test_phase_roles_trust_only_the_task_role(module: Module, role: str) -> None:
-    trust = policy_document(module, module.resources[("aws_iam_role", role)]["assume_role_policy"])
-    assert "dynamic" not in trust
-    statement = one(trust["statement"])
-    assert statement.get("effect", "Allow") == "Allow"
-    assert statement["actions"] == ["sts:AssumeRole"]
-    assert statement["principals"] == [{"type": "AWS", "identifiers": [ref("aws_iam_role.task.arn")]}]
-    assert not {"not_principals", "not_actions"} & set(statement)
+def test_phase_roles_are_the_task_roles_of_their_runners_and_of_nothing_else(module: Module, role: str) -> None:
+    trust = module.resources[("aws_iam_role", role)]["assume_role_policy"]
+    assert trust == ref("data.aws_iam_policy_document.task_trust.json")
+    statement = one(policy_document(module, trust)["statement"])
+    assert statement["principals"] == [{"type": "Service", "identifiers": ["ecs-tasks.amazonaws.com"]}]
+    assert {c["variable"] for c in statement["condition"]} == {"aws:SourceAccount", "aws:SourceArn"}
+    assert module.locals["runner_pools"][role]["role_arn"] == ref(f"aws_iam_role.{role}.arn")
+    runner = module.resources[("aws_ecs_task_definition", "runner")]
+    assert runner["for_each"] == ref("local.runner_pools") and runner["task_role_arn"] == ref("each.value.role_arn")
+    # Nothing else is given the role: only the apply role's guardrails name it (to deny changing it).
+    named_by = [key for key, body in [*module.resources.items(), *module.data.items()]
+                if f"aws_iam_role.{role}.arn" in str(body)]
+    assert named_by == [("aws_iam_policy_document", "apply_guardrails")]
+
+
+def test_runners_run_one_job_each_in_a_locked_down_private_task(module: Module) -> None:
+    container = module.resources[("aws_ecs_task_definition", "runner")]["container_definitions"]
+    for part in ('"--once"', '"--sandbox", "none"', "readonlyRootFilesystem = true", 'drop = ["ALL"]',
+                 'user = "${local.uid}:${local.uid}"', "DEPLOYBOT_RUNNER_TOKEN",
+                 "aws_secretsmanager_secret.runner_token[each.key].arn"):
+        assert part in container, part
+    assert container.count("valueFrom") == 1  # its pool's token, and no other secret
+    assert "DEPLOYBOT_GITHUB" not in container and "DEPLOYBOT_GITLAB" not in container
+    service = module.resources[("aws_ecs_service", "runner")]
+    network = one(service["network_configuration"])
+    assert network["assign_public_ip"] is False and network["subnets"] == ref("var.private_subnet_ids")
+    assert service["enable_execute_command"] is False
+    assert not [rule for rule in module.of_type("aws_vpc_security_group_ingress_rule").values()
+                if rule["security_group_id"] == ref("aws_security_group.runner.id")]  # nothing comes in
 
 
 def test_plan_role_is_read_only_and_denied_secret_values(module: Module) -> None:
@@ -310,7 +329,9 @@ def test_execution_role_reads_only_the_containers_secrets(module: Module) -> Non
     inline, attached = policies_of_role(module, "execution")
     assert attached == []
     by_sid = {s["sid"]: s for s in statements(policy_document(module, one(inline)["policy"]))}
-    assert by_sid["ReadTheContainersSecrets"]["resources"] == "${sort(values(local.container_secrets))}"
+    assert by_sid["ReadTheContainersSecrets"]["resources"] == (
+        "${sort(concat(values(local.container_secrets), "
+        "[for secret in aws_secretsmanager_secret.runner_token : secret.arn]))}")
     assert by_sid["WriteLogs"]["resources"] == ["${aws_cloudwatch_log_group.this.arn}:*"]
     for sid, statement in by_sid.items():
         assert statement.get("effect", "Allow") == "Allow"
@@ -368,7 +389,7 @@ def test_the_task_environment_is_a_config_deploybot_accepts(module: Module) -> N
 
     from bot.config import load_config
 
-    samples = {"PORT": "8080", "APP_ID": "123456",
+    samples = {"PORT": "8080", "APP_ID": "123456", "POOLS": '{"plan": "plan", "apply": "apply"}',
                "DATA_DIR": "/var/lib/deploybot", "REGION": "eu-west-1", "POLICY_FILE": "/etc/deploybot/policy.yaml"}
     environ: dict[str, str] = {}
     for name in ("base_environment", "github_environment", "gitlab_environment"):
@@ -390,10 +411,9 @@ def test_the_task_environment_is_a_config_deploybot_accepts(module: Module) -> N
     assert config.github.enabled and config.gitlab.enabled
     assert config.github.private_key.reveal().strip() == pem.strip()
     assert config.server.data_dir == Path("/var/lib/deploybot")
-    assert config.aws.plan_role_arn.endswith("role/deploybot-plan")
-    assert config.aws.apply_role_arn.endswith("role/deploybot-apply")
+    assert config.runners.pools == {"plan": "plan", "apply": "apply"}
+    assert (config.aws.plan_role_arn, config.aws.apply_role_arn) == ("", "")  # the bot assumes no role
     assert config.policy_file == Path("/etc/deploybot/policy.yaml")
-    assert config.aws.region == "eu-west-1"
 
 
 def test_data_is_on_encrypted_efs_reached_only_by_the_task(module: Module) -> None:

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from bot.hardening import harden_process
 from bot.jobs.executor import Execution, JobSpec, run_phase
 from bot.jobs.sandbox import KINDS, JobFiles, Sandbox, SandboxError
 from bot.jobs.terraform import Terraform, TerraformSettings, find_terraform
@@ -196,7 +197,8 @@ def add_runner_parser(commands: argparse._SubParsersAction) -> None:
     """`deploybot runner ...`."""
     runner = commands.add_parser("runner", help="run the jobs of one runner pool, apart from the bot")
     runner.add_argument("--server", required=True, help="the bot's URL (https://…)")
-    runner.add_argument("--token-file", required=True, help="the pool's runner token (`deploybot runner-token create`)")
+    runner.add_argument("--token-file", help="the pool's runner token (`deploybot runner-token create`); "
+                                             "default: $DEPLOYBOT_RUNNER_TOKEN")
     runner.add_argument("--pool", required=True)
     runner.add_argument("--name", default=socket.gethostname(), help="how the bot's audit names this runner")
     runner.add_argument("--once", action="store_true", help="exit after one job (an ephemeral runner)")
@@ -215,10 +217,17 @@ def run_runner(args: argparse.Namespace) -> int:
     from bot.logs import configure_logging
 
     try:
-        token = Path(args.token_file).read_text().strip()
+        token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get(
+            "DEPLOYBOT_RUNNER_TOKEN", "").strip()
     except OSError as exc:
         print(f"deploybot runner: cannot read {args.token_file}: {exc.strerror}", file=sys.stderr)
         return 2
+    if not token:
+        print("deploybot runner: give --token-file or $DEPLOYBOT_RUNNER_TOKEN", file=sys.stderr)
+        return 2
+    # Without a sandbox (a single-use container), terraform runs as our user: it must not read
+    # the token from our /proc/<pid>/environ or memory.
+    harden_process()
     configure_logging(args.log_level, [token])
     try:
         sandbox = Sandbox(args.sandbox, tuple(Path(p) for p in args.sandbox_read_only),

@@ -33,21 +33,20 @@ locals {
     { for key, spec in local.enabled_secrets : spec.env => aws_secretsmanager_secret.this[key].arn },
     var.extra_secrets,
   )
-  module_secret_arns = [for secret in aws_secretsmanager_secret.this : secret.arn]
+  module_secret_arns = concat([for secret in aws_secretsmanager_secret.this : secret.arn],
+  [for secret in aws_secretsmanager_secret.runner_token : secret.arn])
 
   # Plain configuration: nothing secret here (tests/test_deploy_module.py checks the names).
   base_environment = {
-    DEPLOYBOT_SERVER__HOST        = "0.0.0.0"
-    DEPLOYBOT_SERVER__PORT        = tostring(var.container_port)
-    DEPLOYBOT_SERVER__PUBLIC_URL  = local.public_url
-    DEPLOYBOT_SERVER__DATA_DIR    = local.data_dir
-    DEPLOYBOT_POLICY_FILE         = var.policy_file
-    DEPLOYBOT_AWS__PLAN_ROLE_ARN  = aws_iam_role.plan.arn
-    DEPLOYBOT_AWS__APPLY_ROLE_ARN = aws_iam_role.apply.arn
-    DEPLOYBOT_AWS__REGION         = local.region # regional STS, reachable through a VPC endpoint
-    AWS_REGION                    = local.region
-    AWS_STS_REGIONAL_ENDPOINTS    = "regional"
-    TMPDIR                        = "/tmp"
+    DEPLOYBOT_SERVER__HOST       = "0.0.0.0"
+    DEPLOYBOT_SERVER__PORT       = tostring(var.container_port)
+    DEPLOYBOT_SERVER__PUBLIC_URL = local.public_url
+    DEPLOYBOT_SERVER__DATA_DIR   = local.data_dir
+    DEPLOYBOT_POLICY_FILE        = var.policy_file
+    # The bot runs no terraform and holds no AWS credentials: each phase goes to its pool of
+    # runners (runners.tf), whose task role is the phase's role. The policy names the pools.
+    DEPLOYBOT_RUNNERS__POOLS = jsonencode({ for pool in keys(local.runner_pools) : pool => pool })
+    TMPDIR                   = "/tmp"
   }
   github_environment = {
     DEPLOYBOT_GITHUB__APP_ID    = tostring(var.github_app_id)
@@ -437,8 +436,8 @@ resource "aws_ecs_service" "this" {
   depends_on = [aws_lb_listener_rule.deploybot, aws_efs_mount_target.data]
 }
 
-# -- IAM: the execution role starts the task; the task role may only assume the plan and
-# -- apply roles; those two trust only the task role.
+# -- IAM: the execution role starts the tasks; the bot's task role may do nothing; the plan
+# -- and apply roles are the task roles of the plan and apply runners.
 
 data "aws_iam_policy_document" "execution_trust" {
   statement {
@@ -469,13 +468,10 @@ data "aws_iam_policy_document" "execution" {
     resources = ["${aws_cloudwatch_log_group.this.arn}:*"]
   }
 
-  dynamic "statement" {
-    for_each = length(local.container_secrets) > 0 ? [1] : []
-    content {
-      sid       = "ReadTheContainersSecrets"
-      actions   = ["secretsmanager:GetSecretValue"]
-      resources = sort(values(local.container_secrets))
-    }
+  statement {
+    sid       = "ReadTheContainersSecrets" # the bot's, and the runners' tokens
+    actions   = ["secretsmanager:GetSecretValue"]
+    resources = sort(concat(values(local.container_secrets), [for secret in aws_secretsmanager_secret.runner_token : secret.arn]))
   }
 
   dynamic "statement" {
@@ -534,41 +530,18 @@ data "aws_iam_policy_document" "task_trust" {
 
 resource "aws_iam_role" "task" {
   name               = "${var.name}-task"
-  description        = "deploybot itself: may only assume the plan and apply roles"
+  description        = "deploybot itself: no permissions at all (terraform runs in the runners)"
   assume_role_policy = data.aws_iam_policy_document.task_trust.json
   tags               = local.tags
 }
 
-data "aws_iam_policy_document" "task" {
-  statement {
-    sid       = "AssumeThePhaseRoles"
-    actions   = ["sts:AssumeRole"]
-    resources = [aws_iam_role.plan.arn, aws_iam_role.apply.arn]
-  }
-}
-
-resource "aws_iam_role_policy" "task" {
-  name   = "assume-plan-and-apply-roles"
-  role   = aws_iam_role.task.id
-  policy = data.aws_iam_policy_document.task.json
-}
-
-data "aws_iam_policy_document" "trust_the_task_role" {
-  statement {
-    actions = ["sts:AssumeRole"]
-    principals {
-      type        = "AWS"
-      identifiers = [aws_iam_role.task.arn]
-    }
-  }
-}
-
 # Plan: read-only, and never secret values. A plan runs code from the pull request
-# (providers, data sources), so these credentials must be safe in hostile hands.
+# (providers, data sources), so these credentials must be safe in hostile hands. It is the
+# task role of the plan pool's runners, and of nothing else.
 resource "aws_iam_role" "plan" {
   name                 = "${var.name}-plan"
-  description          = "terraform plan, run by deploybot: read-only"
-  assume_role_policy   = data.aws_iam_policy_document.trust_the_task_role.json
+  description          = "terraform plan, run by deploybot's plan runners: read-only"
+  assume_role_policy   = data.aws_iam_policy_document.task_trust.json
   max_session_duration = 3600
   permissions_boundary = var.role_permissions_boundary_arn
   tags                 = local.tags
@@ -614,11 +587,12 @@ resource "aws_iam_role_policy" "plan_guardrails" {
   policy = data.aws_iam_policy_document.plan_guardrails.json
 }
 
-# Apply: what deploys may change (your policies), never deploybot itself.
+# Apply: what deploys may change (your policies), never deploybot itself. The task role of
+# the apply pool's runners.
 resource "aws_iam_role" "apply" {
   name                 = "${var.name}-apply"
-  description          = "terraform apply, run by deploybot after an authorized approval or merge"
-  assume_role_policy   = data.aws_iam_policy_document.trust_the_task_role.json
+  description          = "terraform apply, run by deploybot's apply runners after an authorized approval or merge"
+  assume_role_policy   = data.aws_iam_policy_document.task_trust.json
   max_session_duration = 3600
   permissions_boundary = var.role_permissions_boundary_arn
   tags                 = local.tags

@@ -82,3 +82,8 @@ output "task_security_group_id" {
   description = "The task's security group: allow it into private endpoints your deploys need (GitHub Enterprise Server, internal APIs)."
   value       = aws_security_group.task.id
 }
+
+output "runner_token_secret_arns" {
+  description = "Per pool, the secret to fill with `deploybot runner-token create --pool <pool>`."
+  value       = { for pool, secret in aws_secretsmanager_secret.runner_token : pool => secret.arn }
+}

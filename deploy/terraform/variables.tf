@@ -127,7 +127,7 @@ variable "container_port" {
 }
 
 variable "cpu" {
-  description = "Fargate CPU units for the task (1024 = one vCPU). Terraform runs inside it: `terraform.parallelism` plans at once."
+  description = "Fargate CPU units for the bot's task (1024 = one vCPU); terraform runs in the runners."
   type        = number
   default     = 1024
 }
@@ -278,4 +278,30 @@ variable "role_permissions_boundary_arn" {
   description = "A permissions boundary for the plan and apply roles; null for none."
   type        = string
   default     = null
+}
+
+# -- runners --------------------------------------------------------------------------------
+
+variable "plan_runner_count" {
+  description = "Runner tasks of the plan pool waiting for jobs: how many plans run at once."
+  type        = number
+  default     = 2
+}
+
+variable "apply_runner_count" {
+  description = "Runner tasks of the apply pool waiting for jobs: how many applies run at once."
+  type        = number
+  default     = 1
+}
+
+variable "runner_cpu" {
+  description = "Fargate CPU units of each runner task (1024 = one vCPU); terraform runs there."
+  type        = number
+  default     = 1024
+}
+
+variable "runner_memory" {
+  description = "Fargate memory of each runner task, in MiB."
+  type        = number
+  default     = 2048
 }
