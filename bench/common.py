@@ -287,7 +287,7 @@ class World:
     """A repo on the local GitHub fake (in this process) and the real bot (its own process)."""
 
     def __init__(self, root: Path, files: dict[str, str], policy: dict, log_level: str = "info",
-                 **terraform: Any) -> None:
+                 extra: dict | None = None, **terraform: Any) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.repo = GitRepo(root)
@@ -295,7 +295,7 @@ class World:
         self.forge = SandboxGitHub()
         self.forge.start(self.repo.bare)
         self.recorder = ForgeRecorder(self.forge)
-        self.config_path = write_config(root, self.forge, policy, **terraform)
+        self.config_path = write_config(root, self.forge, policy, extra, **terraform)
         self.log_level = log_level
         self.bot: Server | None = None
 

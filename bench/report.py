@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from bench.common import median
 from bench.intake import IntakeReport, StepResult
+from bench.isolation import IsolationReport
 from bench.plans import FanoutReport, PlanReport, summarize_trace, timeline
 
 
@@ -210,6 +211,43 @@ def fanout_details(report: FanoutReport) -> str:
 
 
 # --------------------------------------------------------------------------- all
+
+
+# --------------------------------------------------------------------------- isolation
+
+
+def isolation_rows(report: IsolationReport) -> list[Row]:
+    sandboxed, unconfined = median(report.sandboxed), median(report.unconfined)
+    extra_ms = (sandboxed - unconfined) * 1000
+    in_bot, via_runner = median(report.in_bot), median(report.via_runner)
+    runner_ms = (via_runner - in_bot) * 1000
+    rows = [
+        Row("5. A job (init + plan) in its bubblewrap sandbox vs `sandbox: none`", f"{sandboxed:.3f} s",
+            f"{unconfined:.3f} s", f"{sandboxed / unconfined:.2f}× (+{extra_ms:.0f} ms)", "< 50 ms per job",
+            _met(extra_ms < 50, f"{extra_ms - 50:.0f} ms over")),
+        Row("5. Webhook → plan comment through a runner vs run by the bot", f"{via_runner:.2f} s",
+            f"{in_bot:.2f} s", f"{via_runner / in_bot:.2f}× (+{runner_ms:.0f} ms)", "< 250 ms",
+            _met(runner_ms < 250, f"{runner_ms - 250:.0f} ms over")),
+    ]
+    reference = median(report.fanout.get("the bot, parallelism 2", [math.nan]))
+    for label, times in report.fanout.items():
+        if label.startswith("the bot"):
+            continue
+        rows.append(Row(f"5. Fan-out of 16 projects, {label} vs the bot itself (parallelism 2)",
+                        f"{median(times):.2f} s", f"{reference:.2f} s", f"{median(times) / reference:.2f}×",
+                        "—", "measured"))
+    return rows
+
+
+def isolation_details(report: IsolationReport) -> str:
+    def series(values: list[float]) -> str:
+        return ", ".join(f"{v:.3f}" for v in values)
+
+    return "\n".join([
+        f"- Sandbox, seconds per job: bubblewrap {series(report.sandboxed)}; none {series(report.unconfined)}.",
+        f"- Webhook → plan comment: in the bot {series(report.in_bot)}; through one runner {series(report.via_runner)}.",
+        *(f"- Fan-out of 16, {label}: {series(times)} s." for label, times in report.fanout.items()),
+    ])
 
 
 def summary(rows: list[Row]) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python bench/run.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SECTIONS = ("intake", "plan", "fanout")
+SECTIONS = ("intake", "plan", "fanout", "isolation")
 
 
 def _floats(text: str) -> list[float]:
@@ -97,7 +97,7 @@ def environment() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from bench import intake, plans, report
+    from bench import intake, isolation, plans, report
     from bench.common import CpuWatch
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="deploybot-bench-")).resolve()
@@ -146,6 +146,14 @@ def main(argv: list[str] | None = None) -> int:
                 rows += report.fanout_rows(result)
             details.append(section("fanout", "3. Fan-out") + "\n\n"
                            + "\n\n".join(report.fanout_details(result) for result in fanouts))
+        if "isolation" in args.only:
+            _say("isolation: a job in its sandbox vs none; through a runner vs in the bot; fan-out over runners")
+            watch = CpuWatch()
+            result = isolation.run(root / "isolation", args.plan_rounds, args.fanout_rounds,
+                                   log_level=args.bot_log_level, say=_say)
+            loads["isolation"] = watch.stop()
+            rows += report.isolation_rows(result)
+            details.append(section("isolation", "5. Sandbox and runners") + "\n\n" + report.isolation_details(result))
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
