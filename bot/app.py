@@ -38,10 +38,10 @@ from bot.jobs.terraform import Terraform, TerraformSettings, find_terraform
 from bot.jobs.worker import Worker, disk_is_full
 from bot.metrics import Metrics
 from bot.models import CommentEvent, Event, PullRequestEvent, Repo
-from bot.request_body import read_body
 from bot.runners import api as runner_api
 from bot.runners.pools import RunnerPools, check_pools
 from bot.store import Delivery, Job, Run, Store, repo_key
+from bot.web.body import read_body
 from handlers.context import HandlerContext
 from policies.policy import Policy, load_policy_file
 
@@ -88,9 +88,9 @@ def configured_forges(config: Config) -> dict[str, Forge]:
 
 
 def runs_jobs_itself(policy: Policy) -> bool:
-    """Whether any phase of any project runs in the bot rather than a runner pool."""
-    return any(not (project.plan_pool and project.apply_pool)
-               for repo in policy.repos.values() for project in repo.projects)
+    """Whether the bot may run terraform itself: unless every phase of every project has a pool."""
+    projects = [project for repo in policy.repos.values() for project in repo.projects]
+    return not projects or not all(project.plan_pool and project.apply_pool for project in projects)
 
 
 class Deploybot:

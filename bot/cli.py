@@ -10,8 +10,7 @@ import os
 import sys
 
 from bot.config import ConfigError, load_config
-from bot.hardening import harden_process
-from bot.jobs.sandbox import SandboxError
+from bot.jobs.sandbox import SandboxError, harden_process
 from policies.validation import PolicyError
 
 

@@ -7,7 +7,7 @@ import sys
 
 
 def test_serve_makes_the_process_non_dumpable():
-    code = ("import ctypes; from bot.hardening import harden_process; libc = ctypes.CDLL(None); "
+    code = ("import ctypes; from bot.jobs.sandbox import harden_process; libc = ctypes.CDLL(None); "
             "before = libc.prctl(3, 0, 0, 0, 0); harden_process(); print(before, libc.prctl(3, 0, 0, 0, 0))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["1", "0"]  # PR_GET_DUMPABLE before and after

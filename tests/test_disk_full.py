@@ -24,9 +24,7 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sqlite3
-import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,7 +56,6 @@ resource "null_resource" "bulk" {
 # filled while a job is under way, at a moment the test chooses.
 GATED_TERRAFORM = """#!/bin/sh
 if [ "$1" = plan ]; then
-  echo $$ > {gate}/pid
   touch {gate}/waiting
   while [ ! -e {gate}/open ]; do sleep 0.1; done
   rm -f {gate}/waiting
@@ -191,8 +188,25 @@ def gated_terraform(tmp_path: Path) -> tuple[Path, Path]:
     (gate / "open").touch()
     binary = tmp_path / "terraform-gated"
     binary.write_text(GATED_TERRAFORM.replace("{gate}", str(gate)).replace("{terraform}", find_terraform()))
-    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+    binary.chmod(0o755)
     return binary, gate
+
+
+def seen_by_jobs(tmp_path: Path, gate: Path) -> dict[str, list[str]]:
+    """What the gated terraform needs in its sandbox: the mirror and terraform to read, its gate to write."""
+    return {"sandbox_read_only": [str(tmp_path / "terraform-mirror"), find_terraform()],
+            "sandbox_read_write": [str(tmp_path / "state"), str(gate)]}
+
+
+def _gated_alive(binary: Path) -> bool:
+    """Whether a process of the gated terraform script still runs anywhere on the host."""
+    for cmdline in Path("/proc").glob("*/cmdline"):
+        try:
+            if str(binary).encode() in cmdline.read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def store_log_lines(caplog: pytest.LogCaptureFixture, owner: str) -> list[str]:
@@ -321,7 +335,7 @@ def hold_a_staging_plan(world: World, gate: Path) -> tuple[int, int]:
 def test_worker_and_dispatcher_wait_for_room_to_record_and_carry_on_by_themselves(
         tmp_path: Path, filler: Filler, caplog: pytest.LogCaptureFixture):
     binary, gate = gated_terraform(tmp_path)
-    world = World(tmp_path, binary=str(binary))
+    world = World(tmp_path, binary=str(binary), **seen_by_jobs(tmp_path, gate))
     caplog.set_level(logging.INFO)
     try:
         # A plan of staging is under way (terraform waits at the gate) ...
@@ -373,12 +387,13 @@ def test_worker_and_dispatcher_wait_for_room_to_record_and_carry_on_by_themselve
 
 def test_bot_killed_on_a_full_disk_starts_again_and_recovers_once_there_is_room(tmp_path: Path, filler: Filler):
     binary, gate = gated_terraform(tmp_path)
-    world = World(tmp_path, in_process=False, binary=str(binary))
+    world = World(tmp_path, in_process=False, binary=str(binary), **seen_by_jobs(tmp_path, gate))
     try:
         number, seen = hold_a_staging_plan(world, gate)
         filler.fill()
-        world.kill_bot()
-        os.killpg(int((gate / "pid").read_text()), signal.SIGKILL)  # terraform went with the bot
+        world.kill_bot()  # the job's sandbox dies with it (bubblewrap's --die-with-parent)
+        wait_for(lambda: not _gated_alive(binary), 30,
+                 "the job's terraform to go with the bot")
         (gate / "waiting").unlink()
         (gate / "open").touch()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import stat
 from pathlib import Path
 
 import httpx
@@ -49,8 +48,10 @@ def test_terraform_crash_is_reported_with_its_exit(tmp_path: Path):
     crashing = tmp_path / "terraform-that-crashes"
     crashing.write_text(f'#!/bin/sh\nif [ "$1" = plan ]; then echo "panic: runtime error" >&2; kill -SEGV $$; fi\n'
                         f'exec {find_terraform()} "$@"\n')
-    crashing.chmod(crashing.stat().st_mode | stat.S_IXUSR)
-    world = World(tmp_path / "world", binary=str(crashing))
+    crashing.chmod(0o755)
+    # The sandbox shows a job its terraform binary only: here the script, and the real one it runs.
+    world = World(tmp_path / "world", binary=str(crashing),
+                  sandbox_read_only=[str(tmp_path / "world" / "terraform-mirror"), find_terraform()])
     try:
         number = world.open_pr("resize", staging_change(world))
         comment = world.wait_comment(number, "**deploybot plan**")

@@ -119,4 +119,4 @@ def test_bot_is_split_by_concern():
     top_level = sorted(p.name for p in (ROOT / "bot").glob("*.py"))
     assert top_level == ["__init__.py", "app.py", "cli.py", "config.py", "logs.py", "metrics.py", "models.py"]
     concerns = sorted(p.name for p in (ROOT / "bot").iterdir() if (p / "__init__.py").is_file())
-    assert concerns == ["ci", "forges", "jobs", "report", "sandbox", "store"]
+    assert concerns == ["ci", "forges", "jobs", "report", "runners", "sandbox", "store", "web"]

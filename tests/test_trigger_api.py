@@ -383,9 +383,15 @@ def test_audit_log_is_for_admins_and_readable_from_the_cli(world: World):
 
 
 def test_a_ci_callers_hmac_key_read_by_a_plan_is_redacted(world: World, tmp_path: Path):
-    """Plan-time code can read files; what it prints of a CI caller's key never reaches the pull request."""
+    """Whatever a plan prints of a CI caller's key never reaches the pull request.
+
+    The sandbox keeps the bot's own copy out of reach; here the key is where a job can read it
+    (a careless copy in a shared path), and redaction is the second wall.
+    """
+    leaked = world.state_dir / "jenkins.key"
+    leaked.write_text((tmp_path / "jenkins.key").read_text())
     files = staging_change(world)
-    files["staging/leak.tf"] = f'output "leak" {{\n  value = file("{tmp_path / "jenkins.key"}")\n}}\n'
+    files["staging/leak.tf"] = f'output "leak" {{\n  value = file("{leaked}")\n}}\n'
     number = world.open_pr("leak", files)
     plan = world.wait_comment(number, "**deploybot plan**")
     assert "leak" in plan and KEY not in plan and "***" in plan

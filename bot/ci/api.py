@@ -9,7 +9,6 @@ from typing import AsyncIterator, Callable, Protocol
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from bot.admin import is_admin
 from bot.ci.auth import CallerAuthError, HmacVerifier, OidcVerifier, authenticate
 from bot.ci.runs import ApiError, ApiRuns, parse_run_request, run_view
 from bot.ci.slack import parse_interaction, verify_slack_signature
@@ -17,8 +16,9 @@ from bot.config import Config
 from bot.forges.vcs import ForgeError
 from bot.forges.webhook import InvalidSignature, MalformedPayload
 from bot.jobs.worker import Worker
-from bot.request_body import read_body
 from bot.store import FINISHED, Store
+from bot.web.admin import is_admin
+from bot.web.body import read_body
 from policies.callers import authorize_read
 
 

@@ -10,7 +10,7 @@ which calls the same `run_phase`. The worker never looks behind this interface.
 from __future__ import annotations
 
 import base64
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import BinaryIO, Protocol
 
 from bot.jobs.repo_guard import installed_module_problems, read_job_file
@@ -58,7 +58,6 @@ class Execution:
     failure: str = ""
     has_changes: bool = False  # plan: terraform's detailed exit code said so
     plan: bytes | None = None  # plan: the plan file terraform wrote
-    extra: dict = field(default_factory=dict)  # said by a runner: which one, for the audit
 
     @property
     def ok(self) -> bool:

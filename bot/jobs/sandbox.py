@@ -12,6 +12,7 @@ network's job.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import subprocess
@@ -166,3 +167,18 @@ def _chown_tree(top: Path, uid: int, skip: Path | None) -> None:
             dirs.remove(skip.name)
         for name in dirs + names:
             os.lchown(os.path.join(root, name), uid, uid)
+
+
+PR_SET_DUMPABLE = 4
+
+
+def harden_process() -> None:
+    """Terraform runs code from pull requests as our user: keep it out of our memory and environment.
+
+    A non-dumpable process's /proc files (environ, mem) belong to root and it cannot
+    be ptraced by processes of the same user. Linux only; elsewhere a no-op.
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass

@@ -563,8 +563,11 @@ class Terraform:
         _, pending = await asyncio.wait(readers, timeout=_DRAIN_TIMEOUT_S)
         for reader in pending:
             reader.cancel()
+        returncode = proc.returncode if proc.returncode is not None else -signal.SIGKILL
+        if files is not None and sandbox.confines and 128 < returncode <= 128 + 64:
+            returncode = 128 - returncode  # bubblewrap says "killed by signal N" as exit 128+N, like a shell
         return _Completed(
-            returncode=proc.returncode if proc.returncode is not None else -signal.SIGKILL,
+            returncode=returncode,
             stdout=b"".join(out),
             stderr=b"".join(err),
             duration_s=time.monotonic() - started,

@@ -406,7 +406,8 @@ class Worker:
         files = self._files(job)
         shutil.rmtree(files.scratch, ignore_errors=True)
         files.scratch.mkdir(parents=True)
-        await asyncio.to_thread(self.terraform.settings.sandbox.hand_over, files)
+        if not pool:
+            await asyncio.to_thread(self.terraform.settings.sandbox.hand_over, files)
         relative = project_dir.relative_to(files.checkout.resolve()).as_posix()
         spec = JobSpec(job.id, phase, relative, job.project.workspace, env, plan, reuse_init,
                        lock_file_tracked=(tracked_paths(files.checkout) or set()) >= {

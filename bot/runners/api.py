@@ -15,13 +15,13 @@ from typing import Protocol
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from bot.admin import is_admin
 from bot.config import Config
 from bot.jobs.executor import Execution
-from bot.request_body import read_body
 from bot.runners.pools import Lease, RunnerPools
 from bot.runners.tokens import new_token, token_hash
 from bot.store import Store
+from bot.web.admin import is_admin
+from bot.web.body import read_body
 
 MAX_LOG_CHUNK = 1 << 20
 MAX_RESULT = 64 << 20  # a plan file, base64-encoded, and the output
@@ -78,7 +78,9 @@ async def claim(request: Request) -> Response:
     lease = await bot.runner_pools.claim(pool, runner)
     if lease is None:
         return Response(status_code=204)
-    return JSONResponse({"lease": lease.id, "spec": lease.spec.to_json()})
+    tf = bot.config.terraform
+    timeouts = {"init": tf.init_timeout, "plan": tf.plan_timeout, "apply": tf.apply_timeout}  # the bot's, not the runner's
+    return JSONResponse({"lease": lease.id, "spec": lease.spec.to_json(), "timeouts": timeouts})
 
 
 async def checkout(request: Request) -> Response:
@@ -120,7 +122,6 @@ async def result(request: Request) -> Response:
             failure=str(data.get("failure", "")),
             has_changes=bool(data.get("has_changes", False)),
             plan=base64.b64decode(plan, validate=True) if isinstance(plan, str) else None,
-            extra={"runner": lease.runner},
         )
     except (ValueError, TypeError, AttributeError, binascii.Error):
         return _error(400, "the result must be JSON: output, terraform_seconds, failure, has_changes, plan (base64)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import dataclasses
 import io
 import ipaddress
 import logging
@@ -30,9 +31,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from bot.hardening import harden_process
 from bot.jobs.executor import Execution, JobSpec, run_phase
-from bot.jobs.sandbox import KINDS, JobFiles, Sandbox, SandboxError
+from bot.jobs.sandbox import KINDS, JobFiles, Sandbox, SandboxError, harden_process
 from bot.jobs.terraform import Terraform, TerraformSettings, find_terraform
 
 log = logging.getLogger("deploybot.runner")
@@ -94,7 +94,6 @@ async def serve_pool(options: RunnerOptions) -> int:
     """Claim and run jobs until stopped (or, with `once`, after one job)."""
     server = check_server_url(options.server)
     headers = {"Authorization": f"Bearer {options.token}", "User-Agent": "deploybot-runner"}
-    terraform = Terraform(options.terraform)
     async with httpx.AsyncClient(base_url=server, headers=headers, timeout=httpx.Timeout(60.0, connect=10.0)) as http:
         while True:
             try:
@@ -111,8 +110,12 @@ async def serve_pool(options: RunnerOptions) -> int:
                 log.warning("claim answered %s; trying again", claimed.status_code)
                 await asyncio.sleep(RETRY_SECONDS)
                 continue
-            lease = claimed.json()["lease"]
-            await _run_lease(http, terraform, options, lease, JobSpec.from_json(claimed.json()["spec"]))
+            claim = claimed.json()
+            timeouts = claim.get("timeouts", {})
+            terraform = Terraform(dataclasses.replace(
+                options.terraform, **{f"{phase}_timeout": float(timeouts[phase])
+                                      for phase in ("init", "plan", "apply") if phase in timeouts}))
+            await _run_lease(http, terraform, options, claim["lease"], JobSpec.from_json(claim["spec"]))
             if options.once:
                 return 0
 
