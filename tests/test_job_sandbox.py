@@ -122,6 +122,21 @@ def test_jobs_see_no_other_process_and_no_other_jobs_environment(tmp_path: Path)
     assert int(spy.stdout.splitlines()[0]) <= 4  # bubblewrap's init, sh, ls, grep: nothing of the host
 
 
+def test_a_data_dir_reached_through_a_symlink_is_the_same_place_inside(tmp_path: Path) -> None:
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "data").symlink_to(tmp_path / "disk")
+    files = JobFiles(checkout=tmp_path / "data" / "work", scratch=tmp_path / "data" / "scratch")
+    files.checkout.mkdir()
+    files.scratch.mkdir()
+    (files.checkout / "main.tf").write_text("# code\n")
+    script = f"cat {files.checkout}/main.tf {tmp_path / 'disk' / 'work' / 'main.tf'} && echo x > {files.scratch}/out"
+    result = run_in(Sandbox("bubblewrap"), files, script)
+    assert result.stdout == "# code\n# code\n", result.stderr
+    assert (tmp_path / "disk" / "scratch" / "out").read_text() == "x\n"
+    with pytest.raises(SandboxError, match="do not exist"):
+        Sandbox("bubblewrap", read_only=(tmp_path / "no-such-mirror",)).check()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only a bot running as root hands jobs to another uid")
 def test_a_bot_running_as_root_runs_jobs_as_nobody_without_capabilities(tmp_path: Path) -> None:
     files = bot_disk(tmp_path)["files"]

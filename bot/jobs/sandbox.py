@@ -80,6 +80,9 @@ class Sandbox:
         if self.uid is not None and shutil.which("setpriv", path=SAFE_PATH) is None:
             raise SandboxError("setpriv (util-linux) is not installed; the bot runs as root and needs it to run "
                                f"jobs as uid {self.uid}")
+        missing = [str(path) for path in self.read_only if not Path(path).exists()]
+        if missing:
+            raise SandboxError(f"terraform.sandbox_read_only names paths that do not exist: {', '.join(missing)}")
         argv = self._wrap(["/bin/true"], [], [], Path("/"))
         try:
             done = subprocess.run(argv, capture_output=True, timeout=30, env={"PATH": SAFE_PATH})
@@ -93,13 +96,12 @@ class Sandbox:
         """`argv`, started in `cwd`, wrapped so that it sees only `files`, the system and `visible` (read-only)."""
         if not self.confines:
             return list(argv)
-        checkout, scratch = files.checkout.resolve(), files.scratch.resolve()
-        read_only = [Path(p).resolve() for p in (*visible, *self.read_only)]
-        writable = [Path(p).resolve() for p in self.read_write] + [checkout, scratch]
+        read_only = _binds((*visible, *self.read_only))
+        writable = _binds((*self.read_write, files.checkout, files.scratch))
         # The bot runs git here after the job: a `.git/config` written by plan-time code would
         # run commands as the bot (core.fsmonitor, hooks).
-        protected = [checkout / ".git"] if (checkout / ".git").exists() else []
-        return self._wrap(list(argv), read_only, writable, Path(cwd), protected)
+        git = files.checkout / ".git"
+        return self._wrap(list(argv), read_only, writable, Path(cwd), _binds([git] if git.exists() else []))
 
     def hand_over(self, files: JobFiles) -> None:
         """Give the job's files to the job's uid (when the bot is root), `.git` excepted."""
@@ -115,8 +117,8 @@ class Sandbox:
             if self.uid is not None:
                 _chown_tree(Path(top), self.uid, skip=None)
 
-    def _wrap(self, argv: list[str], read_only: list[Path], writable: list[Path], cwd: Path,
-              protected: Sequence[Path] = ()) -> list[str]:
+    def _wrap(self, argv: list[str], read_only: list[tuple[Path, Path]], writable: list[tuple[Path, Path]],
+              cwd: Path, protected: Sequence[tuple[Path, Path]] = ()) -> list[str]:
         args = [self.bwrap, "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
                 "--hostname", "deploybot-job", "--die-with-parent"]
         if self.uid is None:
@@ -127,24 +129,32 @@ class Sandbox:
                      "--cap-add", "CAP_SETPCAP"]
         args += _system()
         made: set[Path] = {Path("/"), Path("/tmp")}
-        for path in read_only + writable:
+        for _, path in read_only + writable:
             # Bubblewrap run by root makes missing parents 0700; the job's uid must pass through them.
             for parent in reversed(path.parents):
                 if parent not in made and not any(parent.is_relative_to(d) for d in _SYSTEM_DIRS):
                     args += ["--perms", "0755", "--dir", str(parent)]
                     made.add(parent)
             made.add(path)
-        for path in read_only:
-            args += ["--ro-bind", str(path), str(path)]
-        for path in writable:
-            args += ["--bind", str(path), str(path)]
-        for path in protected:
-            args += ["--ro-bind", str(path), str(path)]
+        for option, binds in (("--ro-bind", read_only), ("--bind", writable), ("--ro-bind", protected)):
+            for source, dest in binds:
+                args += [option, str(source), str(dest)]
         args += ["--chdir", str(cwd), "--"]
         if self.uid is not None:
             args += ["setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups",
                      "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs"]
         return args + argv
+
+
+def _binds(paths: Iterable[Path]) -> list[tuple[Path, Path]]:
+    """(source, where the job sees it) for each path: at the path as named and as resolved,
+    so that a symlink on the way (a data dir on another disk) leads to the same place inside."""
+    binds: list[tuple[Path, Path]] = []
+    for path in paths:
+        source = Path(os.path.realpath(path))
+        for dest in dict.fromkeys((Path(os.path.abspath(path)), source)):
+            binds.append((source, dest))
+    return binds
 
 
 def _system() -> list[str]:
