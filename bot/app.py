@@ -10,6 +10,7 @@ import os
 import sqlite3
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import AsyncIterator, Callable, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -40,7 +41,7 @@ from bot.metrics import Metrics
 from bot.models import CommentEvent, Event, PullRequestEvent, Repo
 from bot.runners import api as runner_api
 from bot.runners.pools import RunnerPools, check_pools
-from bot.store import Delivery, Job, Run, Store, repo_key
+from bot.store import Delivery, Job, Run, ServeLock, Store, repo_key
 from bot.web.body import read_body
 from handlers.context import HandlerContext
 from policies.policy import Policy, load_policy_file
@@ -101,6 +102,14 @@ class Deploybot:
         self.policy = policy if policy is not None else load_policy_file(config.policy_file)
         data_dir = config.server.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
+        self.serve_lock = ServeLock(config.server.database_path)  # StoreInUse: another serve has it
+        try:
+            self._build(config, data_dir)
+        except BaseException:
+            self.serve_lock.release()
+            raise
+
+    def _build(self, config: Config, data_dir: Path) -> None:
         self.store = Store(config.server.database_path)
         self.metrics = Metrics(self.store)
         self.forges = configured_forges(config)
@@ -262,6 +271,7 @@ class Deploybot:
         await self.dispatcher.stop()
         await self.worker.stop(self.config.server.shutdown_grace)
         self.store.close()
+        self.serve_lock.release()
 
 
 def _error(status: int, message: str) -> JSONResponse:

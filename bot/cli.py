@@ -11,6 +11,7 @@ import sys
 
 from bot.config import ConfigError, load_config
 from bot.jobs.sandbox import SandboxError, harden_process
+from bot.store import SchemaTooNew, StoreInUse
 from policies.validation import PolicyError
 
 
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         from bot.sandbox.trial import run_sandbox
 
         return run_sandbox(args.dir, keep=args.keep, forge_name=args.forge)
-    except (ConfigError, PolicyError, SandboxError) as exc:
+    except (ConfigError, PolicyError, SandboxError, StoreInUse, SchemaTooNew) as exc:
         print(f"deploybot: {exc}", file=sys.stderr)
         return 2
 

@@ -4,6 +4,7 @@
 backend).
 """
 
+from bot.store.migrations import SchemaTooNew
 from bot.store.records import (
     FINISHED,
     Delivery,
@@ -17,7 +18,7 @@ from bot.store.records import (
     project_key,
     repo_key,
 )
-from bot.store.sqlite import Store, StoreRetry
+from bot.store.sqlite import ServeLock, Store, StoreInUse, StoreRetry
 
 __all__ = [
     "FINISHED",
@@ -29,7 +30,10 @@ __all__ = [
     "Run",
     "RunnerToken",
     "SavedPlan",
+    "SchemaTooNew",
+    "ServeLock",
     "Store",
+    "StoreInUse",
     "StoreRetry",
     "project_key",
     "repo_key",

@@ -8,8 +8,10 @@ Everything the bot must not lose or do twice goes through here.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from bot.models import Project, Repo
+from bot.store.migrations import migrate
 from bot.store.records import (
     FINISHED,
     Delivery,
@@ -38,124 +41,37 @@ WAL_AUTOCHECKPOINT_PAGES = 250
 
 T = TypeVar("T")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS deliveries (
-    id TEXT PRIMARY KEY,          -- the forge's delivery id: a redelivery is a no-op
-    forge TEXT NOT NULL,
-    event TEXT NOT NULL,
-    body BLOB NOT NULL,           -- emptied once handled without error
-    status TEXT NOT NULL,         -- received | done | failed
-    error TEXT NOT NULL DEFAULT '',
-    received_at REAL NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,       -- handlings that failed on a forge outage
-    next_attempt_at REAL NOT NULL DEFAULT 0
-);
--- The dispatcher asks for pending deliveries every second: never scan the stored bodies.
-CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries(status, next_attempt_at, received_at);
-CREATE TABLE IF NOT EXISTS runs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    key TEXT NOT NULL UNIQUE,     -- what caused it (delivery id + command): re-dispatch adds nothing
-    repo TEXT NOT NULL,           -- Repo as JSON
-    repo_key TEXT NOT NULL,
-    pull_number INTEGER NOT NULL,
-    head_sha TEXT NOT NULL,
-    command TEXT NOT NULL,        -- plan | apply
-    trigger TEXT NOT NULL,        -- comment | autoplan | approval | merge
-    requested_by TEXT NOT NULL,
-    reported INTEGER NOT NULL DEFAULT 0,  -- 0 not yet, 1 being reported, 2 reported
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    run_id INTEGER NOT NULL REFERENCES runs(id),
-    project TEXT NOT NULL,        -- Project as JSON
-    project_key TEXT NOT NULL,    -- forge:repo:dir:workspace; two jobs on one key never run at once
-    status TEXT NOT NULL,         -- waiting (for approval) | queued | running | succeeded | failed | cancelled | interrupted
-    result TEXT NOT NULL DEFAULT '{}',
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, id);
-CREATE TABLE IF NOT EXISTS plans (
-    project_key TEXT NOT NULL,
-    pull_number INTEGER NOT NULL,
-    head_sha TEXT NOT NULL,
-    planfile TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
-    has_changes INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    shown_at TEXT,                -- the forge's time of the comment that showed it; NULL: not shown yet
-    PRIMARY KEY (project_key, pull_number)
-);
-CREATE TABLE IF NOT EXISTS locks (
-    project_key TEXT PRIMARY KEY,
-    repo TEXT NOT NULL,
-    pull_number INTEGER NOT NULL,
-    holder TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS decisions (
-    run_id INTEGER PRIMARY KEY REFERENCES runs(id),  -- a plan run started from the trigger API
-    approved INTEGER NOT NULL,
-    decided_by TEXT NOT NULL,     -- the forge login the approver was mapped to
-    via TEXT NOT NULL,            -- slack | api
-    decided_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
-    actor TEXT NOT NULL,
-    action TEXT NOT NULL,
-    repo TEXT NOT NULL DEFAULT '',
-    project TEXT NOT NULL DEFAULT '',
-    sha TEXT NOT NULL DEFAULT '',
-    outcome TEXT NOT NULL,
-    detail TEXT NOT NULL DEFAULT ''
-);
-CREATE TABLE IF NOT EXISTS used_once (
-    scope TEXT NOT NULL,          -- "jti:<issuer>", "nonce:<caller>", "slack"
-    value TEXT NOT NULL,
-    expires_at REAL NOT NULL,     -- kept until then; afterwards the token or timestamp is stale anyway
-    PRIMARY KEY (scope, value)
-);
--- Approvals by SHA (before plan ids) approve no plan: dropped, never carried over.
-DROP TABLE IF EXISTS approvals;
-CREATE TABLE IF NOT EXISTS plan_approvals (
-    project_key TEXT NOT NULL,
-    pull_number INTEGER NOT NULL,
-    plan_sha256 TEXT NOT NULL,    -- the approved plan; a new plan of the project deletes these rows
-    user TEXT NOT NULL,
-    comment_id INTEGER NOT NULL,  -- the `deploybot approve` comment
-    approved_at TEXT NOT NULL,    -- the forge's time of that comment
-    PRIMARY KEY (project_key, pull_number, plan_sha256, user)
-);
-CREATE TABLE IF NOT EXISTS acted_comments (
-    comment_key TEXT PRIMARY KEY, -- forge:repo:comment id: a comment is acted on once
-    delivery_id TEXT NOT NULL     -- whichever delivery brought it first (its retries go on)
-);
-CREATE TABLE IF NOT EXISTS pushers (
-    repo_key TEXT NOT NULL,
-    pull_number INTEGER NOT NULL,
-    login TEXT NOT NULL,          -- lower case: who opened or pushed to the PR, as its webhooks say
-    PRIMARY KEY (repo_key, pull_number, login)
-);
-CREATE TABLE IF NOT EXISTS repo_ids (
-    repo_key TEXT PRIMARY KEY,    -- forge:full name, lower-cased (repo_key)
-    repo_id INTEGER NOT NULL,     -- the forge's id first seen for that name: a later other id is refused
-    first_seen REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS runner_tokens (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    pool TEXT NOT NULL,           -- the one pool the token claims jobs of
-    sha256 TEXT NOT NULL UNIQUE,  -- of the token: the token itself is shown once and never stored
-    created_at REAL NOT NULL,
-    revoked_at REAL
-);
-"""
 
-# Columns added after a table was first created: (table, column, definition).
-ADDED_COLUMNS = (("plans", "shown_at", "TEXT"),)
+class StoreInUse(RuntimeError):
+    """Another `deploybot serve` works on this SQLite store."""
+
+
+class ServeLock:
+    """One serving process per SQLite store: a second one would run every job twice.
+
+    An exclusive `flock` on `<database>.lock`, held while the process serves; the kernel
+    lets go of it when the process ends, however it ends.
+    """
+
+    def __init__(self, database: Path) -> None:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        self.path = database.with_name(database.name + ".lock")
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "?"
+            self.release()
+            raise StoreInUse(f"another deploybot serve (pid {holder}) already uses {database}: SQLite serves one "
+                             "process; stop it first, or use PostgreSQL (server.database_url) for replicas") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
 
 def _saved_plan(row: sqlite3.Row) -> SavedPlan:
     return SavedPlan(row["project_key"], row["pull_number"], row["head_sha"], row["planfile"],
@@ -194,11 +110,7 @@ class Store:
         # 25 KB webhook in ~160) that held the event loop for 10-15 ms, the intake's p99;
         # at 250 it is ~3 ms, for ~0.03 ms more per write on average.
         self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
-        self._db.executescript(SCHEMA)
-        for table, column, definition in ADDED_COLUMNS:
-            columns = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            if column not in columns:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+        migrate(self._db, str(path))
 
     def close(self) -> None:
         with self._lock:
