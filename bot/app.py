@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable, Iterable
 
+import psycopg
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -42,6 +43,7 @@ from bot.models import CommentEvent, Event, PullRequestEvent, Repo
 from bot.runners import api as runner_api
 from bot.runners.pools import RunnerPools, check_pools
 from bot.store import Delivery, Job, Run, ServeLock, Store, repo_key
+from bot.store.backends import UNAVAILABLE as STORE_UNAVAILABLE
 from bot.web.body import read_body
 from handlers.context import HandlerContext
 from policies.policy import Policy, load_policy_file
@@ -102,15 +104,16 @@ class Deploybot:
         self.policy = policy if policy is not None else load_policy_file(config.policy_file)
         data_dir = config.server.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.serve_lock = ServeLock(config.server.database_path)  # StoreInUse: another serve has it
+        # SQLite serves one process (StoreInUse: another serve has it); PostgreSQL any number.
+        self.serve_lock = ServeLock(config.server.database) if isinstance(config.server.database, Path) else None
         try:
             self._build(config, data_dir)
         except BaseException:
-            self.serve_lock.release()
+            self.release_serve_lock()
             raise
 
     def _build(self, config: Config, data_dir: Path) -> None:
-        self.store = Store(config.server.database_path)
+        self.store = Store(config.server.database)
         self.metrics = Metrics(self.store)
         self.forges = configured_forges(config)
         self.repo_cache = RepoCache(data_dir / "git")
@@ -271,7 +274,11 @@ class Deploybot:
         await self.dispatcher.stop()
         await self.worker.stop(self.config.server.shutdown_grace)
         self.store.close()
-        self.serve_lock.release()
+        self.release_serve_lock()
+
+    def release_serve_lock(self) -> None:
+        if self.serve_lock is not None:
+            self.serve_lock.release()
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -281,7 +288,7 @@ def _error(status: int, message: str) -> JSONResponse:
 STORE_RETRY_AFTER_SECONDS = 60  # what a 503 asks the sender to wait when the store cannot be written
 
 
-def _store_unavailable(exc: sqlite3.OperationalError) -> JSONResponse:
+def _store_unavailable(exc: Exception) -> JSONResponse:
     response = _error(503, f"deploybot cannot store this request right now ({exc}); send it again later")
     response.headers["Retry-After"] = str(STORE_RETRY_AFTER_SECONDS)
     return response
@@ -289,7 +296,7 @@ def _store_unavailable(exc: sqlite3.OperationalError) -> JSONResponse:
 
 async def store_unavailable(request: Request, exc: Exception) -> Response:
     """Any other endpoint whose store write failed (a full disk): a 503 to try again, not a 500."""
-    assert isinstance(exc, sqlite3.OperationalError)
+    assert isinstance(exc, STORE_UNAVAILABLE)
     log.error("%s %s: the store cannot be written: %s", request.method, request.url.path, exc)
     return _store_unavailable(exc)
 
@@ -382,7 +389,7 @@ async def webhook_endpoint(request: Request) -> Response:
         return JSONResponse({"status": "ignored"})
     try:
         added = bot.store.add_delivery(Delivery(delivery_id, intake.forge, event_name, body))
-    except sqlite3.OperationalError as exc:
+    except STORE_UNAVAILABLE as exc:
         # Not stored, so not acknowledged: a 503 with Retry-After says to send it again, where a
         # 500 would read as our bug. SQLite says why ("database or disk is full"), never a secret.
         log.error("could not store %s %s delivery %s: %s", intake.forge, event_name, delivery_id, exc)
@@ -412,7 +419,7 @@ async def readyz(request: Request) -> Response:
     try:
         bot.store.ping()
         checks["store"] = "ok"
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, psycopg.Error) as exc:
         checks["store"] = f"failed: {type(exc).__name__}"
     # Ready means able to take webhooks: on a full disk each would get a 503 (they fail to store).
     checks["disk"] = "failed: the data dir's disk is full" if disk_is_full(bot.config.server.data_dir) else "ok"
@@ -472,7 +479,7 @@ def create_app(config: Config, policy: Policy | None = None) -> Starlette:
             Route("/metrics", metrics),
         ],
         lifespan=lifespan,
-        exception_handlers={sqlite3.OperationalError: store_unavailable},
+        exception_handlers={error: store_unavailable for error in STORE_UNAVAILABLE},
     )
     app.state.bot = bot
     return app

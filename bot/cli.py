@@ -131,7 +131,7 @@ def _forget_repo_id(config_path: str | None, forge: str, name: str) -> int:
     from bot.store import Store, repo_key
 
     config = load_config(config_path)
-    store = Store(config.server.database_path)
+    store = Store(config.server.database)
     try:
         forgotten = store.forget_repo_id(repo_key(Repo(forge, name, clone_url="", default_branch="")))
         if forgotten is None:

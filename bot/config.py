@@ -56,10 +56,17 @@ class ServerConfig:
     port: int = 8080
     public_url: str = "http://127.0.0.1:8080"
     data_dir: Path = Path("data")
-    database_url: str = ""  # empty: SQLite in the data dir
+    database_url: str = ""  # empty: SQLite in the data dir; or sqlite:///PATH, or postgresql://...
     max_body_bytes: int = 25 * 1024 * 1024
     admin_token: Secret = field(default_factory=lambda: Secret(""))  # reads GET /api/v1/audit
     shutdown_grace: float = 300  # seconds a running apply may take to finish after SIGTERM
+
+    @property
+    def database(self) -> Path | str:
+        """Where the store lives: a SQLite file, or a PostgreSQL URL (Store takes either)."""
+        if self.database_url.startswith(("postgresql://", "postgres://")):
+            return self.database_url
+        return self.database_path
 
     @property
     def database_path(self) -> Path:
@@ -68,7 +75,7 @@ class ServerConfig:
             return self.data_dir / "deploybot.sqlite3"
         prefix = "sqlite:///"
         if not self.database_url.startswith(prefix):
-            raise ConfigError("server.database_url: only sqlite:///PATH is supported")
+            raise ConfigError("server.database_url: give sqlite:///PATH or postgresql://USER@HOST/DB")
         return Path(self.database_url[len(prefix) :])
 
 

@@ -7,6 +7,10 @@
 - `make_world`: end-to-end worlds (tests/world.py), once on each forge.
 - `make_git_repo` / `git_repo`: an "upstream" bare repository plus a working clone,
   with helpers to write files, commit and push (see `GitRepo`).
+- `store_location`: where a test's store lives, once on each backend: a SQLite file, and a
+  schema of its own in the PostgreSQL database `$DEPLOYBOT_TEST_DATABASE_URL` (default
+  `postgresql://postgres@127.0.0.1:5432/test`). Without a reachable PostgreSQL those tests
+  are skipped, and fail with `CI=true`.
 
 Async code is driven with `asyncio.run(...)` inside plain test functions.
 """
@@ -14,6 +18,8 @@ Async code is driven with `asyncio.run(...)` inside plain test functions.
 from __future__ import annotations
 
 import copy
+import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -95,3 +101,29 @@ def make_world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeW
     yield make
     for world in worlds:
         world.stop()
+
+
+TEST_DATABASE_URL = os.environ.get("DEPLOYBOT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path | str]:
+    """A place for a fresh store: a SQLite file, or a PostgreSQL schema dropped afterwards."""
+    if request.param == "sqlite":
+        yield tmp_path / "deploybot.sqlite3"
+        return
+    import psycopg
+
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(TEST_DATABASE_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        if os.environ.get("CI") == "true":
+            raise RuntimeError(f"PostgreSQL at {TEST_DATABASE_URL} is not reachable, and CI needs it: {exc}") from None
+        pytest.skip(f"PostgreSQL is not reachable at {TEST_DATABASE_URL}")
+    with admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+        try:
+            yield f"{TEST_DATABASE_URL}?search_path={schema}"
+        finally:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")

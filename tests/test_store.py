@@ -1,4 +1,4 @@
-"""The durable store: deliveries once, per-project job ordering, locks, plans."""
+"""The durable store: deliveries once, per-project job ordering, locks, plans; on both backends."""
 
 from __future__ import annotations
 
@@ -16,20 +16,20 @@ STAGING = Project("staging", name="staging")
 PROD = Project("production", name="production")
 
 
-def test_delivery_is_persisted_once_and_survives_reopen(tmp_path: Path):
-    store = Store(tmp_path / "db.sqlite3")
+def test_delivery_is_persisted_once_and_survives_reopen(store_location: Path | str):
+    store = Store(store_location)
     assert store.add_delivery(Delivery("d1", "github", "pull_request", b"{}"))
     assert not store.add_delivery(Delivery("d1", "github", "pull_request", b"{}"))
     store.close()
-    store = Store(tmp_path / "db.sqlite3")
+    store = Store(store_location)
     assert [d.id for d in store.pending_deliveries()] == ["d1"]
     store.finish_delivery("d1")
     assert store.pending_deliveries() == []
     assert store.delivery_status("d1") == "done"
 
 
-def test_run_key_is_unique_and_jobs_of_one_project_never_overlap(tmp_path: Path):
-    store = Store(tmp_path / "db.sqlite3")
+def test_run_key_is_unique_and_jobs_of_one_project_never_overlap(store_location: Path | str):
+    store = Store(store_location)
     first = store.add_run("d1:plan", REPO, 1, "a" * 40, "plan", "comment", "alice", [STAGING, PROD])
     assert first is not None
     assert store.add_run("d1:plan", REPO, 1, "a" * 40, "plan", "comment", "alice", [STAGING]) is None
@@ -47,8 +47,8 @@ def test_run_key_is_unique_and_jobs_of_one_project_never_overlap(tmp_path: Path)
     assert not store.claim_run_report(first.id)  # reported once
 
 
-def test_locks_name_their_holder_and_plans_are_replaced(tmp_path: Path):
-    store = Store(tmp_path / "db.sqlite3")
+def test_locks_name_their_holder_and_plans_are_replaced(store_location: Path | str):
+    store = Store(store_location)
     key = project_key(REPO, STAGING)
     assert store.try_lock(key, REPO, 1, "alice").acquired
     assert store.try_lock(key, REPO, 1, "alice").acquired  # the holder keeps it
@@ -65,31 +65,34 @@ def test_locks_name_their_holder_and_plans_are_replaced(tmp_path: Path):
 
 def test_a_transaction_that_cannot_begin_leaves_the_store_usable(tmp_path: Path):
     store = Store(tmp_path / "db.sqlite")
-    store._db.execute("PRAGMA query_only = ON")  # BEGIN IMMEDIATE now fails, as on a read-only disk
+    with store._db() as db:
+        db.execute("PRAGMA query_only = ON")  # BEGIN IMMEDIATE now fails, as on a read-only disk
     with pytest.raises(sqlite3.OperationalError):
         store.try_lock("k", REPO, 1, "alice")
-    store._db.execute("PRAGMA query_only = OFF")
+    with store._db() as db:
+        db.execute("PRAGMA query_only = OFF")
     # From another thread too: the store's lock was not left taken by the failed BEGIN.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         attempt = pool.submit(store.try_lock, "k", REPO, 1, "alice").result(timeout=5)
     assert attempt.acquired
 
 
-def test_a_handled_delivery_keeps_its_id_but_not_its_body(tmp_path: Path):
-    store = Store(tmp_path / "db.sqlite3")
+def test_a_handled_delivery_keeps_its_id_but_not_its_body(store_location: Path | str):
+    store = Store(store_location)
     for name in ("done", "failed"):
         store.add_delivery(Delivery(name, "github", "pull_request", b"x" * 25_000))
     store.finish_delivery("done")
     store.finish_delivery("failed", "forge API error: 404")
-    bodies = dict(store._db.execute("SELECT id, length(body) FROM deliveries").fetchall())
+    with store._db() as db:
+        bodies = {row[0]: row[1] for row in db.execute("SELECT id, length(body) FROM deliveries").fetchall()}
     assert bodies == {"done": 0, "failed": 25_000}  # a failed one stays to be looked into
     assert not store.add_delivery(Delivery("done", "github", "pull_request", b"{}"))  # still a duplicate
     assert store.delivery_status("done") == "done" and store.delivery_status("failed") == "failed"
 
 
-def test_pull_queries_stay_in_their_repository(tmp_path: Path):
+def test_pull_queries_stay_in_their_repository(store_location: Path | str):
     """`_` in a repository's name is no wildcard: closing one pull request never touches another repo's."""
-    store = Store(tmp_path / "s.sqlite3")
+    store = Store(store_location)
     mine = Repo("github", "acme/infra_live", "", "main")
     other = Repo("github", "acme/infra-live", "", "main")
     theirs = SavedPlan(project_key(other, Project("staging")), 7, "a" * 40, "/p", "f" * 64, True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import sqlite3
 import time
 from typing import Callable
 
@@ -17,6 +16,7 @@ from bot.logs import log_context
 from bot.metrics import Metrics
 from bot.models import CommentEvent, Event, Repo, ReviewEvent
 from bot.store import Delivery, Store, StoreRetry, repo_key
+from bot.store.backends import UNAVAILABLE as STORE_UNAVAILABLE
 from handlers.context import HandlerContext
 from handlers.router import Router
 from policies.policy import Policy
@@ -122,7 +122,7 @@ class Dispatcher:
                     return
                 try:
                     await self._handle(delivery)
-                except sqlite3.OperationalError:
+                except STORE_UNAVAILABLE:
                     return  # stopping while the store cannot be written: the next start handles it again
             if len(batch) == BATCH:
                 continue  # more are waiting
@@ -164,7 +164,7 @@ class Dispatcher:
                 await self._stored(f"put delivery {delivery.id} off",
                                    lambda: self.store.retry_delivery(delivery.id, error, delay))
                 return
-        except sqlite3.OperationalError as exc:
+        except STORE_UNAVAILABLE as exc:
             # The store could not be written (a full disk) halfway through the handlers: not the
             # delivery's fault. It is handled again from the start once the store takes this note;
             # its run key keeps a second handling from queueing anything twice.

@@ -47,6 +47,7 @@ from bot.report.comments import (
 from bot.report.statuses import plan_context, report_aggregate_statuses
 from bot.runners.pools import RunnerLost, RunnerPools
 from bot.store import Job, Run, SavedPlan, Store, StoreRetry, project_key, repo_key
+from bot.store.backends import UNAVAILABLE as STORE_UNAVAILABLE
 from policies.apply_requirements import merge_apply_refusals
 from policies.policy import Policy
 
@@ -207,7 +208,7 @@ class Worker:
                     task.add_done_callback(self._remote.discard)
                     continue
                 await self._run_job(job)
-        except sqlite3.OperationalError:
+        except STORE_UNAVAILABLE:
             if not self._stopping:
                 raise
             # Stopped while the store could not be written: a job not yet recorded stays

@@ -1,7 +1,7 @@
 """The durable store: what the bot must not lose or do twice. Import it from here.
 
-`records` holds the plain records; `sqlite` the embedded SQLite store (today the only
-backend).
+`records` holds the plain records; `store` the store's queries; `backends` SQLite (the
+embedded default) and PostgreSQL (replicas); `migrations` the schema.
 """
 
 from bot.store.migrations import SchemaTooNew
@@ -18,7 +18,7 @@ from bot.store.records import (
     project_key,
     repo_key,
 )
-from bot.store.sqlite import ServeLock, Store, StoreInUse, StoreRetry
+from bot.store.store import ServeLock, Store, StoreInUse, StoreRetry
 
 __all__ = [
     "FINISHED",

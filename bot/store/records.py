@@ -1,6 +1,6 @@
 """What the store keeps, as plain records: deliveries, runs, jobs, plans, approvals, locks.
 
-Backend-neutral: the SQLite store (bot.store.sqlite) reads and writes these.
+Backend-neutral: the store (bot.store.store) reads and writes these, on either database.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""The SQLite store (the embedded default): deliveries, runs and their jobs, saved plans, locks, approvals.
+"""The store: deliveries, runs and their jobs, saved plans, locks, approvals; on SQLite or PostgreSQL.
 
-SQLite behind one connection guarded by a lock: every call
-is a short transaction, made from the event loop or from handler threads alike.
-Everything the bot must not lose or do twice goes through here.
+Every call is a short transaction, made from the event loop or from handler threads alike;
+what must be decided once (the next job of a project, a lock, a run's report) is decided in
+an exclusive write transaction (bot.store.backends). Everything the bot must not lose or do
+twice goes through here.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import json
 import logging
 import os
 import sqlite3
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from bot.models import Project, Repo
+from bot.store.backends import UNAVAILABLE, open_backend
 from bot.store.migrations import migrate
 from bot.store.records import (
     FINISHED,
@@ -36,8 +37,6 @@ from bot.store.records import (
 )
 
 log = logging.getLogger("deploybot.store")
-
-WAL_AUTOCHECKPOINT_PAGES = 250
 
 T = TypeVar("T")
 
@@ -98,58 +97,53 @@ def _project_from_json(text: str) -> Project:
 class Store:
     """All durable state, in one SQLite database."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._lock = threading.RLock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        # A write that takes the WAL past this many pages copies them into the database
-        # (a checkpoint) before it returns. At SQLite's default of 1000 pages (4 MB: one
-        # 25 KB webhook in ~160) that held the event loop for 10-15 ms, the intake's p99;
-        # at 250 it is ~3 ms, for ~0.03 ms more per write on average.
-        self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
-        migrate(self._db, str(path))
+    def __init__(self, database: Path | str) -> None:
+        """A store on a SQLite file (a Path) or a PostgreSQL database (a `postgresql://` URL)."""
+        self._backend = open_backend(database)
+        migrate(self._backend, str(database).partition("@")[2] or str(database))  # no password in errors
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._backend.close()
 
-    def _tx(self) -> "_Transaction":
-        return _Transaction(self)
+    def _db(self) -> Any:
+        """A connection for one or more statements, each its own transaction."""
+        return self._backend.connection()
+
+    def _tx(self) -> Any:
+        """One exclusive write transaction (see bot.store.backends)."""
+        return self._backend.transaction()
 
     def ping(self) -> None:
         """Raise if the database cannot be read."""
-        with self._lock:
-            self._db.execute("SELECT 1").fetchone()
+        with self._db() as db:
+            db.execute("SELECT 1").fetchone()
 
     # Deliveries -------------------------------------------------------------
 
     def add_delivery(self, delivery: Delivery) -> bool:
         """Persist a delivery; False if this delivery id was seen before."""
-        with self._lock:
-            cursor = self._db.execute(
-                "INSERT OR IGNORE INTO deliveries (id, forge, event, body, status, received_at)"
-                " VALUES (?, ?, ?, ?, 'received', ?)",
+        with self._db() as db:
+            cursor = db.execute(
+                "INSERT INTO deliveries (id, forge, event, body, status, received_at)"
+                " VALUES (?, ?, ?, ?, 'received', ?) ON CONFLICT DO NOTHING",
                 (delivery.id, delivery.forge, delivery.event, delivery.body, time.time()),
             )
             return cursor.rowcount == 1
 
     def pending_deliveries(self, due_by: float | None = None, limit: int = -1) -> list[Delivery]:
         """Deliveries persisted but not yet handled, oldest first; with `due_by`, only those due."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._db() as db:
+            rows = db.execute(
                 "SELECT id, forge, event, body, attempts FROM deliveries WHERE status = 'received'"
-                " AND next_attempt_at <= ? ORDER BY received_at LIMIT ?",
-                (float("inf") if due_by is None else due_by, limit),
+                " AND next_attempt_at <= ? ORDER BY received_at" + (" LIMIT ?" if limit >= 0 else ""),
+                (float("inf") if due_by is None else due_by, *([limit] if limit >= 0 else [])),
             ).fetchall()
         return [Delivery(r["id"], r["forge"], r["event"], bytes(r["body"]), r["attempts"]) for r in rows]
 
     def retry_delivery(self, delivery_id: str, error: str, delay: float) -> None:
         """Handle the delivery again after `delay` seconds (the forge was unavailable)."""
-        with self._lock:
-            self._db.execute(
+        with self._db() as db:
+            db.execute(
                 "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?, error = ? WHERE id = ?",
                 (time.time() + delay, error, delivery_id),
             )
@@ -158,16 +152,16 @@ class Store:
         """Mark a delivery handled. A handled one keeps its id (redeliveries stay no-ops) but
         not its body, which nothing reads again: the store does not grow by every webhook's
         25 KB, and the update need not rewrite them. A failed one keeps its body to look into."""
-        with self._lock:
-            self._db.execute(
-                "UPDATE deliveries SET status = ?, error = ?, body = CASE WHEN ? THEN body ELSE x'' END"
+        with self._db() as db:
+            db.execute(
+                "UPDATE deliveries SET status = ?, error = ?, body = CASE WHEN ? THEN body ELSE ? END"
                 " WHERE id = ?",
-                ("failed" if error else "done", error, bool(error), delivery_id),
+                ("failed" if error else "done", error, bool(error), b"", delivery_id),
             )
 
     def delivery_status(self, delivery_id: str) -> str | None:
-        with self._lock:
-            row = self._db.execute(
+        with self._db() as db:
+            row = db.execute(
                 "SELECT status FROM deliveries WHERE id = ?", (delivery_id,)
             ).fetchone()
         return row["status"] if row else None
@@ -193,15 +187,16 @@ class Store:
         assert job_status in ("queued", "waiting")
         now = time.time()
         with self._tx() as db:
-            cursor = db.execute(
-                "INSERT OR IGNORE INTO runs (key, repo, repo_key, pull_number, head_sha, command,"
-                " trigger, requested_by, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            added = db.execute(
+                "INSERT INTO runs (key, repo, repo_key, pull_number, head_sha, command,"
+                " trigger, requested_by, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING RETURNING id",
                 (key, json.dumps(asdict(repo)), repo_key(repo), pull_number, head_sha, command, trigger,
                  requested_by, now),
-            )
-            if cursor.rowcount == 0:
+            ).fetchone()
+            if added is None:
                 return None
-            run_id = cursor.lastrowid
+            run_id = added[0]
             for project in projects:
                 db.execute(
                     "INSERT INTO jobs (run_id, project, project_key, status, created_at)"
@@ -212,12 +207,12 @@ class Store:
 
     def has_run(self, key: str) -> bool:
         """Whether a run with this key was added."""
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM runs WHERE key = ?", (key,)).fetchone() is not None
+        with self._db() as db:
+            return db.execute("SELECT 1 FROM runs WHERE key = ?", (key,)).fetchone() is not None
 
     def _jobs(self, where: str, args: tuple) -> list[Job]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._db() as db:
+            rows = db.execute(
                 "SELECT jobs.id, jobs.project, jobs.project_key, jobs.status, jobs.result,"
                 " runs.id AS run_id, runs.repo, runs.pull_number, runs.head_sha, runs.command,"
                 " runs.trigger, runs.requested_by FROM jobs JOIN runs ON runs.id = jobs.run_id"
@@ -259,8 +254,8 @@ class Store:
 
     def finish_job(self, job_id: int, status: str, result: dict) -> None:
         assert status in FINISHED
-        with self._lock:
-            self._db.execute(
+        with self._db() as db:
+            db.execute(
                 "UPDATE jobs SET status = ?, result = ?, finished_at = ? WHERE id = ?",
                 (status, json.dumps(result), time.time(), job_id),
             )
@@ -285,8 +280,8 @@ class Store:
 
     def finish_run_report(self, run_id: int) -> None:
         """The run's comment (or notice) was posted."""
-        with self._lock:
-            self._db.execute("UPDATE runs SET reported = 2 WHERE id = ?", (run_id,))
+        with self._db() as db:
+            db.execute("UPDATE runs SET reported = 2 WHERE id = ?", (run_id,))
 
     def unreported_runs(self) -> list[Run]:
         """Runs whose report a crash may have cut off; their claims are released."""
@@ -322,8 +317,8 @@ class Store:
         return cancelled
 
     def requeue_job(self, job_id: int) -> None:
-        with self._lock:
-            self._db.execute(
+        with self._db() as db:
+            db.execute(
                 "UPDATE jobs SET status = 'queued', started_at = NULL WHERE id = ?", (job_id,)
             )
 
@@ -340,8 +335,8 @@ class Store:
         return list(latest.values())
 
     def queue_depth(self) -> int:
-        with self._lock:
-            return self._db.execute(
+        with self._db() as db:
+            return db.execute(
                 "SELECT COUNT(*) FROM jobs WHERE status = 'queued'"
             ).fetchone()[0]
 
@@ -353,8 +348,11 @@ class Store:
             row = db.execute("SELECT * FROM plans WHERE project_key = ? AND pull_number = ?",
                              (plan.project_key, plan.pull_number)).fetchone()
             db.execute(
-                "INSERT OR REPLACE INTO plans (project_key, pull_number, head_sha, planfile,"
-                " sha256, has_changes, created_at, shown_at) VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+                "INSERT INTO plans (project_key, pull_number, head_sha, planfile,"
+                " sha256, has_changes, created_at, shown_at) VALUES (?, ?, ?, ?, ?, ?, ?, NULL)"
+                " ON CONFLICT (project_key, pull_number) DO UPDATE SET head_sha = excluded.head_sha,"
+                " planfile = excluded.planfile, sha256 = excluded.sha256, has_changes = excluded.has_changes,"
+                " created_at = excluded.created_at, shown_at = NULL",
                 (plan.project_key, plan.pull_number, plan.head_sha, plan.planfile, plan.sha256,
                  int(plan.has_changes), time.time()),
             )
@@ -365,8 +363,8 @@ class Store:
 
     def mark_plan_shown(self, key: str, pull_number: int, sha256: str, shown_at: str) -> bool:
         """Record when the forge showed this plan on the pull request; False if it was replaced."""
-        with self._lock:
-            cursor = self._db.execute(
+        with self._db() as db:
+            cursor = db.execute(
                 "UPDATE plans SET shown_at = ? WHERE project_key = ? AND pull_number = ?"
                 " AND sha256 = ? AND shown_at IS NULL",
                 (shown_at, key, pull_number, sha256),
@@ -374,15 +372,15 @@ class Store:
             return cursor.rowcount == 1
 
     def get_plan(self, key: str, pull_number: int) -> SavedPlan | None:
-        with self._lock:
-            row = self._db.execute(
+        with self._db() as db:
+            row = db.execute(
                 "SELECT * FROM plans WHERE project_key = ? AND pull_number = ?", (key, pull_number)
             ).fetchone()
         return _saved_plan(row) if row is not None else None
 
     def plans_for_pull(self, repo: Repo, pull_number: int) -> list[SavedPlan]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._db() as db:
+            rows = db.execute(
                 "SELECT * FROM plans WHERE substr(project_key, 1, ?) = ? AND pull_number = ?",
                 (*_key_prefix(repo), pull_number),
             ).fetchall()
@@ -397,8 +395,8 @@ class Store:
     # Locks ------------------------------------------------------------------
 
     def lock_count(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM locks").fetchone()[0]
+        with self._db() as db:
+            return db.execute("SELECT COUNT(*) FROM locks").fetchone()[0]
 
     def try_lock(self, key: str, repo: Repo, pull_number: int, holder: str) -> LockAttempt:
         """Lock a project for a PR; a PR that already holds it keeps it."""
@@ -415,16 +413,16 @@ class Store:
             return LockAttempt(lock.pull_number == pull_number, lock)
 
     def locks_for_pull(self, repo: Repo, pull_number: int) -> list[Lock]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._db() as db:
+            rows = db.execute(
                 "SELECT * FROM locks WHERE repo = ? AND pull_number = ?",
                 (repo_key(repo), pull_number),
             ).fetchall()
         return [Lock(r["project_key"], r["repo"], r["pull_number"], r["holder"]) for r in rows]
 
     def unlock(self, key: str, pull_number: int) -> bool:
-        with self._lock:
-            cursor = self._db.execute(
+        with self._db() as db:
+            cursor = db.execute(
                 "DELETE FROM locks WHERE project_key = ? AND pull_number = ?", (key, pull_number)
             )
             return cursor.rowcount == 1
@@ -441,8 +439,8 @@ class Store:
         return jobs[-1] if jobs else None
 
     def release_job(self, job_id: int) -> bool:
-        with self._lock:
-            cursor = self._db.execute(
+        with self._db() as db:
+            cursor = db.execute(
                 "UPDATE jobs SET status = 'queued' WHERE id = ? AND status = 'waiting'", (job_id,))
             return cursor.rowcount == 1
 
@@ -453,17 +451,17 @@ class Store:
 
     def decide(self, run_id: int, approved: bool, decided_by: str, via: str) -> bool:
         """Record the approval or rejection of a plan run; False if it was decided already."""
-        with self._lock:
-            cursor = self._db.execute(
-                "INSERT OR IGNORE INTO decisions (run_id, approved, decided_by, via, decided_at)"
-                " VALUES (?, ?, ?, ?, ?)",
+        with self._db() as db:
+            cursor = db.execute(
+                "INSERT INTO decisions (run_id, approved, decided_by, via, decided_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (run_id, int(approved), decided_by, via, time.time()),
             )
             return cursor.rowcount == 1
 
     def decision(self, run_id: int) -> dict | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM decisions WHERE run_id = ?", (run_id,)).fetchone()
+        with self._db() as db:
+            row = db.execute("SELECT * FROM decisions WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
             return None
         return {"state": "approved" if row["approved"] else "rejected", "by": row["decided_by"],
@@ -474,16 +472,16 @@ class Store:
     def audit(self, actor: str, action: str, outcome: str, repo: str = "", project: str = "",
               sha: str = "", detail: str = "") -> None:
         """Record who did (or tried) what, and how it ended."""
-        with self._lock:
-            self._db.execute(
+        with self._db() as db:
+            db.execute(
                 "INSERT INTO audit (at, actor, action, repo, project, sha, outcome, detail)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (time.time(), actor, action, repo, project, sha, outcome, detail[:2000]),
             )
 
     def audit_entries(self, limit: int = 100) -> list[dict]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [dict(r) for r in rows]
 
     # Replay protection --------------------------------------------------------
@@ -494,7 +492,7 @@ class Store:
         with self._tx() as db:
             db.execute("DELETE FROM used_once WHERE expires_at < ?", (now,))
             cursor = db.execute(
-                "INSERT OR IGNORE INTO used_once (scope, value, expires_at) VALUES (?, ?, ?)",
+                "INSERT INTO used_once (scope, value, expires_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                 (scope, value, expires_at),
             )
             return cursor.rowcount == 1
@@ -504,7 +502,7 @@ class Store:
     def claim_comment(self, comment_key: str, delivery_id: str) -> bool:
         """Whether this delivery may act on the comment: the first to bring it (or its retry) may."""
         with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO acted_comments (comment_key, delivery_id) VALUES (?, ?)",
+            db.execute("INSERT INTO acted_comments (comment_key, delivery_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
                        (comment_key, delivery_id))
             row = db.execute("SELECT delivery_id FROM acted_comments WHERE comment_key = ?",
                              (comment_key,)).fetchone()
@@ -519,17 +517,18 @@ class Store:
             if current is None:
                 return False
             db.execute(
-                "INSERT OR REPLACE INTO plan_approvals (project_key, pull_number, plan_sha256, user,"
-                " comment_id, approved_at) VALUES (?, ?, ?, ?, ?, ?)",
+                'INSERT INTO plan_approvals (project_key, pull_number, plan_sha256, "user",'
+                " comment_id, approved_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (project_key, pull_number,"
+                ' plan_sha256, "user") DO UPDATE SET comment_id = excluded.comment_id, approved_at = excluded.approved_at',
                 (plan.project_key, plan.pull_number, plan.sha256, user, comment_id, approved_at),
             )
             return True
 
     def plan_approvals(self, plan: SavedPlan) -> list[PlanApproval]:
         """The comment approvals of exactly this plan (its SHA-256), oldest first."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT user, comment_id, approved_at FROM plan_approvals WHERE project_key = ?"
+        with self._db() as db:
+            rows = db.execute(
+                'SELECT "user", comment_id, approved_at FROM plan_approvals WHERE project_key = ?'
                 " AND pull_number = ? AND plan_sha256 = ? ORDER BY comment_id",
                 (plan.project_key, plan.pull_number, plan.sha256),
             ).fetchall()
@@ -537,29 +536,29 @@ class Store:
 
     def add_pusher(self, repo: Repo, pull_number: int, login: str) -> None:
         """Remember who pushed commits to a pull request (a commit's e-mail can name anyone)."""
-        with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO pushers (repo_key, pull_number, login) VALUES (?, ?, ?)",
+        with self._db() as db:
+            db.execute("INSERT INTO pushers (repo_key, pull_number, login) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                              (repo_key(repo), pull_number, login.lower()))
 
     def pushers(self, repo: Repo, pull_number: int) -> set[str]:
         """Lower-cased logins of everyone who opened or pushed to the pull request."""
-        with self._lock:
-            rows = self._db.execute("SELECT login FROM pushers WHERE repo_key = ? AND pull_number = ?",
+        with self._db() as db:
+            rows = db.execute("SELECT login FROM pushers WHERE repo_key = ? AND pull_number = ?",
                                     (repo_key(repo), pull_number)).fetchall()
         return {r["login"] for r in rows}
 
     def lock_holder(self, key: str) -> Lock | None:
         """Who holds a project's lock, without taking it (`try_lock` takes a free lock); None if free."""
-        with self._lock:
-            row = self._db.execute("SELECT * FROM locks WHERE project_key = ?", (key,)).fetchone()
+        with self._db() as db:
+            row = db.execute("SELECT * FROM locks WHERE project_key = ?", (key,)).fetchone()
         return Lock(row["project_key"], row["repo"], row["pull_number"], row["holder"]) if row else None
 
     # Repository ids -------------------------------------------------------------
 
     def repo_id(self, key: str) -> int | None:
         """The forge id on record for a repository (`repo_key`), or None."""
-        with self._lock:
-            row = self._db.execute("SELECT repo_id FROM repo_ids WHERE repo_key = ?", (key,)).fetchone()
+        with self._db() as db:
+            row = db.execute("SELECT repo_id FROM repo_ids WHERE repo_key = ?", (key,)).fetchone()
         return row["repo_id"] if row else None
 
     def record_repo_id(self, key: str, repo_id: int) -> int:
@@ -569,7 +568,7 @@ class Store:
         other sees its id.
         """
         with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO repo_ids (repo_key, repo_id, first_seen) VALUES (?, ?, ?)",
+            db.execute("INSERT INTO repo_ids (repo_key, repo_id, first_seen) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                        (key, repo_id, time.time()))
             return db.execute("SELECT repo_id FROM repo_ids WHERE repo_key = ?", (key,)).fetchone()["repo_id"]
 
@@ -586,13 +585,13 @@ class Store:
     def add_runner_token(self, pool: str, sha256: str) -> int:
         """Record a new token of a pool (by its hash); its id."""
         with self._tx() as db:
-            return db.execute("INSERT INTO runner_tokens (pool, sha256, created_at) VALUES (?, ?, ?)",
-                              (pool, sha256, time.time())).lastrowid
+            return db.execute("INSERT INTO runner_tokens (pool, sha256, created_at) VALUES (?, ?, ?) RETURNING id",
+                              (pool, sha256, time.time())).fetchone()[0]
 
     def runner_token_pool(self, sha256: str) -> str | None:
         """The pool of a token that is not revoked, or None."""
-        with self._lock:
-            row = self._db.execute("SELECT pool FROM runner_tokens WHERE sha256 = ? AND revoked_at IS NULL",
+        with self._db() as db:
+            row = db.execute("SELECT pool FROM runner_tokens WHERE sha256 = ? AND revoked_at IS NULL",
                                    (sha256,)).fetchone()
         return row["pool"] if row else None
 
@@ -604,46 +603,16 @@ class Store:
 
     def runner_tokens(self) -> list[RunnerToken]:
         """Every token, revoked ones too, oldest first."""
-        with self._lock:
-            rows = self._db.execute("SELECT id, pool, created_at, revoked_at FROM runner_tokens ORDER BY id").fetchall()
+        with self._db() as db:
+            rows = db.execute("SELECT id, pool, created_at, revoked_at FROM runner_tokens ORDER BY id").fetchall()
         return [RunnerToken(row["id"], row["pool"], row["created_at"], row["revoked_at"]) for row in rows]
-
-
-class _Transaction:
-    """`with store._tx() as db:` — one IMMEDIATE transaction under the store's lock."""
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-
-    def __enter__(self) -> sqlite3.Connection:
-        self._store._lock.acquire()
-        try:
-            self._store._db.execute("BEGIN IMMEDIATE")
-        except BaseException:  # __exit__ will not run: the lock must not stay taken
-            self._store._lock.release()
-            raise
-        return self._store._db
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        db = self._store._db
-        try:
-            if exc_type is None:
-                db.execute("COMMIT")
-        finally:
-            try:
-                # After an error, also one of COMMIT itself. When a write failed on a full disk or
-                # an I/O error SQLite has rolled back already: a second ROLLBACK would raise and
-                # hide that error.
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-            finally:
-                self._store._lock.release()
 
 
 class StoreRetry:
     """Writes tried again while the store cannot be written: a full disk, failing I/O.
 
-    SQLite says so with `sqlite3.OperationalError` ("database or disk is full"). What the
+    SQLite says so with `sqlite3.OperationalError` ("database or disk is full"), PostgreSQL with
+    `psycopg.OperationalError` (a lost connection, a failover). What the
     worker and the dispatcher record then (a job's outcome, a handled delivery) must not
     be lost, and they have nothing better to do until it is recorded; so they wait. An
     outage is logged once when the first write fails and once when the last one waiting
@@ -667,7 +636,7 @@ class StoreRetry:
             while True:
                 try:
                     result = write()
-                except sqlite3.OperationalError as exc:
+                except UNAVAILABLE as exc:
                     if not waiting:
                         waiting = True
                         self._waiting += 1
