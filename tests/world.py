@@ -19,6 +19,7 @@ import httpx
 
 from bot.sandbox.forges import FORGES, SandboxForge
 from bot.sandbox.trial import POLICY, REPO, BotServer, GitRepo, git, project_files, wait_for, write_config
+from bot.config import load_config
 from bot.store import Store
 
 TEST_POLICY = copy.deepcopy(POLICY)
@@ -84,7 +85,7 @@ class World:
 
     def store(self) -> Store:
         """A second handle on the bot's database, for assertions."""
-        return Store(self.root / "data" / "deploybot.sqlite3")
+        return Store(load_config(self.config_path).server.database)
 
     def wait_idle(self, timeout: float = 120) -> None:
         """Wait until every delivery was handled and no job is queued or running."""
