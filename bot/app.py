@@ -104,8 +104,7 @@ class Deploybot:
         self.policy = policy if policy is not None else load_policy_file(config.policy_file)
         data_dir = config.server.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
-        # SQLite serves one process (StoreInUse: another serve has it); PostgreSQL any number.
-        self.serve_lock = ServeLock(config.server.database) if isinstance(config.server.database, Path) else None
+        self.serve_lock = ServeLock(config.server.database)  # StoreInUse: another serve has it
         try:
             self._build(config, data_dir)
         except BaseException:
@@ -277,8 +276,7 @@ class Deploybot:
         self.release_serve_lock()
 
     def release_serve_lock(self) -> None:
-        if self.serve_lock is not None:
-            self.serve_lock.release()
+        self.serve_lock.release()
 
 
 def _error(status: int, message: str) -> JSONResponse:

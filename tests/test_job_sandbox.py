@@ -25,8 +25,8 @@ from tests.world import World, staging_change, visible
 
 if shutil.which("bwrap") is None:
     if os.environ.get("CI") == "true":
-        raise RuntimeError("bubblewrap is missing: CI must install it (scripts/install-host-packages)")
-    pytest.skip("bubblewrap is not installed (scripts/install-host-packages)", allow_module_level=True)
+        raise RuntimeError("bubblewrap is missing: CI must install it (scripts/prepare-host)")
+    pytest.skip("bubblewrap is not installed (scripts/prepare-host)", allow_module_level=True)
 
 
 def bot_disk(tmp_path: Path) -> dict[str, Path]:

@@ -86,7 +86,7 @@ def test_a_second_serve_on_one_sqlite_store_is_refused_until_the_first_is_gone(t
         wait_for(lambda: _healthy(port), 30, "the first bot")
         second = subprocess.run(serve, capture_output=True, text=True, timeout=60)
         assert second.returncode == 2
-        assert f"another deploybot serve (pid {first.pid})" in second.stderr and "PostgreSQL" in second.stderr
+        assert f"another deploybot serve (pid {first.pid})" in second.stderr and "one deploybot serve" in second.stderr
         assert "Traceback" not in second.stderr
     finally:
         first.send_signal(signal.SIGKILL)  # however it ends, the kernel lets go of the lock
@@ -103,6 +103,15 @@ def test_a_second_serve_on_one_sqlite_store_is_refused_until_the_first_is_gone(t
         ServeLock(tmp_path / "other.sqlite3")
     lock.release()
     ServeLock(tmp_path / "other.sqlite3").release()
+
+
+@pytest.mark.parametrize("store_location", ["postgresql"], indirect=True)
+def test_one_serving_process_per_postgresql_store_until_replicas_share_their_work(store_location: str) -> None:
+    lock = ServeLock(store_location)
+    with pytest.raises(StoreInUse, match="one deploybot serve per store"):
+        ServeLock(store_location)
+    lock.release()  # as when the process (and its connection) ends
+    ServeLock(store_location).release()
 
 
 def _healthy(port: int) -> bool:

@@ -17,9 +17,9 @@ from typing import Any, Callable
 
 import httpx
 
+from bot.config import load_config
 from bot.sandbox.forges import FORGES, SandboxForge
 from bot.sandbox.trial import POLICY, REPO, BotServer, GitRepo, git, project_files, wait_for, write_config
-from bot.config import load_config
 from bot.store import Store
 
 TEST_POLICY = copy.deepcopy(POLICY)

@@ -42,34 +42,62 @@ T = TypeVar("T")
 
 
 class StoreInUse(RuntimeError):
-    """Another `deploybot serve` works on this SQLite store."""
+    """Another `deploybot serve` works on this store."""
+
+
+# Until replicas share their in-flight work through the database (saved plans, leases of
+# running jobs and deliveries), one process serves a store; a second would run jobs twice.
+ONE_PROCESS = ("one deploybot serve per store for now: stop it first (a rolling deploy stops the old "
+               "process before starting the new one)")
 
 
 class ServeLock:
-    """One serving process per SQLite store: a second one would run every job twice.
+    """One serving process per store, held while the process serves and let go when it ends.
 
-    An exclusive `flock` on `<database>.lock`, held while the process serves; the kernel
-    lets go of it when the process ends, however it ends.
+    SQLite: an exclusive `flock` on `<database>.lock` (the kernel drops it with the process).
+    PostgreSQL: a session advisory lock on a connection of its own (the server drops it with
+    the connection).
     """
 
-    def __init__(self, database: Path) -> None:
+    def __init__(self, database: Path | str) -> None:
+        self._fd: int | None = None
+        self._conn = None
+        if isinstance(database, str):
+            self._hold_postgres(database)
+        else:
+            self._hold_file(database)
+
+    def _hold_file(self, database: Path) -> None:
         database.parent.mkdir(parents=True, exist_ok=True)
-        self.path = database.with_name(database.name + ".lock")
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fd = os.open(database.with_name(database.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "?"
             self.release()
-            raise StoreInUse(f"another deploybot serve (pid {holder}) already uses {database}: SQLite serves one "
-                             "process; stop it first, or use PostgreSQL (server.database_url) for replicas") from None
+            raise StoreInUse(f"another deploybot serve (pid {holder}) already uses {database}: {ONE_PROCESS}") from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _hold_postgres(self, url: str) -> None:
+        import psycopg
+
+        conninfo, _, schema = url.partition("?search_path=")
+        self._conn = psycopg.connect(conninfo, autocommit=True, application_name=f"deploybot serve {os.getpid()}",
+                                     **({"options": f"-c search_path={schema}"} if schema else {}))
+        # One key per schema: tests and several bots may share a database, each in its own schema.
+        held = self._conn.execute("SELECT pg_try_advisory_lock(hashtext(current_schema()))").fetchone()[0]
+        if not held:
+            self.release()
+            raise StoreInUse(f"another deploybot serve already uses this PostgreSQL store: {ONE_PROCESS}")
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the lock
             self._fd = None
+        if self._conn is not None:
+            self._conn.close()  # ending the session drops the lock
+            self._conn = None
 
 
 def _saved_plan(row: sqlite3.Row) -> SavedPlan:
