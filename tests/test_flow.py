@@ -215,12 +215,18 @@ def test_auto_apply_on_approval(make_world: MakeWorld):
     assert "`staging`: applied" in world.wait_comment(number, "**deploybot apply**")
 
 
-def pull_files(world: World, number: int) -> list[Path]:
-    """The staging working dir and plan files the bot keeps for a pull request."""
+def pull_files(world: World, number: int) -> list[str]:
+    """The staging working dir and saved plans the bot keeps for a pull request."""
     safe = f"{world.forge.name}_{REPO.lower()}_staging_default".replace("/", "_").replace(":", "_")
-    data = world.root / "data"
-    return [p for p in [data / "work" / safe / f"pr-{number}", *(data / "plans" / safe).glob(f"pr-{number}-*")]
-            if p.exists()]
+    workdir = world.root / "data" / "work" / safe / f"pr-{number}"
+    store = world.store()
+    try:
+        with store._db() as db:
+            plans = [f"plan of {r[0]}" for r in db.execute(
+                "SELECT project_key FROM plans WHERE pull_number = ?", (number,)).fetchall()]
+    finally:
+        store.close()
+    return ([str(workdir)] if workdir.exists() else []) + plans
 
 
 def test_apply_on_merge_then_locks_are_free(make_world: MakeWorld):

@@ -243,19 +243,18 @@ def test_a_pull_requests_plan_posts_none_of_the_bots_secrets(make_world, sandbox
 
 
 @pytest.mark.parametrize("sandbox", ["bubblewrap", "none"])
-def test_an_apply_provisioner_cannot_touch_another_pull_requests_plan(make_world, sandbox: str) -> None:
-    """An approved apply runs code (local-exec); it must not reach a plan another PR is waiting on."""
+def test_an_apply_provisioner_cannot_touch_the_store_or_another_pull_requests_plan(make_world, sandbox: str) -> None:
+    """An approved apply runs code (local-exec); it must not reach the store, where another PR's plan waits."""
     world = make_world(sandbox=sandbox)
     victim = world.open_pr("victim", staging_change(world, "medium"))
     world.wait_comment(victim, "staging")
-    plans = world.root / "data" / "plans"
-    victim_plan = next(plans.rglob(f"pr-{victim}-*.tfplan"))
-    before = victim_plan.read_bytes()
+    data = world.root / "data"
+    store_file = data / "deploybot.sqlite3"
     hostile = {"production/evil.tf": (
         'resource "null_resource" "evil" {\n'
         '  provisioner "local-exec" {\n'
-        f'    command = "for f in $(find {plans} -name \'*.tfplan\' 2>/dev/null); do echo x > $f && echo $((6*7))-WROTE $f; done;'
-        f' ls {world.root / "data"} 2>&1 | head -3; echo $((40+2))-RAN"\n'
+        f'    command = "ls {data} 2>&1 | sed s/^/LISTED-/; test -w {store_file} && echo $((6*7))-WRITABLE;'
+        ' echo $((40+2))-RAN"\n'
         '  }\n'
         '}\n')}
     attacker = world.open_pr("attacker", hostile)
@@ -263,12 +262,11 @@ def test_an_apply_provisioner_cannot_touch_another_pull_requests_plan(make_world
     world.forge.approve(attacker, "dave")
     world.comment(attacker, "bob", "deploybot apply -p production")
     applied = visible(world.wait_comment(attacker, "42-RAN"))
-    if sandbox == "none":  # positive control: the provisioner overwrites the other pull request's plan
-        assert "42-WROTE" in applied and victim_plan.read_bytes() != before
+    if sandbox == "none":  # positive control: the provisioner could rewrite the store, plans and approvals included
+        assert "42-WRITABLE" in applied and "LISTED-deploybot.sqlite3" in applied
         return
-    assert "42-WROTE" not in applied
-    assert victim_plan.read_bytes() == before
-    # The victim's plan still applies: its file and hash are intact.
+    assert "42-WRITABLE" not in applied and "LISTED-deploybot.sqlite3" not in applied
+    # The victim's plan still applies: its bytes and hash are intact.
     world.forge.approve(victim, "dave")
     world.comment(victim, "bob", "deploybot apply -p staging")
     assert "applied plan" in visible(world.wait_comment(victim, "applied plan"))

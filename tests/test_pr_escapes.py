@@ -630,13 +630,19 @@ def test_apply_refuses_a_plan_file_changed_after_review(make_world: MakeWorld) -
     number = world.open_pr("resize-staging", staging_change(world))
     world.wait_comment(number, "**deploybot plan**")
     world.wait_idle()
-    plans = list((world.root / "data" / "plans").rglob("*.tfplan"))
-    assert len(plans) == 1 and world.head(number) in plans[0].name
-    assert not plans[0].is_relative_to(world.root / "data" / "work")  # out of reach of the checkout
-    plans[0].write_bytes(plans[0].read_bytes() + b"swapped after review")
+    assert not list((world.root / "data").rglob("*.tfplan"))  # no plan file on disk: its bytes are in the store
+    store = world.store()
+    try:
+        with store._db() as db:
+            [(head, content)] = [(r[0], bytes(r[1])) for r in db.execute(
+                "SELECT head_sha, content FROM plans WHERE pull_number = ?", (number,)).fetchall()]
+            assert head == world.head(number) and content.startswith(b"PK")  # terraform's zip
+            db.execute("UPDATE plans SET content = ? WHERE pull_number = ?", (content + b"swapped after review", number))
+    finally:
+        store.close()
     world.forge.approve(number, "dave")
     world.comment(number, "bob", "deploybot apply")
     refused = world.wait_comment(number, "**deploybot apply**")
-    assert "apply refused: the saved plan file is missing or was changed" in refused
+    assert "apply refused: the saved plan is missing or was changed" in refused
     assert world.state_resources("staging") == 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import sqlite3
 from pathlib import Path
 
@@ -57,10 +58,15 @@ def test_locks_name_their_holder_and_plans_are_replaced(store_location: Path | s
     assert not store.unlock(key, 2)
     assert store.unlock(key, 1)
     assert store.try_lock(key, REPO, 2, "bob").acquired
-    store.save_plan(SavedPlan(key, 2, "a" * 40, "/p1", "h1", True))
-    store.save_plan(SavedPlan(key, 2, "b" * 40, "/p2", "h2", False))
-    assert store.get_plan(key, 2).head_sha == "b" * 40
-    assert [p.planfile for p in store.plans_for_pull(REPO, 2)] == ["/p2"]
+    first, second = b"first plan", b"second plan"
+    store.save_plan(SavedPlan(key, 2, "a" * 40, "", hashlib.sha256(first).hexdigest(), True), first)
+    store.save_plan(SavedPlan(key, 2, "b" * 40, "", hashlib.sha256(second).hexdigest(), False), second)
+    plan = store.get_plan(key, 2)
+    assert plan.head_sha == "b" * 40 and [p.sha256 for p in store.plans_for_pull(REPO, 2)] == [plan.sha256]
+    assert store.plan_content(plan) == second  # the bytes come back, hash checked
+    with store._db() as db:
+        db.execute("UPDATE plans SET content = ? WHERE pull_number = 2", (b"second plaN",))
+    assert store.plan_content(plan) is None  # changed bytes are never handed out
 
 
 def test_a_transaction_that_cannot_begin_leaves_the_store_usable(tmp_path: Path):
@@ -96,7 +102,7 @@ def test_pull_queries_stay_in_their_repository(store_location: Path | str):
     mine = Repo("github", "acme/infra_live", "", "main")
     other = Repo("github", "acme/infra-live", "", "main")
     theirs = SavedPlan(project_key(other, Project("staging")), 7, "a" * 40, "/p", "f" * 64, True)
-    store.save_plan(theirs)
+    store.save_plan(theirs, b"their plan")
     store.mark_plan_shown(theirs.project_key, 7, theirs.sha256, "2026-01-01T00:00:00Z")
     assert store.approve_plan(theirs, "bob", 1, "2026-01-01T00:00:05Z")
     assert store.plans_for_pull(mine, 7) == []

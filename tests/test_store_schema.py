@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import sqlite3
 import subprocess
@@ -38,15 +39,20 @@ def test_a_data_dir_from_before_migrations_is_migrated_and_keeps_its_data(tmp_pa
     old.executescript(BASE_SCHEMA.replace("    shown_at TEXT,", "").replace(
         "                -- the forge's time of the comment that showed it; NULL: not shown yet\n", "\n"))
     assert "shown_at" not in {row[1] for row in old.execute("PRAGMA table_info(plans)")}
+    legacy = tmp_path / "pr-7.tfplan"  # plans were files beside the database then
+    legacy.write_bytes(b"an old plan")
     old.execute("INSERT INTO plans (project_key, pull_number, head_sha, planfile, sha256, has_changes, created_at)"
-                " VALUES ('github:acme/live:staging:default', 7, 'abc', '/p', 'f00d', 1, 1.0)")
+                " VALUES ('github:acme/live:staging:default', 7, 'abc', ?, ?, 1, 1.0)",
+                (str(legacy), hashlib.sha256(b"an old plan").hexdigest()))
     old.commit()
     old.close()
 
     store = Store(path)
     try:
-        assert store.get_plan("github:acme/live:staging:default", 7) == SavedPlan(
-            "github:acme/live:staging:default", 7, "abc", "/p", "f00d", True, None)
+        plan = store.get_plan("github:acme/live:staging:default", 7)
+        assert plan == SavedPlan("github:acme/live:staging:default", 7, "abc", str(legacy),
+                                 hashlib.sha256(b"an old plan").hexdigest(), True, None)
+        assert store.plan_content(plan) == b"an old plan"  # still applies after the upgrade
         assert store.add_runner_token("plans", "0" * 64) == 1  # a table the old release had not
     finally:
         store.close()

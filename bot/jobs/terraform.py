@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import importlib.metadata
 import importlib.util
+import io
 import json
 import os
 import re
@@ -190,12 +191,16 @@ def _field(message: bytes, number: int) -> int | bytes | None:
     return found
 
 
-def _read_plan_message(planfile: Path) -> bytes:
+def _read_plan_message(planfile: Path | bytes) -> bytes:
     try:
-        with zipfile.ZipFile(planfile) as archive:
+        with zipfile.ZipFile(io.BytesIO(planfile) if isinstance(planfile, bytes) else planfile) as archive:
             return archive.read("tfplan")
     except (OSError, KeyError, zipfile.BadZipFile) as exc:
-        raise TerraformError(f"cannot read saved plan {planfile.name}: {exc}") from None
+        raise TerraformError(f"cannot read saved plan {_name(planfile)}: {exc}") from None
+
+
+def _name(planfile: Path | bytes) -> str:
+    return "(from the store)" if isinstance(planfile, bytes) else planfile.name
 
 
 def plan_workspace(planfile: Path) -> str:
@@ -248,7 +253,7 @@ def _is_data_resource(addr: str) -> bool:
     return addr.startswith("data.", position)
 
 
-def summarize_plan_file(planfile: Path) -> PlanSummary:
+def summarize_plan_file(planfile: Path | bytes) -> PlanSummary:
     """Count adds, changes and destroys in a saved plan, read from the plan file itself.
 
     Terraform's own encoding is the source, never its output text (which a pull
@@ -260,7 +265,7 @@ def summarize_plan_file(planfile: Path) -> PlanSummary:
     try:
         version = _field(message, _PLAN_VERSION)
         if version != _PLAN_FORMAT_VERSION:
-            raise TerraformError(f"saved plan {planfile.name} has format {version}; "
+            raise TerraformError(f"saved plan {_name(planfile)} has format {version}; "
                                  f"deploybot reads format {_PLAN_FORMAT_VERSION}")
         for number, value in _protobuf_fields(message):
             if number == _PLAN_RESOURCE_CHANGES and isinstance(value, bytes):
@@ -269,12 +274,12 @@ def summarize_plan_file(planfile: Path) -> PlanSummary:
                     continue  # data source reads are not changes
                 counts = _ACTION_COUNTS.get(_change_action(value, _RESOURCE_CHANGE))
                 if counts is None:
-                    raise TerraformError(f"saved plan {planfile.name} has an action deploybot does not know")
+                    raise TerraformError(f"saved plan {_name(planfile)} has an action deploybot does not know")
                 add, change, destroy = add + counts[0], change + counts[1], destroy + counts[2]
             elif number == _PLAN_OUTPUT_CHANGES and isinstance(value, bytes):
                 outputs_changed |= _change_action(value, _OUTPUT_CHANGE) != 0  # anything but NOOP
     except (ValueError, IndexError) as exc:
-        raise TerraformError(f"cannot read saved plan {planfile.name}: {exc}") from None
+        raise TerraformError(f"cannot read saved plan {_name(planfile)}: {exc}") from None
     return PlanSummary(add=add, change=change, destroy=destroy, outputs_changed=outputs_changed)
 
 

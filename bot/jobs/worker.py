@@ -31,7 +31,7 @@ from bot.jobs.executor import LOCK_FILE, Execution, JobSpec, LocalExecutor
 from bot.jobs.git import KEEP_ON_RESET, GitError, RepoCache
 from bot.jobs.repo_guard import cap_output, checkout_problems, tracked_paths
 from bot.jobs.sandbox import JobFiles
-from bot.jobs.terraform import Terraform, TerraformError, sha256_file, summarize_plan_file
+from bot.jobs.terraform import Terraform, TerraformError, summarize_plan_file
 from bot.logs import log_context
 from bot.metrics import Metrics
 from bot.models import PullRequest, Repo, plan_id
@@ -326,18 +326,6 @@ class Worker:
     def _workdir(self, job: Job) -> Path:
         return self._project_dir("work", job.project_key) / f"pr-{job.run.pull_number}"
 
-    def _keep_plan(self, job: Job, plan: bytes) -> tuple[Path, str]:
-        """Store a plan's bytes where no job can reach them; their path and SHA-256.
-
-        One file per job, so a re-plan never overwrites the file of a plan someone may be
-        looking at. The hash is of the bytes the bot holds, never re-read from a job's files.
-        """
-        path = (self._project_dir("plans", job.project_key)
-                / f"pr-{job.run.pull_number}-{job.run.head_sha}-job{job.id}.tfplan")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(plan)
-        return path, hashlib.sha256(plan).hexdigest()
-
     def forget_pull_soon(self, repo: Repo, pull_number: int) -> None:
         """`forget_pull` in a task of its own."""
         task = asyncio.create_task(self.forget_pull(repo, pull_number))
@@ -436,17 +424,19 @@ class Worker:
         if not execution.ok:
             return JobOutcome("failed", execution.failure, execution.output,
                               terraform_seconds=execution.terraform_seconds)
-        assert execution.plan is not None  # a plan that succeeded has its file
-        planfile, digest = self._keep_plan(job, execution.plan)
-        # Counted from the plan file the bot holds, never from output text a PR could forge.
+        plan = execution.plan
+        assert plan is not None  # a plan that succeeded has its file
+        # Counted from the plan's bytes the bot holds, never from output text a PR could forge.
         try:
-            summary = summarize_plan_file(planfile)
+            summary = summarize_plan_file(plan)
         except TerraformError as exc:
             return JobOutcome("failed", str(exc), execution.output, terraform_seconds=execution.terraform_seconds)
+        # Kept in the store, out of every job's reach; hashed from the bytes the bot holds.
+        digest = hashlib.sha256(plan).hexdigest()
         replaced = self.store.save_plan(SavedPlan(job.project_key, job.run.pull_number, job.run.head_sha,
-                                                  str(planfile), digest, summary.has_changes))
-        if replaced is not None and replaced.planfile != str(planfile):
-            Path(replaced.planfile).unlink(missing_ok=True)
+                                                  "", digest, summary.has_changes), plan)
+        if replaced is not None and replaced.planfile:
+            Path(replaced.planfile).unlink(missing_ok=True)  # saved by an earlier release
         text = f"{summary.text} (plan `{plan_id(digest)}`)" if summary.has_changes else summary.text
         return JobOutcome("succeeded", text, execution.output, summary.has_changes,
                           execution.terraform_seconds, digest)
@@ -469,9 +459,9 @@ class Worker:
         assert plan is not None  # the refusals checked it
         # The job gets a copy of the very bytes that were approved, and no other plan. Only
         # now, after every refusal check, is the deploy role assumed.
-        approved = Path(plan.planfile).read_bytes()
-        if hashlib.sha256(approved).hexdigest() != plan.sha256:
-            return JobOutcome("refused", "apply refused: the saved plan file was changed — plan again")
+        approved = self.store.plan_content(plan)
+        if approved is None:
+            return JobOutcome("refused", "apply refused: the saved plan was changed — plan again")
         execution = await self._run_phase(job, "apply", output_log, approved)
         if not execution.ok:
             return JobOutcome("failed", execution.failure, execution.output,
@@ -487,8 +477,8 @@ class Worker:
         if plan.head_sha != pull.head_sha:
             return [f"the plan is for {plan.head_sha[:8]} but the pull request is now at "
                     f"{pull.head_sha[:8]} — comment `deploybot plan` again"]
-        if not Path(plan.planfile).is_file() or sha256_file(Path(plan.planfile)) != plan.sha256:
-            return ["the saved plan file is missing or was changed — comment `deploybot plan` again"]
+        if self.store.plan_content(plan) is None:
+            return ["the saved plan is missing or was changed — comment `deploybot plan` again"]
         repo_policy = self.policy.repo(pull.repo.full_name)
         if repo_policy is None:
             return ["this repository is not in the deploybot policy"]
@@ -502,8 +492,8 @@ class Worker:
         """Why an apply started from the trigger API must not run: its plan and its approval."""
         if plan is None or plan.head_sha != job.run.head_sha:
             return [f"there is no saved plan of {job.project.label} for {job.run.head_sha[:8]}"]
-        if not Path(plan.planfile).is_file() or sha256_file(Path(plan.planfile)) != plan.sha256:
-            return ["the saved plan file is missing or was changed — plan again"]
+        if self.store.plan_content(plan) is None:
+            return ["the saved plan is missing or was changed — plan again"]
         if job.run.trigger == "api-merge":
             return []  # planned just now from a commit on the default branch
         plan_job = self.store.api_plan_job(job.project_key, job.run.head_sha)

@@ -190,6 +190,8 @@ CREATE TABLE IF NOT EXISTS runner_tokens (
     revoked_at REAL
 );
 """)),
+    Migration(4, "plans.content: a saved plan's bytes live in the store, not in a file beside it",
+              _add_column("plans", "content", "BLOB")),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import json
 import logging
 import os
-import sqlite3
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -100,7 +100,11 @@ class ServeLock:
             self._conn = None
 
 
-def _saved_plan(row: sqlite3.Row) -> SavedPlan:
+# What a SavedPlan holds: never the plan's bytes, which only `plan_content` reads.
+_PLAN_COLUMNS = "project_key, pull_number, head_sha, planfile, sha256, has_changes, shown_at"
+
+
+def _saved_plan(row: Any) -> SavedPlan:
     return SavedPlan(row["project_key"], row["pull_number"], row["head_sha"], row["planfile"],
                      row["sha256"], bool(row["has_changes"]), row["shown_at"])
 
@@ -370,24 +374,44 @@ class Store:
 
     # Plans ------------------------------------------------------------------
 
-    def save_plan(self, plan: SavedPlan) -> SavedPlan | None:
-        """Save a project's new plan; return the plan it replaces, whose approvals are void."""
+    def save_plan(self, plan: SavedPlan, content: bytes) -> SavedPlan | None:
+        """Save a project's new plan and its bytes; return the plan it replaces, whose approvals are void."""
         with self._tx() as db:
-            row = db.execute("SELECT * FROM plans WHERE project_key = ? AND pull_number = ?",
+            row = db.execute(f"SELECT {_PLAN_COLUMNS} FROM plans WHERE project_key = ? AND pull_number = ?",
                              (plan.project_key, plan.pull_number)).fetchone()
             db.execute(
                 "INSERT INTO plans (project_key, pull_number, head_sha, planfile,"
-                " sha256, has_changes, created_at, shown_at) VALUES (?, ?, ?, ?, ?, ?, ?, NULL)"
+                " sha256, has_changes, created_at, shown_at, content) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?)"
                 " ON CONFLICT (project_key, pull_number) DO UPDATE SET head_sha = excluded.head_sha,"
                 " planfile = excluded.planfile, sha256 = excluded.sha256, has_changes = excluded.has_changes,"
-                " created_at = excluded.created_at, shown_at = NULL",
+                " created_at = excluded.created_at, shown_at = NULL, content = excluded.content",
                 (plan.project_key, plan.pull_number, plan.head_sha, plan.planfile, plan.sha256,
-                 int(plan.has_changes), time.time()),
+                 int(plan.has_changes), time.time(), content),
             )
             # Even a byte-identical plan: an approval is of the plan the approver was shown.
             db.execute("DELETE FROM plan_approvals WHERE project_key = ? AND pull_number = ?",
                        (plan.project_key, plan.pull_number))
         return _saved_plan(row) if row is not None else None
+
+    def plan_content(self, plan: SavedPlan) -> bytes | None:
+        """The saved plan's bytes, if they are still exactly the ones hashed when it was saved.
+
+        Read back and hashed on every read: what is applied is what was approved, whichever
+        process saved it. A plan saved by an earlier release lives in its file.
+        """
+        with self._db() as db:
+            row = db.execute("SELECT content, planfile FROM plans WHERE project_key = ? AND pull_number = ?"
+                             " AND sha256 = ?", (plan.project_key, plan.pull_number, plan.sha256)).fetchone()
+        if row is None:
+            return None
+        content = row["content"]
+        if content is None and row["planfile"]:
+            try:
+                content = Path(row["planfile"]).read_bytes()
+            except OSError:
+                return None
+        content = bytes(content) if content is not None else None
+        return content if content is not None and hashlib.sha256(content).hexdigest() == plan.sha256 else None
 
     def mark_plan_shown(self, key: str, pull_number: int, sha256: str, shown_at: str) -> bool:
         """Record when the forge showed this plan on the pull request; False if it was replaced."""
@@ -402,14 +426,14 @@ class Store:
     def get_plan(self, key: str, pull_number: int) -> SavedPlan | None:
         with self._db() as db:
             row = db.execute(
-                "SELECT * FROM plans WHERE project_key = ? AND pull_number = ?", (key, pull_number)
+                f"SELECT {_PLAN_COLUMNS} FROM plans WHERE project_key = ? AND pull_number = ?", (key, pull_number)
             ).fetchone()
         return _saved_plan(row) if row is not None else None
 
     def plans_for_pull(self, repo: Repo, pull_number: int) -> list[SavedPlan]:
         with self._db() as db:
             rows = db.execute(
-                "SELECT * FROM plans WHERE substr(project_key, 1, ?) = ? AND pull_number = ?",
+                f"SELECT {_PLAN_COLUMNS} FROM plans WHERE substr(project_key, 1, ?) = ? AND pull_number = ?",
                 (*_key_prefix(repo), pull_number),
             ).fetchall()
         return [_saved_plan(r) for r in rows]
