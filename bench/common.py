@@ -300,6 +300,11 @@ class World:
         self.bot: Server | None = None
 
     @property
+    def database(self) -> Path | str:
+        """The bot's store: a SQLite file or a PostgreSQL URL."""
+        return load_config(self.config_path).server.database
+
+    @property
     def db_path(self) -> Path:
         return load_config(self.config_path).server.database_path
 

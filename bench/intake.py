@@ -25,7 +25,6 @@ import hashlib
 import hmac
 import json
 import math
-import sqlite3
 import sys
 import threading
 import time
@@ -363,7 +362,7 @@ def _idle_cpu(server: Server, seconds: float) -> float:
     return (server.cpu_seconds() - before) / seconds
 
 
-def _wait_dispatched(store_path: Path, timeout: float) -> float:
+def _wait_dispatched(store_path: Path | str, timeout: float) -> float:
     """Seconds until the bot has no delivery left to dispatch."""
     started = time.monotonic()
     store = Store(store_path)
@@ -392,14 +391,17 @@ class IntakeReport:
     pending_scan_ms: float  # what one Store.pending_deliveries() (the dispatcher's poll) took then
     idle_cpu_start: float  # the bot's CPU (cores) while idle, fresh
     idle_cpu_end: float  # the same after the load, with every delivery stored
+    backend: str = "SQLite"  # the bot's database
 
 
 def run(root: Path, rates: list[float], step_seconds: float, max_seconds: float, concurrency: int,
-        log_level: str = "info", client: str = "raw", again_rate: float | None = None, say=print) -> IntakeReport:
+        log_level: str = "info", client: str = "raw", again_rate: float | None = None, say=print,
+        database_url: str = "") -> IntakeReport:
     """Every step against both servers; `again_rate` repeats that rate at the end, when the bot's
-    store holds every delivery of the earlier steps."""
+    store holds every delivery of the earlier steps. `database_url`: the bot on PostgreSQL."""
     root.mkdir(parents=True, exist_ok=True)
-    world = World(root / "world", {"README.md": "intake benchmark\n"}, POLICY, log_level=log_level)
+    world = World(root / "world", {"README.md": "intake benchmark\n"}, POLICY, log_level=log_level,
+                  extra={"server": {"database_url": database_url}} if database_url else None)
     world.forge.stop()  # the bot never calls it for an unlisted repository; keep this process quiet
     bot = world.start_bot()
     baseline_port = _free_port()
@@ -423,7 +425,7 @@ def run(root: Path, rates: list[float], step_seconds: float, max_seconds: float,
                 server = servers[name]
                 result = StepResult(name, label, rate)
                 if name == "deploybot":
-                    result.stored_before = sum(1 for _ in _delivery_ids(world.db_path))
+                    result.stored_before = _stored(world.database)
                 cpu0 = server.cpu_seconds()
                 client0 = time.process_time()
                 sampler.take()
@@ -434,7 +436,7 @@ def run(root: Path, rates: list[float], step_seconds: float, max_seconds: float,
                     asyncio.run(open_loop(client, url, deliveries, result, rate, step_seconds, concurrency))
                 result.client_cpu_s = time.process_time() - client0
                 if name == "deploybot":
-                    result.drain_s = _wait_dispatched(world.db_path, timeout=300)
+                    result.drain_s = _wait_dispatched(world.database, timeout=300)
                     result.peak_rss_mb = sampler.take()
                     memory["load_rss"] = max(memory["load_rss"], result.peak_rss_mb)
                 result.server_cpu_s = server.cpu_seconds() - cpu0
@@ -448,17 +450,18 @@ def run(root: Path, rates: list[float], step_seconds: float, max_seconds: float,
         memory["end_rss"] = bot.memory_mb()["VmRSS"]
         memory["hwm"] = bot.memory_mb()["VmHWM"]
         accepted_ids = [i for s in steps if s.server == "deploybot" for i in s.ok_ids]
-        persisted, dispatched_ok = _count_persisted(world.db_path, accepted_ids)
-        scan = _pending_scan(world.db_path)
+        persisted, dispatched_ok = _count_persisted(world.database, accepted_ids)
+        scan = _pending_scan(world.database)
     finally:
         sampler.stop()
         baseline.stop()
         world.close()
     return IntakeReport(steps, memory, persisted, dispatched_ok, len(accepted_ids), len(template),
-                        concurrency, log_level, client, *scan, *idle_cpu)
+                        concurrency, log_level, client, *scan, *idle_cpu,
+                        backend="PostgreSQL" if database_url else "SQLite")
 
 
-def _count_persisted(db_path: Path, delivery_ids: list[str]) -> tuple[int, int]:
+def _count_persisted(db_path: Path | str, delivery_ids: list[str]) -> tuple[int, int]:
     """How many of the acknowledged deliveries the store holds, and how many were dispatched cleanly."""
     store = Store(db_path)
     try:
@@ -468,7 +471,7 @@ def _count_persisted(db_path: Path, delivery_ids: list[str]) -> tuple[int, int]:
     return sum(s is not None for s in statuses), sum(s == "done" for s in statuses)
 
 
-def _pending_scan(db_path: Path) -> tuple[int, float]:
+def _pending_scan(db_path: Path | str) -> tuple[int, float]:
     """How many deliveries the store holds, and how long the dispatcher's query for pending ones takes."""
     store = Store(db_path)
     try:
@@ -477,18 +480,19 @@ def _pending_scan(db_path: Path) -> tuple[int, float]:
             started = time.perf_counter()
             store.pending_deliveries()
             best = min(best, time.perf_counter() - started)
-        stored = sum(1 for _ in _delivery_ids(db_path))
     finally:
         store.close()
-    return stored, 1000 * best
+    return _stored(db_path), 1000 * best
 
 
-def _delivery_ids(db_path: Path):
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+def _stored(database: Path | str) -> int:
+    """How many deliveries the bot's store holds."""
+    store = Store(database)
     try:
-        yield from (row[0] for row in db.execute("SELECT id FROM deliveries"))
+        with store._db() as db:
+            return db.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
     finally:
-        db.close()
+        store.close()
 
 
 def _free_port() -> int:

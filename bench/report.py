@@ -81,6 +81,9 @@ def intake_rows(report: IntakeReport, judged_rate: float) -> list[Row]:
     peak = max(mem["load_rss"], mem["hwm"])
     rows.append(Row("4. deploybot RSS peak during the intake load (VmHWM)", f"{peak:.0f} MB", "—", "—", "< 150 MB",
                     _met(peak < 150, f"{peak:.0f} MB, {peak - 150:.0f} MB over")))
+    if report.backend != "SQLite":  # the same measures, with the bot on another database
+        rows = [Row(f"{row.measure}, on {report.backend}", row.bot, row.baseline, row.ratio, row.target, row.result)
+                for row in rows]
     return rows
 
 

@@ -11,6 +11,7 @@ also writes the report to a file. See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
@@ -23,7 +24,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python bench/run.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SECTIONS = ("intake", "plan", "fanout", "isolation")
+SECTIONS = ("intake", "intake-postgres", "plan", "fanout", "isolation")
+# The PostgreSQL server the intake-postgres section uses, in a schema of its own (dropped after).
+BENCH_DATABASE_URL = os.environ.get("DEPLOYBOT_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def _floats(text: str) -> list[float]:
@@ -95,6 +98,27 @@ def environment() -> str:
             f"load average at start {load[0]:.2f}")
 
 
+@contextlib.contextmanager
+def postgres_schema(url: str):
+    """A fresh schema in the PostgreSQL database at `url` (its URL), dropped afterwards; None if unreachable."""
+    import uuid
+
+    import psycopg
+
+    schema = f"bench_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(url, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError:
+        yield None
+        return
+    with admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+        try:
+            yield f"{url}?search_path={schema}"
+        finally:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from bench import intake, isolation, plans, report
@@ -125,6 +149,21 @@ def main(argv: list[str] | None = None) -> int:
             rows += report.intake_rows(result, judged)
             details.append(section("intake", "1 and 4. Webhook intake and memory") + "\n\n"
                            + report.intake_details(result))
+        if "intake-postgres" in args.only:
+            _say("intake on PostgreSQL: baseline and deploybot, step by step")
+            watch = CpuWatch()
+            judged = args.judge_rate if args.judge_rate in args.rates else max(args.rates)
+            with postgres_schema(BENCH_DATABASE_URL) as url:
+                if url is None:
+                    _say(f"  skipped: PostgreSQL is not reachable at {BENCH_DATABASE_URL}")
+                else:
+                    result = intake.run(root / "intake-postgres", args.rates, args.step_seconds, args.max_seconds,
+                                        args.concurrency, log_level=args.bot_log_level, client=args.client,
+                                        again_rate=None if args.no_again else judged, say=_say, database_url=url)
+                    loads["intake-postgres"] = watch.stop()
+                    rows += report.intake_rows(result, judged)
+                    details.append(section("intake-postgres", "1b. Webhook intake, the bot on PostgreSQL") + "\n\n"
+                                   + report.intake_details(result))
         if "plan" in args.only:
             _say("plan overhead: bot vs bare terraform, alternating")
             watch = CpuWatch()

@@ -504,8 +504,11 @@ def test_a_slow_pending_status_never_lands_after_the_plan_is_done(make_world: Ma
     world.wait_idle()  # the handler is done, its status call with it
     store = world.store()
     try:
-        wait_for(lambda: not store._db.execute("SELECT 1 FROM runs WHERE reported != 2").fetchone(),
-                 30, "the run's report, statuses included")
+        def reported() -> bool:
+            with store._db() as db:
+                return not db.execute("SELECT 1 FROM runs WHERE reported != 2").fetchone()
+
+        wait_for(reported, 30, "the run's report, statuses included")
     finally:
         store.close()
     statuses = world.statuses(number)
