@@ -140,7 +140,8 @@ class Deploybot:
         self.hmac = HmacVerifier(self.policy.callers, replay=self.store.first_use)
         runners = config.runners
         check_pools(self.policy, runners.pools)
-        self.runner_pools = RunnerPools(runners.pools, runners.lease_seconds, runners.claim_wait_seconds)
+        self.runner_pools = RunnerPools(runners.pools, runners.lease_seconds, runners.claim_wait_seconds,
+                                        runners.queue_seconds)
         self.worker = Worker(config, self.store, self.policy, self.client_for, self.repo_cache,
                              self.terraform, self.metrics, notify_api_run=self.notify_api_run,
                              extra_secrets=self.hmac.secrets(), runner_pools=self.runner_pools)

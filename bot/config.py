@@ -149,6 +149,7 @@ class RunnersConfig:
     pools: dict[str, str] = field(default_factory=dict)
     lease_seconds: float = 30  # a runner silent this long has vanished: its plan is queued again
     claim_wait_seconds: float = 25  # how long a runner's claim waits for a job (long poll)
+    queue_seconds: float = 3600  # a job no runner of its pool took by then fails (and frees its project)
 
 
 @dataclass
@@ -218,8 +219,8 @@ def load_config(path: str | Path | None, environ: Mapping[str, str] | None = Non
     for pool, phase in config.runners.pools.items():
         if phase not in ("plan", "apply"):
             raise ConfigError(f"runners.pools.{pool}: must be plan or apply (a pool runs one phase)")
-    if config.runners.lease_seconds <= 0 or config.runners.claim_wait_seconds <= 0:
-        raise ConfigError("runners: lease_seconds and claim_wait_seconds must be positive")
+    if min(config.runners.lease_seconds, config.runners.claim_wait_seconds, config.runners.queue_seconds) <= 0:
+        raise ConfigError("runners: lease_seconds, claim_wait_seconds and queue_seconds must be positive")
     if config.terraform.parallelism < 1:
         raise ConfigError("terraform.parallelism: must be at least 1")
     for problem in PhaseRoles(**dataclasses.asdict(config.aws)).problems():

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -270,3 +271,35 @@ def test_an_apply_provisioner_cannot_touch_the_store_or_another_pull_requests_pl
     world.forge.approve(victim, "dave")
     world.comment(victim, "bob", "deploybot apply -p staging")
     assert "applied plan" in visible(world.wait_comment(victim, "applied plan"))
+
+
+def test_files_a_job_leaves_never_hang_or_flood_the_bot(tmp_path: Path, terraform: Terraform) -> None:
+    """A FIFO, a link or a huge file where the bot reads what terraform wrote: refused at once."""
+    from bot.jobs.repo_guard import read_job_file
+
+    (tmp_path / ".terraform").mkdir()
+    os.mkfifo(tmp_path / ".terraform" / "environment")
+    assert terraform._current_workspace(tmp_path, {}) == ""  # unknown, not a hang: terraform selects it
+    (tmp_path / "secret").write_text("the bot's")
+    (tmp_path / "link").symlink_to(tmp_path / "secret")
+    (tmp_path / "big").write_bytes(b"x" * 1025)
+    for name in ("link", "big"):
+        with pytest.raises(OSError):
+            read_job_file(tmp_path / name, 1024)
+    assert read_job_file(tmp_path / "secret", 1024) == b"the bot's"
+
+
+def test_a_job_no_runner_takes_fails_after_the_queue_time_and_frees_its_project(tmp_path: Path) -> None:
+    from bot.jobs.executor import JobSpec
+    from bot.runners.pools import RunnerPools
+
+    pools = RunnerPools({"plans": "plan"}, lease_seconds=0.2, claim_wait_seconds=0.1, queue_seconds=0.3)
+    files = bot_disk(tmp_path)["files"]
+
+    class Log:
+        def write(self, data: bytes) -> int:
+            return len(data)
+
+    started = time.monotonic()
+    result = asyncio.run(pools.executor("plans").execute(JobSpec(1, "plan", ".", "default", {}), files, Log()))
+    assert "no runner of pool plans took the job" in result.failure and time.monotonic() - started < 5

@@ -108,3 +108,11 @@ def test_pull_queries_stay_in_their_repository(store_location: Path | str):
     assert store.plans_for_pull(mine, 7) == []
     assert [p.sha256 for p in store.plans_for_pull(other, 7)] == ["f" * 64]
     assert [a.user for a in store.plan_approvals(theirs)] == ["bob"]
+
+
+def test_a_postgresql_url_keeps_its_own_parameters_and_gives_the_schema_to_the_session():
+    from bot.store.backends import postgres_conninfo
+
+    assert postgres_conninfo("postgresql://u:p@db:5432/deploybot?search_path=bot&sslmode=require") == (
+        "postgresql://u:p@db:5432/deploybot?sslmode=require", {"options": "-c search_path=bot"})
+    assert postgres_conninfo("postgresql://u@db/deploybot") == ("postgresql://u@db/deploybot", {})

@@ -10,6 +10,7 @@ which calls the same `run_phase`. The worker never looks behind this interface.
 from __future__ import annotations
 
 import base64
+import os
 from dataclasses import asdict, dataclass
 from typing import BinaryIO, Protocol
 
@@ -18,6 +19,7 @@ from bot.jobs.sandbox import JobFiles
 from bot.jobs.terraform import PhaseResult, Terraform
 
 PLAN_FILE = "plan.tfplan"  # in the job's scratch dir, on the way out (plan) or in (apply)
+MAX_PLAN_BYTES = 512 << 20  # a bigger "plan file" is a job filling the bot's memory
 LOCK_FILE = ".terraform.lock.hcl"
 
 
@@ -86,6 +88,12 @@ async def run_phase(terraform: Terraform, spec: JobSpec, files: JobFiles, log: B
     env = {**spec.env, "HOME": str(files.scratch)}
     planfile = files.scratch / PLAN_FILE
     seconds = 0.0
+    if spec.phase == "apply":
+        # Before any of the job's code runs: then nothing can stand at that path (a link the
+        # bot would write through).
+        fd = os.open(planfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(spec.plan)
     init: PhaseResult | None = None
     if not (spec.phase == "plan" and spec.reuse_init and (project_dir / ".terraform").is_dir()):
         init = await terraform.init(project_dir, env, log, files)
@@ -97,7 +105,6 @@ async def run_phase(terraform: Terraform, spec: JobSpec, files: JobFiles, log: B
     if problems := installed_module_problems(files.checkout.resolve(), project_dir):
         return Execution(init.output if init else "", seconds, "checkout refused: " + "; ".join(problems))
     if spec.phase == "apply":
-        planfile.write_bytes(spec.plan)
         result = await terraform.apply(project_dir, planfile, env, log=log, files=files)
         seconds += result.duration_s
         return Execution(result.output, seconds, phase_failure("apply", result))
@@ -120,9 +127,9 @@ async def run_phase(terraform: Terraform, spec: JobSpec, files: JobFiles, log: B
     if failed := phase_failure("plan", result, ok_codes=(0, 2)):
         return Execution(result.output, seconds, failed)
     try:
-        plan = read_job_file(planfile)
-    except OSError:
-        return Execution(result.output, seconds, "terraform wrote no plan file")
+        plan = read_job_file(planfile, MAX_PLAN_BYTES)
+    except OSError:  # none, a link, a FIFO, or too big
+        return Execution(result.output, seconds, "terraform wrote no plan file the bot can use")
     return Execution(result.output, seconds, has_changes=result.exit_code == 2, plan=plan)
 
 

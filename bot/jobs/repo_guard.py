@@ -132,7 +132,7 @@ def installed_module_problems(checkout_root: Path, project_dir: Path, data_dir: 
         return ["the project directory leads outside the repository"]
     manifest = os.path.join(project, data_dir, "modules", "modules.json")
     try:
-        modules = json.loads(read_job_file(manifest)).get("Modules") or []
+        modules = json.loads(read_job_file(manifest, 64 << 20)).get("Modules") or []
     except FileNotFoundError:
         return []
     except (OSError, ValueError, AttributeError):
@@ -160,17 +160,20 @@ def tracked_paths(root: str | os.PathLike[str]) -> set[str] | None:
     return set(paths) if (paths := _Index.load(os.fspath(root)).paths) is not None else None
 
 
-def read_job_file(path: str | os.PathLike[str]) -> bytes:
-    """The bytes of a regular file that a job wrote; raises OSError for anything else.
+def read_job_file(path: str | os.PathLike[str], limit: int) -> bytes:
+    """The bytes of a regular file that a job wrote, at most `limit` of them; raises OSError otherwise.
 
     The job chose what is at that path: a symlink must not lead the bot to its own
-    files, and a FIFO must not hang it.
+    files, a FIFO must not hang it, and a huge (or sparse) file must not fill its memory.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise OSError(f"{os.fspath(path)} is not a regular file")
-        return f.read()
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(f"{os.fspath(path)} is larger than {limit} bytes")
+    return data
 
 
 # --------------------------------------------------------------------------- internals

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from bot.jobs.repo_guard import read_job_file
 from bot.jobs.sandbox import SAFE_PATH, JobFiles, Sandbox
 
 NULL_PROVIDER_FILE = "terraform-provider-null_v2.1.2_x4"
@@ -495,9 +496,12 @@ class Terraform:
             return full_env["TF_WORKSPACE"]
         data_dir = Path(workdir) / full_env.get("TF_DATA_DIR", ".terraform")
         try:
-            return (data_dir / "environment").read_text().strip() or "default"
+            # A file an earlier job of this working dir may have made anything (a FIFO, a link).
+            return read_job_file(data_dir / "environment", 4096).decode("utf-8", "replace").strip() or "default"
         except FileNotFoundError:
             return "default"
+        except OSError:
+            return ""  # not known: terraform selects the workspace itself
 
     async def _phase(
         self, args: Sequence[str], workdir: Path, env: Mapping[str, str] | None, timeout_s: float,

@@ -425,7 +425,9 @@ class Worker:
             return JobOutcome("failed", execution.failure, execution.output,
                               terraform_seconds=execution.terraform_seconds)
         plan = execution.plan
-        assert plan is not None  # a plan that succeeded has its file
+        if plan is None:  # a runner that said it succeeded but sent none
+            return JobOutcome("failed", "the plan file never reached the bot", execution.output,
+                              terraform_seconds=execution.terraform_seconds)
         # Counted from the plan's bytes the bot holds, never from output text a PR could forge.
         try:
             summary = summarize_plan_file(plan)

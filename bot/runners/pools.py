@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import secrets
 import tarfile
 import time
@@ -49,10 +50,12 @@ class Lease:
 class RunnerPools:
     """Leases waiting per pool, and those held by runners."""
 
-    def __init__(self, pools: dict[str, str], lease_seconds: float, claim_wait_seconds: float) -> None:
+    def __init__(self, pools: dict[str, str], lease_seconds: float, claim_wait_seconds: float,
+                 queue_seconds: float = 3600) -> None:
         self.phases = dict(pools)  # pool -> the one phase its runners run
         self.lease_seconds = lease_seconds
         self.claim_wait_seconds = claim_wait_seconds
+        self.queue_seconds = queue_seconds  # a job no runner took by then fails, and frees its project
         self._waiting: dict[str, deque[Lease]] = {pool: deque() for pool in pools}
         self._offered: dict[str, asyncio.Event] = {pool: asyncio.Event() for pool in pools}
         self._held: dict[str, Lease] = {}
@@ -106,11 +109,15 @@ class RunnerPools:
         """Offer a lease and wait for its result, watching the runner that holds it."""
         self._waiting[lease.pool].append(lease)
         self._offered[lease.pool].set()
+        offered = time.monotonic()
         try:
             while True:
                 try:
                     return await asyncio.wait_for(asyncio.shield(lease.result), self.lease_seconds / 4)
                 except TimeoutError:
+                    if not lease.last_seen and time.monotonic() - offered > self.queue_seconds:
+                        return Execution("", failure=f"no runner of pool {lease.pool} took the job within "
+                                                     f"{self.queue_seconds:g}s")
                     if lease.last_seen and time.monotonic() - lease.last_seen > self.lease_seconds:
                         raise RunnerLost(f"runner {lease.runner or '?'} of pool {lease.pool} went silent "
                                          f"for {self.lease_seconds:g}s") from None
@@ -159,6 +166,10 @@ def pack_checkout(root: Path) -> bytes:
         parts = Path(info.name).parts
         if any(part in _NOT_SHIPPED for part in parts):
             return None
+        if info.issym():  # the bot checked the project's links; others must at least stay inside
+            pointed = os.path.normpath(os.path.join(os.path.dirname(info.name), info.linkname))
+            if os.path.isabs(info.linkname) or pointed == ".." or pointed.startswith("../"):
+                return None
         info.uid = info.gid = 0
         info.uname = info.gname = ""
         return info

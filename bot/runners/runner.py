@@ -19,6 +19,7 @@ import io
 import ipaddress
 import logging
 import os
+import posixpath
 import shutil
 import socket
 import sys
@@ -134,7 +135,12 @@ async def _run_lease(http: httpx.AsyncClient, terraform: Terraform, options: Run
         if response.status_code != 200:
             log.warning("job %s: checkout answered %s; leaving it", spec.job_id, response.status_code)
             return
-        await asyncio.to_thread(unpack_checkout, response.content, files.checkout)
+        try:
+            await asyncio.to_thread(unpack_checkout, response.content, files.checkout)
+        except (UnpackError, tarfile.TarError, OSError) as exc:
+            log.warning("job %s: %s", spec.job_id, exc)
+            await http.put(f"{base}/result", json={"output": "", "failure": f"the runner refused the checkout: {exc}"})
+            return
         await asyncio.to_thread(options.terraform.sandbox.hand_over, files)
         env = {**spec.env, **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
         job = asyncio.create_task(run_phase(terraform, JobSpec(**{**spec.__dict__, "env": env}), files, stream))
@@ -182,11 +188,45 @@ async def _pump(http: httpx.AsyncClient, base: str, stream: _LogStream, job: asy
             return
 
 
+class UnpackError(RuntimeError):
+    """The checkout's tarball holds something that would land outside its dir."""
+
+
 def unpack_checkout(data: bytes, dest: Path) -> None:
-    """Unpack the bot's tarball; the `data` filter refuses links out of `dest`, devices and odd modes."""
+    """Unpack the bot's tarball: directories, regular files and links that stay inside `dest`.
+
+    Written out by hand rather than with tarfile's `data` filter, which Python versions
+    before 3.11.13 let a crafted archive past (CVE-2025-4517): no absolute or climbing name,
+    no link leading out, no hard link or device, and nothing written through a link.
+    """
     dest.mkdir(parents=True)
+    root = dest.resolve()
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
-        archive.extractall(dest, filter="data")
+        for member in archive:
+            name = posixpath.normpath(member.name)
+            if name == ".":
+                continue
+            if name.startswith("/") or name == ".." or name.startswith("../"):
+                raise UnpackError(f"{member.name!r} leaves the checkout")
+            target = root / name
+            for parent in target.relative_to(root).parents:
+                if parent != Path(".") and ((root / parent).is_symlink() or not (root / parent).is_dir()):
+                    raise UnpackError(f"{member.name!r} would be written through a link")
+            if member.isdir():
+                target.mkdir(mode=0o755)
+            elif member.isreg():
+                source = archive.extractfile(member)
+                mode = 0o755 if member.mode & 0o111 else 0o644
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+                with os.fdopen(fd, "wb") as out:
+                    shutil.copyfileobj(source, out)
+            elif member.issym():
+                pointed = posixpath.normpath(posixpath.join(posixpath.dirname(name), member.linkname))
+                if member.linkname.startswith("/") or pointed == ".." or pointed.startswith("../"):
+                    raise UnpackError(f"{member.name!r} links out of the checkout")
+                os.symlink(member.linkname, target)
+            else:
+                raise UnpackError(f"{member.name!r} is neither a file, a directory nor a link")
 
 
 def _said(response: httpx.Response) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 
@@ -136,8 +137,7 @@ class PostgresBackend:
     def __init__(self, url: str, max_connections: int = 8) -> None:
         from psycopg_pool import ConnectionPool
 
-        conninfo, _, schema = url.partition("?search_path=")
-        options = {"options": f"-c search_path={schema}"} if schema else {}
+        conninfo, options = postgres_conninfo(url)
         self._pool = ConnectionPool(conninfo, min_size=1, max_size=max_connections, open=False,
                                     kwargs={"autocommit": True, "row_factory": _pg_rows, **options})
         self._pool.open(wait=True, timeout=30)
@@ -155,6 +155,19 @@ class PostgresBackend:
 
     def close(self) -> None:
         self._pool.close()
+
+
+def postgres_conninfo(url: str) -> tuple[str, dict[str, str]]:
+    """libpq's URL, and psycopg connection options for the store's own `search_path=SCHEMA` parameter.
+
+    Every other query parameter (`sslmode=require`, ...) stays in the URL for libpq.
+    """
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    schemas = [value for key, value in query if key == "search_path"]
+    rest = urlencode([(key, value) for key, value in query if key != "search_path"])
+    options = {"options": f"-c search_path={schemas[-1]}"} if schemas else {}
+    return urlunsplit(parts._replace(query=rest)), options
 
 
 def open_backend(database: Path | str) -> SQLiteBackend | PostgresBackend:

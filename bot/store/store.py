@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from bot.models import Project, Repo
-from bot.store.backends import UNAVAILABLE, open_backend
+from bot.store.backends import UNAVAILABLE, open_backend, postgres_conninfo
 from bot.store.migrations import migrate
 from bot.store.records import (
     FINISHED,
@@ -82,9 +82,9 @@ class ServeLock:
     def _hold_postgres(self, url: str) -> None:
         import psycopg
 
-        conninfo, _, schema = url.partition("?search_path=")
+        conninfo, options = postgres_conninfo(url)
         self._conn = psycopg.connect(conninfo, autocommit=True, application_name=f"deploybot serve {os.getpid()}",
-                                     **({"options": f"-c search_path={schema}"} if schema else {}))
+                                     **options)
         # One key per schema: tests and several bots may share a database, each in its own schema.
         held = self._conn.execute("SELECT pg_try_advisory_lock(hashtext(current_schema()))").fetchone()[0]
         if not held:
