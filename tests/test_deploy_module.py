@@ -183,7 +183,7 @@ def test_security_groups_have_no_inline_or_legacy_rules(module: Module) -> None:
     assert not module.of_type("aws_security_group_rule")
     for name, group in module.of_type("aws_security_group").items():
         assert "ingress" not in group and "egress" not in group, name
-    assert set(module.of_type("aws_security_group")) == {"alb", "task", "efs", "runner"}
+    assert set(module.of_type("aws_security_group")) == {"alb", "task", "db", "runner"}
 
 
 def _ingress(module: Module, group: str) -> list[dict[str, Any]]:
@@ -329,9 +329,9 @@ def test_execution_role_reads_only_the_containers_secrets(module: Module) -> Non
     inline, attached = policies_of_role(module, "execution")
     assert attached == []
     by_sid = {s["sid"]: s for s in statements(policy_document(module, one(inline)["policy"]))}
-    assert by_sid["ReadTheContainersSecrets"]["resources"] == (
-        "${sort(concat(values(local.container_secrets), "
-        "[for secret in aws_secretsmanager_secret.runner_token : secret.arn]))}")
+    resources = by_sid["ReadTheContainersSecrets"]["resources"]
+    assert 'local.container_secrets : arn if name != "PGPASSWORD"' in resources  # its ARN, not its key path
+    assert "[local.database_secret_arn]" in resources and "aws_secretsmanager_secret.runner_token" in resources
     assert by_sid["WriteLogs"]["resources"] == ["${aws_cloudwatch_log_group.this.arn}:*"]
     for sid, statement in by_sid.items():
         assert statement.get("effect", "Allow") == "Allow"
@@ -390,6 +390,7 @@ def test_the_task_environment_is_a_config_deploybot_accepts(module: Module) -> N
     from bot.config import load_config
 
     samples = {"PORT": "8080", "APP_ID": "123456", "POOLS": '{"plan": "plan", "apply": "apply"}',
+               "DATABASE_URL": "postgresql://deploybot@db.internal:5432/deploybot?sslmode=require",
                "DATA_DIR": "/var/lib/deploybot", "REGION": "eu-west-1", "POLICY_FILE": "/etc/deploybot/policy.yaml"}
     environ: dict[str, str] = {}
     for name in ("base_environment", "github_environment", "gitlab_environment"):
@@ -412,21 +413,29 @@ def test_the_task_environment_is_a_config_deploybot_accepts(module: Module) -> N
     assert config.github.private_key.reveal().strip() == pem.strip()
     assert config.server.data_dir == Path("/var/lib/deploybot")
     assert config.runners.pools == {"plan": "plan", "apply": "apply"}
+    assert str(config.server.database).startswith("postgresql://")
     assert (config.aws.plan_role_arn, config.aws.apply_role_arn) == ("", "")  # the bot assumes no role
     assert config.policy_file == Path("/etc/deploybot/policy.yaml")
 
 
-def test_data_is_on_encrypted_efs_reached_only_by_the_task(module: Module) -> None:
-    efs = module.resources[("aws_efs_file_system", "data")]
-    assert efs["encrypted"] is True
+def test_the_store_is_an_encrypted_private_postgresql_reached_only_by_the_task(module: Module) -> None:
+    db = module.resources[("aws_db_instance", "this")]
+    assert db["engine"] == "postgres" and db["storage_encrypted"] is True and db["publicly_accessible"] is False
+    assert db["manage_master_user_password"] is True and "password" not in db  # RDS keeps it in Secrets Manager
+    assert db["vpc_security_group_ids"] == [ref("aws_security_group.db.id")]
+    assert db["skip_final_snapshot"] is False and db["backup_retention_period"] == ref("var.db_backup_retention_days")
+    assert [r["referenced_security_group_id"] for r in _ingress(module, "db")] == [ref("aws_security_group.task.id")]
+    # The bot reaches it by URL with TLS required; the password comes as libpq's PGPASSWORD, from the secret.
+    url = module.locals["base_environment"]["DEPLOYBOT_SERVER__DATABASE_URL"]
+    assert url.startswith("postgresql://") and url.endswith("?sslmode=require") and "password" not in url
+    assert module.locals["container_secrets"].count("PGPASSWORD") == 1
+    assert "${local.database_secret_arn}:password::" in module.locals["container_secrets"]
+    # No file system holds the store any more: the task's own storage keeps only caches.
+    assert not module.of_type("aws_efs_file_system")
     volume = next(v for v in module.resources[("aws_ecs_task_definition", "this")]["volume"] if v["name"] == "data")
-    config = one(volume["efs_volume_configuration"])
-    assert config["transit_encryption"] == "ENABLED"
-    assert one(config["authorization_config"])["access_point_id"] == ref("aws_efs_access_point.data.id")
-    assert [r["referenced_security_group_id"] for r in _ingress(module, "efs")] == [ref("aws_security_group.task.id")]
+    assert set(volume) == {"name"}
     mount = next(m for m in module.locals["container"]["mountPoints"] if m["sourceVolume"] == "data")
     assert mount["containerPath"] == ref("local.data_dir")
-    assert module.locals["base_environment"]["DEPLOYBOT_SERVER__DATA_DIR"] == ref("local.data_dir")
 
 
 def test_logs_are_kept_for_a_set_time(module: Module) -> None:

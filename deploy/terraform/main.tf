@@ -1,5 +1,5 @@
 # deploybot in an AWS account: one Fargate task in private subnets behind an HTTPS load
-# balancer, its data on encrypted EFS, its secrets in Secrets Manager, its logs in
+# balancer, its store in an encrypted RDS PostgreSQL, its secrets in Secrets Manager, its logs in
 # CloudWatch. The task's own role may do one thing: assume the plan role or the apply role.
 # See README.md for the variables, the outputs and the order of first-time setup.
 
@@ -32,9 +32,13 @@ locals {
   container_secrets = merge(
     { for key, spec in local.enabled_secrets : spec.env => aws_secretsmanager_secret.this[key].arn },
     var.extra_secrets,
+    { PGPASSWORD = "${local.database_secret_arn}:password::" },
   )
+  # The database's password: made and kept by RDS in Secrets Manager, handed to the bot as libpq's
+  # PGPASSWORD (never in the URL, the task definition or Terraform's state).
+  database_secret_arn = aws_db_instance.this.master_user_secret[0].secret_arn
   module_secret_arns = concat([for secret in aws_secretsmanager_secret.this : secret.arn],
-  [for secret in aws_secretsmanager_secret.runner_token : secret.arn])
+  [for secret in aws_secretsmanager_secret.runner_token : secret.arn], [local.database_secret_arn])
 
   # Plain configuration: nothing secret here (tests/test_deploy_module.py checks the names).
   base_environment = {
@@ -42,7 +46,10 @@ locals {
     DEPLOYBOT_SERVER__PORT       = tostring(var.container_port)
     DEPLOYBOT_SERVER__PUBLIC_URL = local.public_url
     DEPLOYBOT_SERVER__DATA_DIR   = local.data_dir
-    DEPLOYBOT_POLICY_FILE        = var.policy_file
+    # The store (saved plans included) is in RDS; the data dir holds only caches: mirrors,
+    # working dirs, running jobs' files and logs.
+    DEPLOYBOT_SERVER__DATABASE_URL = "postgresql://${aws_db_instance.this.username}@${aws_db_instance.this.address}:${aws_db_instance.this.port}/${aws_db_instance.this.db_name}?sslmode=require"
+    DEPLOYBOT_POLICY_FILE          = var.policy_file
     # The bot runs no terraform and holds no AWS credentials: each phase goes to its pool of
     # runners (runners.tf), whose task role is the phase's role. The policy names the pools.
     DEPLOYBOT_RUNNERS__POOLS = jsonencode({ for pool in keys(local.runner_pools) : pool => pool })
@@ -102,7 +109,7 @@ locals {
 }
 
 # -- network: 443 from allowed networks to the load balancer, the load balancer to the task,
-# -- the task to EFS and to HTTPS. Terraform removes the default allow-all egress rule of
+# -- the task to its database and to HTTPS. Terraform removes the default allow-all egress rule of
 # -- each new security group, so these rules are all there is.
 
 resource "aws_security_group" "alb" {
@@ -163,29 +170,29 @@ resource "aws_vpc_security_group_egress_rule" "task_https" {
   tags              = local.tags
 }
 
-resource "aws_vpc_security_group_egress_rule" "task_to_efs" {
+resource "aws_vpc_security_group_egress_rule" "task_to_db" {
   security_group_id            = aws_security_group.task.id
-  description                  = "NFS to deploybot's file system"
+  description                  = "PostgreSQL: deploybot's store"
   ip_protocol                  = "tcp"
-  from_port                    = 2049
-  to_port                      = 2049
-  referenced_security_group_id = aws_security_group.efs.id
+  from_port                    = 5432
+  to_port                      = 5432
+  referenced_security_group_id = aws_security_group.db.id
   tags                         = local.tags
 }
 
-resource "aws_security_group" "efs" {
-  name        = "${var.name}-efs"
-  description = "deploybot file system: NFS from the deploybot task only"
+resource "aws_security_group" "db" {
+  name        = "${var.name}-db"
+  description = "deploybot database: PostgreSQL from the deploybot task only"
   vpc_id      = var.vpc_id
-  tags        = merge(local.tags, { Name = "${var.name}-efs" })
+  tags        = merge(local.tags, { Name = "${var.name}-db" })
 }
 
-resource "aws_vpc_security_group_ingress_rule" "efs_from_task" {
-  security_group_id            = aws_security_group.efs.id
-  description                  = "NFS from the deploybot task"
+resource "aws_vpc_security_group_ingress_rule" "db_from_task" {
+  security_group_id            = aws_security_group.db.id
+  description                  = "PostgreSQL from the deploybot task"
   ip_protocol                  = "tcp"
-  from_port                    = 2049
-  to_port                      = 2049
+  from_port                    = 5432
+  to_port                      = 5432
   referenced_security_group_id = aws_security_group.task.id
   tags                         = local.tags
 }
@@ -289,50 +296,37 @@ resource "aws_route53_record" "this" {
   }
 }
 
-# -- data: clones, plan files and the SQLite database, on encrypted EFS ---------------------
+# -- data: the store in an encrypted RDS PostgreSQL; everything else the task keeps is a cache ----
 
-resource "aws_efs_file_system" "data" {
-  encrypted        = true
-  kms_key_id       = var.kms_key_arn
-  performance_mode = "generalPurpose"
-  throughput_mode  = "elastic"
-  tags             = merge(local.tags, { Name = "${var.name}-data" })
+resource "aws_db_subnet_group" "this" {
+  name       = var.name
+  subnet_ids = var.private_subnet_ids
+  tags       = local.tags
 }
 
-resource "aws_efs_backup_policy" "data" {
-  file_system_id = aws_efs_file_system.data.id
-
-  backup_policy {
-    status = "ENABLED"
-  }
-}
-
-resource "aws_efs_mount_target" "data" {
-  count = length(var.private_subnet_ids)
-
-  file_system_id  = aws_efs_file_system.data.id
-  subnet_id       = var.private_subnet_ids[count.index]
-  security_groups = [aws_security_group.efs.id]
-}
-
-# The task sees only this directory, as the image's deploybot user whatever it runs as.
-resource "aws_efs_access_point" "data" {
-  file_system_id = aws_efs_file_system.data.id
-  tags           = merge(local.tags, { Name = "${var.name}-data" })
-
-  posix_user {
-    uid = local.uid
-    gid = local.uid
-  }
-
-  root_directory {
-    path = "/deploybot"
-    creation_info {
-      owner_uid   = local.uid
-      owner_gid   = local.uid
-      permissions = "0750"
-    }
-  }
+resource "aws_db_instance" "this" {
+  identifier                    = var.name
+  engine                        = "postgres"
+  engine_version                = "16"
+  instance_class                = var.db_instance_class
+  allocated_storage             = var.db_allocated_storage
+  storage_encrypted             = true
+  kms_key_id                    = var.kms_key_arn
+  db_name                       = "deploybot"
+  username                      = "deploybot"
+  manage_master_user_password   = true
+  master_user_secret_kms_key_id = var.kms_key_arn
+  db_subnet_group_name          = aws_db_subnet_group.this.name
+  vpc_security_group_ids        = [aws_security_group.db.id]
+  publicly_accessible           = false
+  multi_az                      = var.db_multi_az
+  backup_retention_period       = var.db_backup_retention_days
+  deletion_protection           = var.deletion_protection
+  skip_final_snapshot           = false
+  final_snapshot_identifier     = "${var.name}-final"
+  copy_tags_to_snapshot         = true
+  auto_minor_version_upgrade    = true
+  tags                          = local.tags
 }
 
 # -- secrets and logs -----------------------------------------------------------------------
@@ -383,15 +377,11 @@ resource "aws_ecs_task_definition" "this" {
   }
 
   volume {
-    name = "data"
-    efs_volume_configuration {
-      file_system_id     = aws_efs_file_system.data.id
-      transit_encryption = "ENABLED"
-      authorization_config {
-        access_point_id = aws_efs_access_point.data.id
-        iam             = "DISABLED" # the task role stays assume-only; the access point and security group guard the data
-      }
-    }
+    name = "data" # task storage: caches only (mirrors, working dirs); the store is in RDS
+  }
+
+  ephemeral_storage {
+    size_in_gib = var.ephemeral_storage_gib
   }
 
   volume {
@@ -408,7 +398,7 @@ resource "aws_ecs_service" "this" {
   task_definition                    = aws_ecs_task_definition.this.arn
   desired_count                      = 1
   launch_type                        = "FARGATE"
-  platform_version                   = "LATEST" # EFS volumes need 1.4.0 or later
+  platform_version                   = "LATEST" # ephemeral storage above 20 GiB needs 1.4.0 or later
   deployment_minimum_healthy_percent = 0
   deployment_maximum_percent         = 100
   health_check_grace_period_seconds  = 60
@@ -433,7 +423,7 @@ resource "aws_ecs_service" "this" {
     container_port   = var.container_port
   }
 
-  depends_on = [aws_lb_listener_rule.deploybot, aws_efs_mount_target.data]
+  depends_on = [aws_lb_listener_rule.deploybot, aws_db_instance.this]
 }
 
 # -- IAM: the execution role starts the tasks; the bot's task role may do nothing; the plan
@@ -469,9 +459,10 @@ data "aws_iam_policy_document" "execution" {
   }
 
   statement {
-    sid       = "ReadTheContainersSecrets" # the bot's, and the runners' tokens
-    actions   = ["secretsmanager:GetSecretValue"]
-    resources = sort(concat(values(local.container_secrets), [for secret in aws_secretsmanager_secret.runner_token : secret.arn]))
+    sid     = "ReadTheContainersSecrets" # the bot's, the database's password, and the runners' tokens
+    actions = ["secretsmanager:GetSecretValue"]
+    resources = sort(concat([for name, arn in local.container_secrets : arn if name != "PGPASSWORD"],
+    [local.database_secret_arn], [for secret in aws_secretsmanager_secret.runner_token : secret.arn]))
   }
 
   dynamic "statement" {
@@ -635,6 +626,13 @@ data "aws_iam_policy_document" "apply_guardrails" {
       variable = "ecs:cluster"
       values   = [aws_ecs_cluster.this.arn]
     }
+  }
+
+  statement {
+    sid       = "LeaveDeploybotsDatabaseAlone"
+    effect    = "Deny"
+    actions   = ["rds:*"]
+    resources = [aws_db_instance.this.arn, aws_db_subnet_group.this.arn]
   }
 
   statement {

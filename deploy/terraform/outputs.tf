@@ -63,9 +63,14 @@ output "log_group_name" {
   value       = aws_cloudwatch_log_group.this.name
 }
 
-output "efs_file_system_id" {
-  description = "The file system holding deploybot's data (back it up: AWS Backup is enabled)."
-  value       = aws_efs_file_system.data.id
+output "database_endpoint" {
+  description = "deploybot's PostgreSQL store (automated backups for `db_backup_retention_days`)."
+  value       = aws_db_instance.this.endpoint
+}
+
+output "database_secret_arn" {
+  description = "The database password's secret, kept and rotated by RDS."
+  value       = local.database_secret_arn
 }
 
 output "cluster_name" {

@@ -25,7 +25,7 @@ variable "vpc_id" {
 }
 
 variable "private_subnet_ids" {
-  description = "Private subnets for the task and the EFS mount targets (one per availability zone). They need a route to the internet (a NAT gateway) for GitHub/GitLab and provider downloads, or VPC endpoints plus a proxy."
+  description = "Private subnets for the task and the database (two or more availability zones). They need a route to the internet (a NAT gateway) for GitHub/GitLab and provider downloads, or VPC endpoints plus a proxy."
   type        = list(string)
 
   validation {
@@ -227,7 +227,7 @@ variable "log_retention_days" {
 }
 
 variable "kms_key_arn" {
-  description = "A customer managed KMS key for the secrets, the EFS file system and the log group; null for AWS managed keys. Its key policy must let CloudWatch Logs use it."
+  description = "A customer managed KMS key for the secrets, the database and the log group; null for AWS managed keys. Its key policy must let CloudWatch Logs use it."
   type        = string
   default     = null
 }
@@ -305,3 +305,36 @@ variable "runner_memory" {
   type        = number
   default     = 2048
 }
+
+# -- the database -------------------------------------------------------------------------
+
+variable "db_instance_class" {
+  description = "RDS instance class of deploybot's PostgreSQL store."
+  type        = string
+  default     = "db.t4g.micro"
+}
+
+variable "db_allocated_storage" {
+  description = "GiB of storage for the database (saved plans and webhook bodies live there)."
+  type        = number
+  default     = 20
+}
+
+variable "db_multi_az" {
+  description = "A standby database in a second availability zone."
+  type        = bool
+  default     = false
+}
+
+variable "db_backup_retention_days" {
+  description = "Days of automated database backups (point-in-time recovery)."
+  type        = number
+  default     = 7
+}
+
+variable "ephemeral_storage_gib" {
+  description = "Task storage for git mirrors and working dirs (21-200 GiB); caches, rebuilt after a restart."
+  type        = number
+  default     = 30
+}
+
