@@ -393,14 +393,14 @@ class Worker:
         if isinstance(project_dir, JobOutcome):
             return Execution(project_dir.output, failure=project_dir.summary)
         files = self._files(job)
-        shutil.rmtree(files.scratch, ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, files.scratch, True)
         files.scratch.mkdir(parents=True)
         if not pool:
             await asyncio.to_thread(self.terraform.settings.sandbox.hand_over, files)
         relative = project_dir.relative_to(files.checkout.resolve()).as_posix()
+        tracked = await asyncio.to_thread(tracked_paths, files.checkout) or set()  # a big index: off the loop
         spec = JobSpec(job.id, phase, relative, job.project.workspace, env, plan, reuse_init,
-                       lock_file_tracked=(tracked_paths(files.checkout) or set()) >= {
-                           posixpath.normpath(posixpath.join(relative, LOCK_FILE))})
+                       lock_file_tracked=posixpath.normpath(posixpath.join(relative, LOCK_FILE)) in tracked)
         executor = self.runner_pools.executor(pool) if pool else self.local
         return await executor.execute(spec, files, output_log)
 
@@ -461,9 +461,10 @@ class Worker:
         assert plan is not None  # the refusals checked it
         # The job gets a copy of the very bytes that were approved, and no other plan. Only
         # now, after every refusal check, is the deploy role assumed.
-        approved = self.store.plan_content(plan)
+        # Read once, hash checked: what the job gets is what is checked.
+        approved = await asyncio.to_thread(self.store.plan_content, plan)
         if approved is None:
-            return JobOutcome("refused", "apply refused: the saved plan was changed — plan again")
+            return JobOutcome("refused", "apply refused: the saved plan is missing or was changed — plan again")
         execution = await self._run_phase(job, "apply", output_log, approved)
         if not execution.ok:
             return JobOutcome("failed", execution.failure, execution.output,
@@ -479,8 +480,6 @@ class Worker:
         if plan.head_sha != pull.head_sha:
             return [f"the plan is for {plan.head_sha[:8]} but the pull request is now at "
                     f"{pull.head_sha[:8]} — comment `deploybot plan` again"]
-        if self.store.plan_content(plan) is None:
-            return ["the saved plan is missing or was changed — comment `deploybot plan` again"]
         repo_policy = self.policy.repo(pull.repo.full_name)
         if repo_policy is None:
             return ["this repository is not in the deploybot policy"]
@@ -494,8 +493,6 @@ class Worker:
         """Why an apply started from the trigger API must not run: its plan and its approval."""
         if plan is None or plan.head_sha != job.run.head_sha:
             return [f"there is no saved plan of {job.project.label} for {job.run.head_sha[:8]}"]
-        if self.store.plan_content(plan) is None:
-            return ["the saved plan is missing or was changed — plan again"]
         if job.run.trigger == "api-merge":
             return []  # planned just now from a commit on the default branch
         plan_job = self.store.api_plan_job(job.project_key, job.run.head_sha)
