@@ -630,7 +630,8 @@ def test_apply_refuses_a_plan_file_changed_after_review(make_world: MakeWorld) -
     number = world.open_pr("resize-staging", staging_change(world))
     world.wait_comment(number, "**deploybot plan**")
     world.wait_idle()
-    assert not list((world.root / "data").rglob("*.tfplan"))  # no plan file on disk: its bytes are in the store
+    # No plan file stays on disk (the job's scratch copy goes with its scratch dir): its bytes are in the store.
+    wait_for(lambda: not list((world.root / "data").rglob("*.tfplan")), 10, "the job's scratch dir to go")
     store = world.store()
     try:
         with store._db() as db:
