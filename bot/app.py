@@ -33,8 +33,9 @@ from bot.forges.gitlab import webhook as gitlab_webhook
 from bot.forges.gitlab.client import GitLabClient, check_gitlab_token, gitlab_login_of, lookup_gitlab_repo
 from bot.forges.vcs import ForgeError, VCSClient
 from bot.forges.webhook import InvalidSignature, MalformedPayload, load_body
-from bot.jobs.dispatcher import Dispatcher, repo_id_refusal
+from bot.jobs.dispatcher import Dispatcher, delivery_subject, repo_id_refusal
 from bot.jobs.git import GitError, RepoCache
+from bot.jobs.replicas import ReplicaKeeper
 from bot.jobs.sandbox import Sandbox
 from bot.jobs.terraform import Terraform, TerraformSettings, find_terraform
 from bot.jobs.worker import Worker, disk_is_full
@@ -104,7 +105,9 @@ class Deploybot:
         self.policy = policy if policy is not None else load_policy_file(config.policy_file)
         data_dir = config.server.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.serve_lock = ServeLock(config.server.database)  # StoreInUse: another serve has it
+        database = config.server.database
+        # SQLite is one process's: a second serve on it is refused (StoreInUse). Replicas share PostgreSQL.
+        self.serve_lock = ServeLock(database) if isinstance(database, Path) else None
         try:
             self._build(config, data_dir)
         except BaseException:
@@ -112,7 +115,7 @@ class Deploybot:
             raise
 
     def _build(self, config: Config, data_dir: Path) -> None:
-        self.store = Store(config.server.database)
+        self.store = Store(config.server.database, lease_seconds=config.server.replica_lease_seconds)
         self.metrics = Metrics(self.store)
         self.forges = configured_forges(config)
         self.repo_cache = RepoCache(data_dir / "git")
@@ -156,6 +159,7 @@ class Deploybot:
             cancel_run=lambda run_id: self._call_in_loop(self.worker.report_run, run_id),
         )
         self.dispatcher = Dispatcher(self.store, handlers.router, self.context_for, self.metrics, self.policy)
+        self.replica = ReplicaKeeper(self.store, self.worker, self.dispatcher.wake, exclusive=self.serve_lock is not None)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._prefetches: set[asyncio.Task] = set()  # kept referenced until done
 
@@ -267,17 +271,19 @@ class Deploybot:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await self.worker.start()
+        await self.replica.start()  # and the worker
         await self.dispatcher.start()
 
     async def stop(self) -> None:
         await self.dispatcher.stop()
         await self.worker.stop(self.config.server.shutdown_grace)
+        await self.replica.stop()
         self.store.close()
         self.release_serve_lock()
 
     def release_serve_lock(self) -> None:
-        self.serve_lock.release()
+        if self.serve_lock is not None:
+            self.serve_lock.release()
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -387,7 +393,8 @@ async def webhook_endpoint(request: Request) -> Response:
         count("ignored")
         return JSONResponse({"status": "ignored"})
     try:
-        added = bot.store.add_delivery(Delivery(delivery_id, intake.forge, event_name, body))
+        added = bot.store.add_delivery(Delivery(delivery_id, intake.forge, event_name, body,
+                                                subject=delivery_subject(event)))
     except STORE_UNAVAILABLE as exc:
         # Not stored, so not acknowledged: a 503 with Retry-After says to send it again, where a
         # 500 would read as our bug. SQLite says why ("database or disk is full"), never a secret.

@@ -60,6 +60,7 @@ class ServerConfig:
     max_body_bytes: int = 25 * 1024 * 1024
     admin_token: Secret = field(default_factory=lambda: Secret(""))  # reads GET /api/v1/audit
     shutdown_grace: float = 300  # seconds a running apply may take to finish after SIGTERM
+    replica_lease_seconds: float = 30  # a replica silent this long is dead: others take over its jobs
 
     @property
     def database(self) -> Path | str:
@@ -221,6 +222,8 @@ def load_config(path: str | Path | None, environ: Mapping[str, str] | None = Non
             raise ConfigError(f"runners.pools.{pool}: must be plan or apply (a pool runs one phase)")
     if min(config.runners.lease_seconds, config.runners.claim_wait_seconds, config.runners.queue_seconds) <= 0:
         raise ConfigError("runners: lease_seconds, claim_wait_seconds and queue_seconds must be positive")
+    if config.server.replica_lease_seconds <= 0:
+        raise ConfigError("server.replica_lease_seconds: must be positive")
     if config.terraform.parallelism < 1:
         raise ConfigError("terraform.parallelism: must be at least 1")
     for problem in PhaseRoles(**dataclasses.asdict(config.aws)).problems():

@@ -111,15 +111,6 @@ def test_a_second_serve_on_one_sqlite_store_is_refused_until_the_first_is_gone(t
     ServeLock(tmp_path / "other.sqlite3").release()
 
 
-@pytest.mark.parametrize("store_location", ["postgresql"], indirect=True)
-def test_one_serving_process_per_postgresql_store_until_replicas_share_their_work(store_location: str) -> None:
-    lock = ServeLock(store_location)
-    with pytest.raises(StoreInUse, match="one deploybot serve per store"):
-        ServeLock(store_location)
-    lock.release()  # as when the process (and its connection) ends
-    ServeLock(store_location).release()
-
-
 def _healthy(port: int) -> bool:
     try:
         return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200

@@ -31,7 +31,6 @@ PARSERS: dict[str, Callable[[str, dict], Event | None]] = {
 }
 
 
-BATCH = 50
 MAX_ATTEMPTS = 8  # with the backoff below: retried for about an hour of forge outage
 RETRY_BASE_SECONDS = 15.0
 RETRY_CAP_SECONDS = 900.0
@@ -69,6 +68,19 @@ def repo_id_refusal(store: Store, policy: Policy, repo: Repo) -> str | None:
     return f"{repo.forge} repository {repo.full_name}: {reason}" if reason else None
 
 
+def event_pull(event: Event) -> tuple[Repo, int]:
+    """The repository and pull request an event is about."""
+    if isinstance(event, CommentEvent):
+        return event.repo, event.pull_number
+    return event.pull.repo, event.pull.number
+
+
+def delivery_subject(event: Event) -> str:
+    """What orders deliveries: one pull request's are handled one at a time, oldest first."""
+    repo, pull = event_pull(event)
+    return f"{repo_key(repo)}#{pull}"
+
+
 def _sender(event: Event) -> str:
     """Who caused the event, as its payload names them."""
     if isinstance(event, CommentEvent):
@@ -79,7 +91,12 @@ def _sender(event: Event) -> str:
 
 
 class Dispatcher:
-    """Runs handlers for stored deliveries in order; what a crash cut off runs again on start."""
+    """Runs handlers for stored deliveries, claimed one at a time from the store.
+
+    Replicas share the deliveries: each claims the oldest it may handle (bot.store's
+    `claim_delivery` keeps one pull request's in order). What a crash cut off is handled
+    again once the replica's lease runs out (bot.jobs.replicas).
+    """
 
     def __init__(
         self,
@@ -115,17 +132,13 @@ class Dispatcher:
     async def _loop(self) -> None:
         while not self._stopping:
             self._wake.clear()
-            # A batch at a time: a backlog's bodies are never all in memory at once.
-            batch = self.store.pending_deliveries(due_by=time.time(), limit=BATCH)
-            for delivery in batch:
-                if self._stopping:
-                    return
-                try:
+            try:
+                delivery = await self._stored("claim a delivery", lambda: self.store.claim_delivery(time.time()))
+                if delivery is not None:
                     await self._handle(delivery)
-                except STORE_UNAVAILABLE:
-                    return  # stopping while the store cannot be written: the next start handles it again
-            if len(batch) == BATCH:
-                continue  # more are waiting
+                    continue  # more may be waiting
+            except STORE_UNAVAILABLE:
+                return  # stopping while the store cannot be written: it is handled again after the lease
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)
             except asyncio.TimeoutError:
@@ -140,8 +153,7 @@ class Dispatcher:
         try:
             event = parse_delivery(delivery)
             if event is not None:
-                repo, pull = ((event.repo, event.pull_number) if isinstance(event, CommentEvent)
-                              else (event.pull.repo, event.pull.number))
+                repo, pull = event_pull(event)
                 with log_context(repo=repo.full_name, pr=pull):
                     # Before the handlers and before the context (which starts fetching the head
                     # commit): a repository that took an allow-listed name gets nothing done.

@@ -121,10 +121,11 @@ class Worker:
 
     # Lifecycle ------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Start the job loops; they first wait for the recovery of what a previous process left
-        running. That waits for the store to take writes (a full disk) while the server answers."""
-        recovery = asyncio.create_task(self._recover(), name="worker-recovery")
+    async def start(self, grace: float) -> None:
+        """Start the job loops; they first wait for the take-over of what a previous process left
+        running (`take_over`). That waits for the store to take writes (a full disk) while the
+        server answers."""
+        recovery = asyncio.create_task(self.take_over(grace), name="worker-recovery")
         self._loops = [
             asyncio.create_task(self._loop(recovery), name=f"worker-{i}")
             for i in range(self.config.terraform.parallelism)
@@ -172,20 +173,30 @@ class Worker:
         if jobs:
             asyncio.create_task(self._report_if_done(jobs[0].run))
 
-    async def _recover(self) -> None:
-        for job in self.store.jobs_with_status("running"):
+    async def take_over(self, grace: float) -> None:
+        """Take over what replicas that died (or a process before this one) left: their plans are
+        queued again, their applies reported interrupted (never re-run), and runs over for
+        `grace` seconds whose report nobody alive posts are reported.
+
+        Each take-over is conditional in the store: of two replicas at it at once, one acts.
+        """
+        for job in await self._stored("find orphaned jobs", self.store.orphaned_jobs):
             if job.run.command == "apply":
-                await self._stored(f"mark job {job.id} interrupted", lambda: self.store.finish_job(
-                    job.id, "interrupted", JobOutcome("failed", INTERRUPTED).as_result()))
+                taken = await self._stored(f"mark job {job.id} interrupted", lambda: self.store.finish_job(
+                    job.id, "interrupted", JobOutcome("failed", INTERRUPTED).as_result(), attempt=job.attempt))
+                if not taken:
+                    continue
+                log.warning("job %s (apply) was running on a replica that stopped: reported interrupted", job.id)
                 await self._stored(f"audit job {job.id}", lambda: self.store.audit(
                     job.run.requested_by, "apply", "interrupted", job.run.repo.full_name,
                     job.project.label, job.run.head_sha, f"run {job.run.id}"))
                 await self._report_if_done(job.run)
-            else:
-                await self._stored(f"re-queue job {job.id}", lambda: self.store.requeue_job(job.id))
+            elif await self._stored(f"re-queue job {job.id}", lambda: self.store.requeue_job(job)):
+                log.warning("job %s (plan) was running on a replica that stopped: queued again", job.id)
+                self.wake()
         # A crash between a run's last job and its comment: report it now. Parts of the comment
         # posted before the crash are found by their markers and not posted again.
-        for run in await self._stored("find unreported runs", self.store.unreported_runs):
+        for run in await self._stored("find unreported runs", lambda: self.store.unreported_runs(grace)):
             await self._report_if_done(run, recovering=True)
 
     async def _loop(self, recovery: asyncio.Task) -> None:
@@ -245,7 +256,7 @@ class Worker:
             # As if the bot had stopped while the job ran: a plan runs again, an apply is not re-run.
             log.warning("job %s: %s", job.id, exc)
             if job.run.command == "plan":
-                self.store.requeue_job(job.id)
+                self.store.requeue_job(job)
                 self._running.pop(job.id, None)
                 self.wake()
                 return
@@ -255,7 +266,7 @@ class Worker:
                 raise
             if job.id in self._stopped_by_shutdown:
                 if job.run.command == "plan":
-                    self.store.requeue_job(job.id)  # planned again after the restart
+                    self.store.requeue_job(job)  # planned again after the restart
                     self._running.pop(job.id, None)
                     return
                 outcome, status = JobOutcome("failed", INTERRUPTED), "interrupted"
@@ -285,7 +296,13 @@ class Worker:
         result["summary"] = self.clean(result["summary"])
         # On a full disk these wait for room: the job stays `running` meanwhile, so nothing else
         # of its project starts, and the pull request hears of it once it is recorded.
-        await self._stored(f"record job {job.id}", lambda: self.store.finish_job(job.id, status, result))
+        if not await self._stored(f"record job {job.id}",
+                                  lambda: self.store.finish_job(job.id, status, result, attempt=job.attempt)):
+            # This replica was given up as dead while the job ran (it could not reach the store
+            # for a lease): another replica queued the job again or reported it interrupted.
+            log.error("job %s was taken over by another replica while it ran here: this outcome (%s) is dropped",
+                      job.id, status)
+            return
         run = job.run
         await self._stored(f"audit job {job.id}", lambda: self.store.audit(
             run.requested_by, run.command, result.get("outcome") if status == "failed" else status,

@@ -34,6 +34,10 @@ WRITE_LOCK = 0x64706C6F79627400 - (1 << 63)
 # disk, a lost connection): callers answer 503 or wait and try again; never a 500.
 UNAVAILABLE: tuple[type[Exception], ...] = (sqlite3.OperationalError, psycopg.OperationalError)
 
+# What a claim raises when another replica claimed a conflicting row at the same moment (a
+# unique index said no): nothing was claimed, and asking again sees the other's claim.
+CONFLICT: tuple[type[Exception], ...] = (sqlite3.IntegrityError, psycopg.IntegrityError)
+
 
 class Cursor(Protocol):
     rowcount: int
@@ -57,6 +61,10 @@ class Backend(Protocol):
     def connection(self) -> Any: ...  # a context manager giving a Connection
 
     def transaction(self) -> Any: ...  # the same, inside one exclusive write transaction
+
+    def claim(self) -> Any: ...  # a transaction that claims rows with `row_lock`, beside other claims
+
+    def row_lock(self, alias: str) -> str: ...  # the clause that locks the selected rows of `alias`
 
     def close(self) -> None: ...
 
@@ -96,6 +104,12 @@ class SQLiteBackend:
                 # hide that error.
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
+
+    # One writer at a time already: a claim is an ordinary write transaction.
+    claim = transaction
+
+    def row_lock(self, alias: str) -> str:
+        return ""
 
     def close(self) -> None:
         with self._lock:
@@ -152,6 +166,16 @@ class PostgresBackend:
         with self._pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
             yield _PgConnection(conn)
+
+    @contextmanager
+    def claim(self) -> Iterator[_PgConnection]:
+        """Not behind the write lock: claims of different rows go on side by side, each
+        skipping rows another claim holds; unique indexes settle the rest (CONFLICT)."""
+        with self._pool.connection() as conn, conn.transaction():
+            yield _PgConnection(conn)
+
+    def row_lock(self, alias: str) -> str:
+        return f" FOR UPDATE OF {alias} SKIP LOCKED"
 
     def close(self) -> None:
         self._pool.close()

@@ -68,6 +68,13 @@ def _add_column(table: str, column: str, definition: str) -> Callable[[Connectio
     return apply
 
 
+def _steps(*steps: Callable[[Connection], None]) -> Callable[[Connection], None]:
+    def apply(db: Connection) -> None:
+        for step in steps:
+            step(db)
+    return apply
+
+
 BASE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
     id TEXT PRIMARY KEY,          -- the forge's delivery id: a redelivery is a no-op
@@ -177,6 +184,39 @@ CREATE TABLE IF NOT EXISTS repo_ids (
 );
 """
 
+REPLICA_SCHEMA = """
+CREATE TABLE IF NOT EXISTS replicas (
+    id TEXT PRIMARY KEY,          -- host:pid:random, new at every start
+    started_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL    -- older than the lease: dead, and what it held is taken over
+);
+-- Never two running jobs of one project, whichever replicas claim them at once.
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_running ON jobs(project_key) WHERE status = 'running';
+CREATE INDEX IF NOT EXISTS jobs_project ON jobs(project_key, status, id);
+-- Never two deliveries of one pull request handled at once (and so never out of order).
+CREATE UNIQUE INDEX IF NOT EXISTS deliveries_one_handling ON deliveries(subject) WHERE status = 'handling';
+CREATE INDEX IF NOT EXISTS deliveries_subject ON deliveries(subject, status);
+CREATE TABLE IF NOT EXISTS runner_leases (
+    id TEXT PRIMARY KEY,          -- the lease's secret name, known to the runner that holds it
+    job_id INTEGER NOT NULL,
+    pool TEXT NOT NULL,
+    spec TEXT NOT NULL,           -- JobSpec as JSON
+    checkout BLOB NOT NULL,       -- tar.gz of the checkout
+    state TEXT NOT NULL,          -- waiting | held | done
+    runner TEXT NOT NULL DEFAULT '',
+    offered_at REAL NOT NULL,
+    last_seen REAL,               -- the holder's last call
+    result BLOB                   -- the runner's result (JSON) once done
+);
+CREATE INDEX IF NOT EXISTS runner_leases_waiting ON runner_leases(pool, state, offered_at);
+CREATE TABLE IF NOT EXISTS job_logs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL,
+    data BLOB NOT NULL            -- raw terraform output, as written: redacted when shown
+);
+CREATE INDEX IF NOT EXISTS job_logs_job ON job_logs(job_id, id);
+"""
+
 MIGRATIONS = (
     Migration(1, "the schema of the first releases", _script(BASE_SCHEMA)),
     Migration(2, "plans.shown_at: when the forge showed a plan (data dirs made before it)",
@@ -192,6 +232,13 @@ CREATE TABLE IF NOT EXISTS runner_tokens (
 """)),
     Migration(4, "plans.content: a saved plan's bytes live in the store, not in a file beside it",
               _add_column("plans", "content", "BLOB")),
+    Migration(5, "replicas: who holds which job, delivery and report; runner leases and job logs in the store",
+              _steps(_add_column("jobs", "owner", "TEXT"),
+                     _add_column("jobs", "attempt", "INTEGER NOT NULL DEFAULT 0"),
+                     _add_column("deliveries", "subject", "TEXT"),
+                     _add_column("deliveries", "owner", "TEXT"),
+                     _add_column("runs", "report_owner", "TEXT"),
+                     _script(REPLICA_SCHEMA))),
 )
 LATEST = MIGRATIONS[-1].version
 

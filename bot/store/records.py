@@ -29,6 +29,7 @@ class Delivery:
     event: str
     body: bytes
     attempts: int = 0
+    subject: str | None = None  # the pull request it is about: one of its deliveries is handled at a time
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class Job:
     project_key: str
     status: str
     result: dict
+    attempt: int = 0  # how many times it was claimed: only the latest claim may record its outcome
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,15 @@ import hashlib
 import json
 import logging
 import os
+import secrets
+import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from bot.models import Project, Repo
-from bot.store.backends import UNAVAILABLE, open_backend, postgres_conninfo
+from bot.store.backends import CONFLICT, UNAVAILABLE, open_backend
 from bot.store.migrations import migrate
 from bot.store.records import (
     FINISHED,
@@ -42,62 +44,46 @@ T = TypeVar("T")
 
 
 class StoreInUse(RuntimeError):
-    """Another `deploybot serve` works on this store."""
-
-
-# Until replicas share their in-flight work through the database (saved plans, leases of
-# running jobs and deliveries), one process serves a store; a second would run jobs twice.
-ONE_PROCESS = ("one deploybot serve per store for now: stop it first (a rolling deploy stops the old "
-               "process before starting the new one)")
+    """Another `deploybot serve` works on this SQLite store."""
 
 
 class ServeLock:
-    """One serving process per store, held while the process serves and let go when it ends.
+    """One serving process per SQLite store, held while the process serves and let go when it ends.
 
-    SQLite: an exclusive `flock` on `<database>.lock` (the kernel drops it with the process).
-    PostgreSQL: a session advisory lock on a connection of its own (the server drops it with
-    the connection).
+    An exclusive `flock` on `<database>.lock` (the kernel drops it with the process). SQLite
+    is one process's embedded database; replicas share a PostgreSQL store instead, where
+    leases (see `Store.heartbeat`) let any number of processes serve.
     """
 
-    def __init__(self, database: Path | str) -> None:
-        self._fd: int | None = None
-        self._conn = None
-        if isinstance(database, str):
-            self._hold_postgres(database)
-        else:
-            self._hold_file(database)
-
-    def _hold_file(self, database: Path) -> None:
+    def __init__(self, database: Path) -> None:
         database.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(database.with_name(database.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fd: int | None = os.open(database.with_name(database.name + ".lock"),
+                                       os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "?"
             self.release()
-            raise StoreInUse(f"another deploybot serve (pid {holder}) already uses {database}: {ONE_PROCESS}") from None
+            raise StoreInUse(f"another deploybot serve (pid {holder}) already uses {database}: one deploybot serve "
+                             "per SQLite store (stop it first; for several replicas use PostgreSQL, "
+                             "server.database_url)") from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
-
-    def _hold_postgres(self, url: str) -> None:
-        import psycopg
-
-        conninfo, options = postgres_conninfo(url)
-        self._conn = psycopg.connect(conninfo, autocommit=True, application_name=f"deploybot serve {os.getpid()}",
-                                     **options)
-        # One key per schema: tests and several bots may share a database, each in its own schema.
-        held = self._conn.execute("SELECT pg_try_advisory_lock(hashtext(current_schema()))").fetchone()[0]
-        if not held:
-            self.release()
-            raise StoreInUse(f"another deploybot serve already uses this PostgreSQL store: {ONE_PROCESS}")
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the lock
             self._fd = None
-        if self._conn is not None:
-            self._conn.close()  # ending the session drops the lock
-            self._conn = None
+
+
+def new_replica_id() -> str:
+    """A name for this process among the replicas: new at every start, so a restart is a new replica."""
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+# The replicas alive now: any other owner of a job, delivery or report is dead or gone.
+_ALIVE = "SELECT id FROM replicas WHERE heartbeat_at >= ?"
+_UNFINISHED = "('succeeded', 'failed', 'cancelled', 'interrupted')"
 
 
 # What a SavedPlan holds: never the plan's bytes, which only `plan_content` reads.
@@ -127,10 +113,15 @@ def _project_from_json(text: str) -> Project:
 
 
 class Store:
-    """All durable state, in one SQLite database."""
+    """All durable state, in one database; what this process holds is marked with `replica`."""
 
-    def __init__(self, database: Path | str) -> None:
-        """A store on a SQLite file (a Path) or a PostgreSQL database (a `postgresql://` URL)."""
+    def __init__(self, database: Path | str, replica: str | None = None, lease_seconds: float = 30.0) -> None:
+        """A store on a SQLite file (a Path) or a PostgreSQL database (a `postgresql://` URL).
+
+        A replica silent for `lease_seconds` (no `heartbeat`) is dead: what it held is taken over.
+        """
+        self.replica = replica or new_replica_id()
+        self.lease_seconds = lease_seconds
         self._backend = open_backend(database)
         migrate(self._backend, str(database).partition("@")[2] or str(database))  # no password in errors
 
@@ -156,27 +147,53 @@ class Store:
         """Persist a delivery; False if this delivery id was seen before."""
         with self._db() as db:
             cursor = db.execute(
-                "INSERT INTO deliveries (id, forge, event, body, status, received_at)"
-                " VALUES (?, ?, ?, ?, 'received', ?) ON CONFLICT DO NOTHING",
-                (delivery.id, delivery.forge, delivery.event, delivery.body, time.time()),
+                "INSERT INTO deliveries (id, forge, event, body, status, received_at, subject)"
+                " VALUES (?, ?, ?, ?, 'received', ?, ?) ON CONFLICT DO NOTHING",
+                (delivery.id, delivery.forge, delivery.event, delivery.body, time.time(), delivery.subject),
             )
             return cursor.rowcount == 1
 
-    def pending_deliveries(self, due_by: float | None = None, limit: int = -1) -> list[Delivery]:
-        """Deliveries persisted but not yet handled, oldest first; with `due_by`, only those due."""
+    def pending_deliveries(self) -> list[Delivery]:
+        """Deliveries persisted but not yet handled (or being handled), oldest first."""
         with self._db() as db:
             rows = db.execute(
-                "SELECT id, forge, event, body, attempts FROM deliveries WHERE status = 'received'"
-                " AND next_attempt_at <= ? ORDER BY received_at" + (" LIMIT ?" if limit >= 0 else ""),
-                (float("inf") if due_by is None else due_by, *([limit] if limit >= 0 else [])),
-            ).fetchall()
-        return [Delivery(r["id"], r["forge"], r["event"], bytes(r["body"]), r["attempts"]) for r in rows]
+                "SELECT id, forge, event, body, attempts, subject FROM deliveries"
+                " WHERE status IN ('received', 'handling') ORDER BY received_at").fetchall()
+        return [Delivery(r["id"], r["forge"], r["event"], bytes(r["body"]), r["attempts"], r["subject"]) for r in rows]
+
+    def claim_delivery(self, now: float) -> Delivery | None:
+        """The oldest due delivery this replica may handle now, marked as handled by it; or None.
+
+        One delivery of a pull request at a time, oldest first, across replicas: a delivery
+        waits while another of its pull request is handled or an older one is due. One put
+        off after a forge error does not hold the others up.
+        """
+        try:
+            with self._backend.claim() as db:
+                row = db.execute(
+                    "SELECT id FROM deliveries AS d WHERE status = 'received' AND next_attempt_at <= ?"
+                    " AND (subject IS NULL OR NOT EXISTS (SELECT 1 FROM deliveries AS o WHERE o.subject = d.subject"
+                    " AND (o.status = 'handling' OR (o.status = 'received' AND o.next_attempt_at <= ?"
+                    " AND o.received_at < d.received_at))))"
+                    " ORDER BY received_at LIMIT 1" + self._backend.row_lock("d"), (now, now)).fetchone()
+                if row is None:
+                    return None
+                claimed = db.execute(
+                    "UPDATE deliveries SET status = 'handling', owner = ? WHERE id = ? AND status = 'received'"
+                    " RETURNING id, forge, event, body, attempts, subject", (self.replica, row["id"])).fetchone()
+        except CONFLICT:
+            return None  # another replica took one of its pull request just now: its turn first
+        if claimed is None:
+            return None
+        return Delivery(claimed["id"], claimed["forge"], claimed["event"], bytes(claimed["body"]),
+                        claimed["attempts"], claimed["subject"])
 
     def retry_delivery(self, delivery_id: str, error: str, delay: float) -> None:
         """Handle the delivery again after `delay` seconds (the forge was unavailable)."""
         with self._db() as db:
             db.execute(
-                "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?, error = ? WHERE id = ?",
+                "UPDATE deliveries SET status = 'received', owner = NULL, attempts = attempts + 1,"
+                " next_attempt_at = ?, error = ? WHERE id = ?",
                 (time.time() + delay, error, delivery_id),
             )
 
@@ -186,8 +203,8 @@ class Store:
         25 KB, and the update need not rewrite them. A failed one keeps its body to look into."""
         with self._db() as db:
             db.execute(
-                "UPDATE deliveries SET status = ?, error = ?, body = CASE WHEN ? THEN body ELSE ? END"
-                " WHERE id = ?",
+                "UPDATE deliveries SET status = ?, owner = NULL, error = ?,"
+                " body = CASE WHEN ? THEN body ELSE ? END WHERE id = ?",
                 ("failed" if error else "done", error, bool(error), b"", delivery_id),
             )
 
@@ -245,7 +262,7 @@ class Store:
     def _jobs(self, where: str, args: tuple) -> list[Job]:
         with self._db() as db:
             rows = db.execute(
-                "SELECT jobs.id, jobs.project, jobs.project_key, jobs.status, jobs.result,"
+                "SELECT jobs.id, jobs.project, jobs.project_key, jobs.status, jobs.result, jobs.attempt,"
                 " runs.id AS run_id, runs.repo, runs.pull_number, runs.head_sha, runs.command,"
                 " runs.trigger, runs.requested_by FROM jobs JOIN runs ON runs.id = jobs.run_id"
                 f" WHERE {where} ORDER BY jobs.id",
@@ -260,37 +277,45 @@ class Store:
                 project_key=r["project_key"],
                 status=r["status"],
                 result=json.loads(r["result"]),
+                attempt=r["attempt"],
             )
             for r in rows
         ]
 
     def claim_next_job(self) -> Job | None:
-        """Mark the oldest runnable queued job running and return it.
+        """Mark the oldest runnable queued job running, held by this replica, and return it.
 
-        A job is runnable when no job of the same project is running, so two jobs
-        on one project never overlap and a second command waits its turn.
+        A job is runnable when no job of its project is running and none queued before it,
+        so two jobs of one project never overlap and run in the order they were queued,
+        whichever replicas claim them.
         """
-        with self._tx() as db:
-            row = db.execute(
-                "SELECT id FROM jobs AS j WHERE status = 'queued' AND NOT EXISTS ("
-                " SELECT 1 FROM jobs AS r WHERE r.project_key = j.project_key"
-                " AND r.status = 'running') ORDER BY id LIMIT 1"
-            ).fetchone()
-            if row is None:
-                return None
-            db.execute(
-                "UPDATE jobs SET status = 'running', started_at = ? WHERE id = ?",
-                (time.time(), row["id"]),
-            )
+        try:
+            with self._backend.claim() as db:
+                row = db.execute(
+                    "SELECT id FROM jobs AS j WHERE status = 'queued' AND NOT EXISTS ("
+                    " SELECT 1 FROM jobs AS r WHERE r.project_key = j.project_key AND (r.status = 'running'"
+                    " OR (r.status = 'queued' AND r.id < j.id))) ORDER BY id LIMIT 1" + self._backend.row_lock("j")
+                ).fetchone()
+                if row is None:
+                    return None
+                db.execute(
+                    "UPDATE jobs SET status = 'running', started_at = ?, owner = ?, attempt = attempt + 1"
+                    " WHERE id = ?", (time.time(), self.replica, row["id"]))
+        except CONFLICT:
+            return None  # another replica started a job of this project just now
         return self._jobs("jobs.id = ?", (row["id"],))[0]
 
-    def finish_job(self, job_id: int, status: str, result: dict) -> None:
+    def finish_job(self, job_id: int, status: str, result: dict, attempt: int | None = None) -> bool:
+        """Record how a job ended; with `attempt`, only if that claim still holds the job (False if
+        it was taken over meanwhile)."""
         assert status in FINISHED
         with self._db() as db:
-            db.execute(
-                "UPDATE jobs SET status = ?, result = ?, finished_at = ? WHERE id = ?",
-                (status, json.dumps(result), time.time(), job_id),
+            cursor = db.execute(
+                "UPDATE jobs SET status = ?, result = ?, finished_at = ?, owner = NULL WHERE id = ?"
+                + (" AND status = 'running' AND attempt = ?" if attempt is not None else ""),
+                (status, json.dumps(result), time.time(), job_id, *([attempt] if attempt is not None else [])),
             )
+            return cursor.rowcount == 1
 
     def run_jobs(self, run_id: int) -> list[Job]:
         return self._jobs("jobs.run_id = ?", (run_id,))
@@ -299,31 +324,83 @@ class Store:
         """True once, for the caller that should post the run's comment."""
         with self._tx() as db:
             pending = db.execute(
-                "SELECT COUNT(*) FROM jobs WHERE run_id = ? AND status NOT IN"
-                " ('succeeded', 'failed', 'cancelled', 'interrupted')",
-                (run_id,),
+                f"SELECT COUNT(*) FROM jobs WHERE run_id = ? AND status NOT IN {_UNFINISHED}", (run_id,),
             ).fetchone()[0]
             if pending:
                 return False
             cursor = db.execute(
-                "UPDATE runs SET reported = 1 WHERE id = ? AND reported = 0", (run_id,)
+                "UPDATE runs SET reported = 1, report_owner = ? WHERE id = ? AND reported = 0", (self.replica, run_id)
             )
             return cursor.rowcount == 1
 
     def finish_run_report(self, run_id: int) -> None:
         """The run's comment (or notice) was posted."""
         with self._db() as db:
-            db.execute("UPDATE runs SET reported = 2 WHERE id = ?", (run_id,))
+            db.execute("UPDATE runs SET reported = 2, report_owner = NULL WHERE id = ?", (run_id,))
 
-    def unreported_runs(self) -> list[Run]:
-        """Runs whose report a crash may have cut off; their claims are released."""
+    def unreported_runs(self, grace: float = 0.0) -> list[Run]:
+        """Runs over for `grace` seconds that nobody alive reports: a crash cut their report off.
+
+        Claims of dead replicas are released. A run whose last job ended less than `grace`
+        ago is left to whoever ended it (it claims the report right after).
+        """
+        now = time.time()
         with self._tx() as db:
-            db.execute("UPDATE runs SET reported = 0 WHERE reported = 1")
+            db.execute(f"UPDATE runs SET reported = 0, report_owner = NULL WHERE reported = 1"
+                       f" AND (report_owner IS NULL OR report_owner NOT IN ({_ALIVE}))", (now - self.lease_seconds,))
             ids = [r[0] for r in db.execute(
                 "SELECT id FROM runs WHERE reported = 0 AND NOT EXISTS (SELECT 1 FROM jobs WHERE"
-                " jobs.run_id = runs.id AND jobs.status NOT IN ('succeeded', 'failed', 'cancelled',"
-                " 'interrupted'))").fetchall()]
+                f" jobs.run_id = runs.id AND (jobs.status NOT IN {_UNFINISHED} OR jobs.finished_at > ?))",
+                (now - grace,)).fetchall()]
         return [self.run_jobs(run_id)[0].run for run_id in ids if self.run_jobs(run_id)]
+
+    # Replicas ------------------------------------------------------------------
+
+    def heartbeat(self) -> bool:
+        """Say this replica is alive; False if it had been given up as dead (it is alive again now,
+        but what it held was taken over by others)."""
+        now = time.time()
+        with self._db() as db:
+            if db.execute("UPDATE replicas SET heartbeat_at = ? WHERE id = ? AND heartbeat_at >= ?",
+                          (now, self.replica, now - self.lease_seconds)).rowcount:
+                return True
+            db.execute("INSERT INTO replicas (id, started_at, heartbeat_at) VALUES (?, ?, ?)"
+                       " ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                       (self.replica, now, now))
+            return False
+
+    def retire(self) -> None:
+        """This replica stops: what it still holds is taken over at once, without waiting for its lease."""
+        with self._db() as db:
+            db.execute("DELETE FROM replicas WHERE id = ?", (self.replica,))
+
+    def forget_other_replicas(self) -> None:
+        """Only this process serves the store (SQLite's serve lock): every other replica is gone."""
+        with self._db() as db:
+            db.execute("DELETE FROM replicas WHERE id <> ?", (self.replica,))
+
+    def replicas(self) -> list[str]:
+        """The replicas alive now."""
+        with self._db() as db:
+            return [r[0] for r in db.execute(_ALIVE + " ORDER BY started_at", (time.time() - self.lease_seconds,))]
+
+    def orphaned_jobs(self) -> list[Job]:
+        """Running jobs held by no replica alive: their replica died (or stopped without finishing them)."""
+        return self._jobs(f"jobs.status = 'running' AND (jobs.owner IS NULL OR jobs.owner NOT IN ({_ALIVE}))",
+                          (time.time() - self.lease_seconds,))
+
+    def release_orphaned_deliveries(self) -> int:
+        """Deliveries a dead replica was handling go back to be handled again (their run keys
+        keep a second handling from queueing anything twice); how many."""
+        with self._db() as db:
+            return db.execute(f"UPDATE deliveries SET status = 'received', owner = NULL WHERE status = 'handling'"
+                              f" AND (owner IS NULL OR owner NOT IN ({_ALIVE}))",
+                              (time.time() - self.lease_seconds,)).rowcount
+
+    def forget_dead_replicas(self) -> None:
+        """Drop the records of replicas dead for ten leases (what they held was taken over long since)."""
+        with self._db() as db:
+            db.execute("DELETE FROM replicas WHERE heartbeat_at < ?", (time.time() - 10 * self.lease_seconds,))
 
     def unfinished_jobs(self, repo: Repo, pull_number: int) -> list[Job]:
         return self._jobs(
@@ -348,11 +425,12 @@ class Store:
                     cancelled.append(job_id)
         return cancelled
 
-    def requeue_job(self, job_id: int) -> None:
+    def requeue_job(self, job: Job) -> bool:
+        """Queue a running job of this claim again (a plan the bot stopped); False if it was taken over."""
         with self._db() as db:
-            db.execute(
-                "UPDATE jobs SET status = 'queued', started_at = NULL WHERE id = ?", (job_id,)
-            )
+            return db.execute(
+                "UPDATE jobs SET status = 'queued', started_at = NULL, owner = NULL WHERE id = ?"
+                " AND status = 'running' AND attempt = ?", (job.id, job.attempt)).rowcount == 1
 
     def latest_plan_jobs(self, repo: Repo, pull_number: int, head_sha: str) -> list[Job]:
         """The newest finished plan job per project for this PR head."""
