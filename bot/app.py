@@ -143,7 +143,7 @@ class Deploybot:
         self.hmac = HmacVerifier(self.policy.callers, replay=self.store.first_use)
         runners = config.runners
         check_pools(self.policy, runners.pools)
-        self.runner_pools = RunnerPools(runners.pools, runners.lease_seconds, runners.claim_wait_seconds,
+        self.runner_pools = RunnerPools(self.store, runners.pools, runners.lease_seconds, runners.claim_wait_seconds,
                                         runners.queue_seconds)
         self.worker = Worker(config, self.store, self.policy, self.client_for, self.repo_cache,
                              self.terraform, self.metrics, notify_api_run=self.notify_api_run,
@@ -185,8 +185,8 @@ class Deploybot:
 
     def job_log(self, job_id: int) -> str:
         """A running job's output so far, as users may see it."""
-        path = self.worker.log_path(job_id)
-        return self.worker.clean(path.read_text(errors="replace")) if path.exists() else ""
+        data, _ = self.store.job_log(job_id)
+        return self.worker.clean(data.decode("utf-8", "replace"))
 
     def _run_url(self, run_id: int) -> str:
         return f"{self.config.server.public_url.rstrip('/')}/api/v1/runs/{run_id}"
@@ -272,7 +272,7 @@ class Deploybot:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self.replica.start()  # and the worker
-        await self.dispatcher.start()
+        await self.dispatcher.start(self.replica.registered)
 
     async def stop(self) -> None:
         await self.dispatcher.stop()

@@ -140,7 +140,7 @@ def staging_plan_log(world: World, number: int) -> str:
     repo = Repo(world.forge.name, REPO, "", "main")
     jobs = world.store().latest_plan_jobs(repo, number, world.head(number))
     job = next(j for j in jobs if j.project.name == "staging")
-    return (world.root / "data" / "logs" / f"job-{job.id}.log").read_text()
+    return world.job_logs()[job.id]
 
 
 def wait_plan_comments(world: World, number: int, count: int) -> str:

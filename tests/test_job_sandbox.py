@@ -292,8 +292,10 @@ def test_files_a_job_leaves_never_hang_or_flood_the_bot(tmp_path: Path, terrafor
 def test_a_job_no_runner_takes_fails_after_the_queue_time_and_frees_its_project(tmp_path: Path) -> None:
     from bot.jobs.executor import JobSpec
     from bot.runners.pools import RunnerPools
+    from bot.store import Store
 
-    pools = RunnerPools({"plans": "plan"}, lease_seconds=0.2, claim_wait_seconds=0.1, queue_seconds=0.3)
+    pools = RunnerPools(Store(tmp_path / "store.sqlite3"), {"plans": "plan"}, lease_seconds=0.2,
+                        claim_wait_seconds=0.1, queue_seconds=0.3)
     files = bot_disk(tmp_path)["files"]
 
     class Log:

@@ -104,7 +104,7 @@ def test_two_runners_carry_a_pull_request_from_plan_to_apply(make_world, runners
     # The bot ran no terraform itself: no working dir of its own has a `.terraform`.
     assert not list((world.root / "data" / "work").rglob(".terraform"))
     # The runners streamed terraform's output into the jobs' logs (what the run log API serves).
-    logs = [path.read_text() for path in (world.root / "data" / "logs").glob("job-*.log")]
+    logs = world.job_logs().values()
     assert any("Plan: " in text for text in logs) and any("Apply complete!" in text for text in logs)
 
 

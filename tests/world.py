@@ -20,7 +20,7 @@ import httpx
 from bot.config import load_config
 from bot.sandbox.forges import FORGES, SandboxForge
 from bot.sandbox.trial import POLICY, REPO, BotServer, GitRepo, git, project_files, wait_for, write_config
-from bot.store import Store
+from bot.store import FINISHED, Store
 
 TEST_POLICY = copy.deepcopy(POLICY)
 TEST_POLICY["repos"][REPO]["apply_requirements"] = ["approved"]
@@ -86,6 +86,15 @@ class World:
     def store(self) -> Store:
         """A second handle on the bot's database, for assertions."""
         return Store(load_config(self.config_path).server.database)
+
+    def job_logs(self) -> dict[int, str]:
+        """Every job's log as the store keeps it (raw terraform output), by job id."""
+        store = self.store()
+        try:
+            jobs = [job for status in FINISHED + ("running",) for job in store.jobs_with_status(status)]
+            return {job.id: store.job_log(job.id)[0].decode(errors="replace") for job in jobs}
+        finally:
+            store.close()
 
     def wait_idle(self, timeout: float = 120) -> None:
         """Wait until every delivery was handled and no job is queued or running."""

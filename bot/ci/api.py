@@ -117,13 +117,11 @@ async def run_log(request: Request) -> Response:
         return _error(exc.status, str(exc))
 
     async def stream() -> AsyncIterator[bytes]:
-        path = bot.worker.log_path(job.id)
-        offset, pending = 0, b""
+        cursor, pending = 0, b""
         deadline = time.monotonic() + LOG_STREAM_LIMIT_SECONDS
         while time.monotonic() < deadline:
             finished = bot.store.run_jobs(job.run.id)[0].status in FINISHED
-            data = path.read_bytes()[offset:] if path.exists() else b""
-            offset += len(data)
+            data, cursor = bot.store.job_log(job.id, cursor)
             pending += data
             # Whole lines only, so a secret is never split across two chunks unredacted.
             complete, _, pending = pending.rpartition(b"\n")

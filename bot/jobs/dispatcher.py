@@ -116,8 +116,9 @@ class Dispatcher:
         self._task: asyncio.Task | None = None
         self._stored = StoreRetry("the dispatcher", lambda: self._stopping)
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="dispatcher")
+    async def start(self, ready: asyncio.Task) -> None:
+        """Start handling deliveries once `ready` is done (this replica is on record)."""
+        self._task = asyncio.create_task(self._loop(ready), name="dispatcher")
 
     async def stop(self) -> None:
         self._stopping = True
@@ -129,7 +130,11 @@ class Dispatcher:
         """Tell the dispatcher a delivery was stored."""
         self._wake.set()
 
-    async def _loop(self) -> None:
+    async def _loop(self, ready: asyncio.Task) -> None:
+        try:
+            await ready
+        except STORE_UNAVAILABLE:
+            return  # stopped before the store could be written
         while not self._stopping:
             self._wake.clear()
             try:

@@ -65,6 +65,20 @@ class Execution:
     def ok(self) -> bool:
         return not self.failure
 
+    def to_json(self) -> dict:
+        """The result as a runner sends it."""
+        return {"output": self.output, "terraform_seconds": self.terraform_seconds, "failure": self.failure,
+                "has_changes": self.has_changes,
+                "plan": base64.b64encode(self.plan).decode() if self.plan is not None else None}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Execution":
+        """A runner's result (raises ValueError, TypeError or AttributeError on a bad one)."""
+        plan = data.get("plan")
+        return cls(output=str(data.get("output", "")), terraform_seconds=float(data.get("terraform_seconds", 0.0)),
+                   failure=str(data.get("failure", "")), has_changes=bool(data.get("has_changes", False)),
+                   plan=base64.b64decode(plan, validate=True) if isinstance(plan, str) else None)
+
 
 class Executor(Protocol):
     """Runs one phase of a job on a checkout the bot prepared and checked."""

@@ -6,8 +6,8 @@ any live replica then queues its plans again, reports its applies interrupted, h
 deliveries again and posts the reports it did not finish. A replica that stops cleanly
 leaves the store at once, so nothing waits for its lease.
 
-On SQLite one process serves the store (its serve lock): every other replica on record is
-gone, and everything is taken over when it starts.
+On SQLite one process serves the store (its serve lock): it is the sole replica, whatever
+else it holds is a dead process's, and everything is taken over when it starts.
 """
 
 from __future__ import annotations
@@ -36,12 +36,25 @@ class ReplicaKeeper:
         self._stored = StoreRetry("the replica heartbeat", self._stopping.is_set)
 
     async def start(self) -> None:
-        """Join the replicas, then start the worker, which first takes over what the dead left."""
-        self.store.heartbeat()  # before the first claim: a claim by a replica not on record is an orphan
-        if self.exclusive:
-            self.store.forget_other_replicas()
-        await self.worker.start(grace=0 if self.exclusive else self.store.lease_seconds)
-        self._task = asyncio.create_task(self._loop(), name="replica-heartbeat")
+        """Join the replicas and start the worker, which first takes over what the dead left.
+
+        Both wait in tasks (the store may not take writes yet: a full disk) while the server
+        answers; `registered` is done once this replica is on record, before which it claims
+        nothing (a claim by a replica not on record is an orphan to the others).
+        """
+        self.store.sole_replica = self.exclusive
+        self.registered = asyncio.create_task(self._register(), name="replica-register")
+        joined = asyncio.create_task(self._join(), name="worker-recovery")
+        await self.worker.start(joined)
+        self._task = asyncio.create_task(self._loop(joined), name="replica-heartbeat")
+
+    async def _register(self) -> None:
+        if not self.exclusive:  # alone on the store, no one else needs to hear from it
+            await self._stored("join the replicas", self.store.heartbeat)
+
+    async def _join(self) -> None:
+        await self.registered
+        await self.worker.take_over(0 if self.exclusive else self.store.lease_seconds)
 
     async def stop(self) -> None:
         """Stop the heartbeat (after the worker has stopped) and leave: others take over at once."""
@@ -53,7 +66,11 @@ class ReplicaKeeper:
         except STORE_UNAVAILABLE as exc:
             log.warning("could not leave the store (%s): others take over after the lease", exc)
 
-    async def _loop(self) -> None:
+    async def _loop(self, joined: asyncio.Task) -> None:
+        try:
+            await joined
+        except STORE_UNAVAILABLE:
+            return  # stopped before the store could be written
         interval = self.store.lease_seconds / 3
         while not self._stopping.is_set():
             try:
@@ -70,7 +87,7 @@ class ReplicaKeeper:
 
     async def beat(self) -> None:
         """One heartbeat: say this replica is alive, then take over what dead replicas held."""
-        if not await self._stored("renew the lease", self.store.heartbeat):
+        if not self.exclusive and not await self._stored("renew the lease", self.store.heartbeat):
             log.error("this replica could not reach the store for a whole lease (%.0fs) and was given up as dead: "
                       "its running jobs were taken over by other replicas, and their outcomes here are dropped",
                       self.store.lease_seconds)

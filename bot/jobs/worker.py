@@ -105,7 +105,7 @@ class Worker:
         self.terraform = terraform
         self.local = LocalExecutor(terraform)
         # Jobs whose phase names a pool go to its runners; they wait there without a loop of ours.
-        self.runner_pools = runner_pools or RunnerPools({}, 30, 25)
+        self.runner_pools = runner_pools or RunnerPools(store, {}, 30, 25)
         self._remote: set[asyncio.Task] = set()
         self.metrics = metrics
         self.notify_api_run = notify_api_run  # runs from the trigger API have no PR to comment on
@@ -121,11 +121,9 @@ class Worker:
 
     # Lifecycle ------------------------------------------------------------------
 
-    async def start(self, grace: float) -> None:
-        """Start the job loops; they first wait for the take-over of what a previous process left
-        running (`take_over`). That waits for the store to take writes (a full disk) while the
-        server answers."""
-        recovery = asyncio.create_task(self.take_over(grace), name="worker-recovery")
+    async def start(self, recovery: asyncio.Task) -> None:
+        """Start the job loops; they first wait for `recovery`, the take-over of what a previous
+        process left running (bot.jobs.replicas)."""
         self._loops = [
             asyncio.create_task(self._loop(recovery), name=f"worker-{i}")
             for i in range(self.config.terraform.parallelism)
@@ -186,12 +184,14 @@ class Worker:
                     job.id, "interrupted", JobOutcome("failed", INTERRUPTED).as_result(), attempt=job.attempt))
                 if not taken:
                     continue
+                self.store.drop_runner_leases(job_id=job.id)  # its runner, if any, stops
                 log.warning("job %s (apply) was running on a replica that stopped: reported interrupted", job.id)
                 await self._stored(f"audit job {job.id}", lambda: self.store.audit(
                     job.run.requested_by, "apply", "interrupted", job.run.repo.full_name,
                     job.project.label, job.run.head_sha, f"run {job.run.id}"))
                 await self._report_if_done(job.run)
             elif await self._stored(f"re-queue job {job.id}", lambda: self.store.requeue_job(job)):
+                self.store.drop_runner_leases(job_id=job.id)
                 log.warning("job %s (plan) was running on a replica that stopped: queued again", job.id)
                 self.wake()
         # A crash between a run's last job and its comment: report it now. Parts of the comment
@@ -227,10 +227,6 @@ class Worker:
 
     # One job ------------------------------------------------------------------
 
-    def log_path(self, job_id: int) -> Path:
-        """Where a job's terraform output is written as it runs (raw: redact before showing)."""
-        return self.config.server.data_dir / "logs" / f"job-{job_id}.log"
-
     def _files(self, job: Job) -> JobFiles:
         """What the job's terraform may see: its checkout, and a scratch dir of its own (HOME, plan file)."""
         return JobFiles(checkout=self._workdir(job), scratch=self.config.server.data_dir / "jobs" / f"job-{job.id}")
@@ -238,14 +234,14 @@ class Worker:
     async def _run_job(self, job: Job) -> None:
         with log_context(run=job.run.id, job=job.id, repo=job.run.repo.full_name,
                          pr=job.run.pull_number or None, project=job.project.label):
-            output_log = JobLog(self.log_path(job.id))
+            output_log = JobLog(self.store, job.id)
             try:
                 await self._run_logged_job(job, output_log)
             finally:
-                output_log.close()
+                await output_log.aclose()
                 shutil.rmtree(self._files(job).scratch, ignore_errors=True)
 
-    async def _run_logged_job(self, job: Job, output_log: BinaryIO) -> None:
+    async def _run_logged_job(self, job: Job, output_log: JobLog) -> None:
         started = time.monotonic()
         task = asyncio.create_task(self._execute(job, output_log))
         self._running[job.id] = (job, task)
@@ -282,6 +278,7 @@ class Worker:
             status = "failed"
         finally:
             self._running.pop(job.id, None)
+        await output_log.aclose()  # all of the log is in the store before the job is seen to end
         if status == outcome.status == "failed" and not outcome.summary.startswith(DISK_FULL) and disk_is_full(self.config.server.data_dir):
             # Then that is the likely cause, and not every tool says so: terraform 1.0 exits 0
             # with an empty plan file when the disk fills just as it saves the plan.
@@ -598,41 +595,53 @@ class ProjectDirError(Exception):
 
 
 class JobLog:
-    """A job's output file, written as terraform prints: to read along, and the trigger API's log.
+    """A job's output, written as terraform prints it: kept in the store, so that whichever
+    replica is asked can show it while it grows (the trigger API's log, the run's page).
 
-    It is the one copy of the output that may be lost: on a full disk it stops (said once
-    in our log) and the job goes on, its output kept in memory for the comment. Unbuffered,
-    so nothing is left to fail when it is closed.
+    Written from the event loop and sent to the store twice a second, off the loop. It is the
+    one copy of the output that may be lost: when the store cannot take it, it stops (said
+    once in our log) and the job goes on, its output kept in memory for the comment.
     """
 
-    def __init__(self, path: Path) -> None:
-        self._file: BinaryIO | None = None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = path.open("ab", buffering=0)
-        except OSError as exc:
-            self._give_up(exc)
+    FLUSH_SECONDS = 0.5
+
+    def __init__(self, store: Store, job_id: int) -> None:
+        self.store = store
+        self.job_id = job_id
+        self._pending = bytearray()
+        self._working = True
+        self._flusher = asyncio.create_task(self._flush_every(), name=f"job-{job_id}-log")
 
     def write(self, data: bytes) -> int:
-        try:
-            view = memoryview(data)
-            while view and self._file is not None:
-                view = view[self._file.write(view):]
-        except OSError as exc:
-            self._give_up(exc)
+        if self._working:
+            self._pending += data
         return len(data)
 
     def flush(self) -> None:
-        """Every write went to the file at once."""
+        """Sent by the flusher, not here: a write never waits for the store."""
 
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+    async def aclose(self) -> None:
+        """Send what is left and stop."""
+        self._flusher.cancel()
+        await asyncio.gather(self._flusher, return_exceptions=True)
+        await self._send()
+        self._working = False
 
-    def _give_up(self, exc: OSError) -> None:
-        log.warning("the job's log file stops here: %s", exc)
-        self.close()
+    async def _flush_every(self) -> None:
+        while True:
+            await asyncio.sleep(self.FLUSH_SECONDS)
+            await self._send()
+
+    async def _send(self) -> None:
+        if not self._pending or not self._working:
+            return
+        data = bytes(self._pending)
+        self._pending.clear()
+        try:
+            await asyncio.to_thread(self.store.append_job_log, self.job_id, data)
+        except STORE_UNAVAILABLE as exc:
+            log.warning("the job's log stops here: %s", exc)
+            self._working = False
 
 
 def disk_is_full(path: Path) -> bool:

@@ -7,7 +7,7 @@ up (the runner went silent, the job was cancelled), is a 410 and the runner stop
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import binascii
 import json
 from typing import Protocol
@@ -17,9 +17,9 @@ from starlette.responses import JSONResponse, Response
 
 from bot.config import Config
 from bot.jobs.executor import Execution
-from bot.runners.pools import Lease, RunnerPools
+from bot.runners.pools import RunnerPools
 from bot.runners.tokens import new_token, token_hash
-from bot.store import Store
+from bot.store import RunnerLease, Store
 from bot.web.admin import is_admin
 from bot.web.body import read_body
 
@@ -48,7 +48,7 @@ def _pool(request: Request) -> str | None:
     return bot.store.runner_token_pool(token_hash(token.strip()))
 
 
-def _lease(request: Request) -> tuple[Lease | None, Response | None]:
+def _lease(request: Request) -> tuple[RunnerLease | None, Response | None]:
     bot: RunnerHost = request.app.state.bot
     pool = _pool(request)
     if pool is None:
@@ -80,19 +80,21 @@ async def claim(request: Request) -> Response:
         return Response(status_code=204)
     tf = bot.config.terraform
     timeouts = {"init": tf.init_timeout, "plan": tf.plan_timeout, "apply": tf.apply_timeout}  # the bot's, not the runner's
-    return JSONResponse({"lease": lease.id, "spec": lease.spec.to_json(), "timeouts": timeouts})
+    return JSONResponse({"lease": lease.id, "spec": lease.spec, "timeouts": timeouts})
 
 
 async def checkout(request: Request) -> Response:
     """GET /api/v1/runners/leases/{lease}/checkout: the checkout at the job's exact SHA (tar.gz)."""
+    bot: RunnerHost = request.app.state.bot
     lease, refused = _lease(request)
     if refused:
         return refused
-    return Response(lease.checkout, media_type="application/gzip")
+    return Response(await asyncio.to_thread(bot.store.runner_lease_checkout, lease.id), media_type="application/gzip")
 
 
 async def log(request: Request) -> Response:
     """POST /api/v1/runners/leases/{lease}/log: more of the job's output (an empty body is a heartbeat)."""
+    bot: RunnerHost = request.app.state.bot
     lease, refused = _lease(request)
     if refused:
         return refused
@@ -100,7 +102,7 @@ async def log(request: Request) -> Response:
     if chunk is None:
         return _error(413, f"send the log in chunks of at most {MAX_LOG_CHUNK} bytes")
     if chunk:
-        lease.log.write(chunk)
+        bot.store.append_job_log(lease.job_id, chunk)
     return Response(status_code=204)
 
 
@@ -114,18 +116,11 @@ async def result(request: Request) -> Response:
     if body is None:
         return _error(413, "result too large")
     try:
-        data = json.loads(body)
-        plan = data.get("plan")
-        execution = Execution(
-            output=str(data.get("output", "")),
-            terraform_seconds=float(data.get("terraform_seconds", 0.0)),
-            failure=str(data.get("failure", "")),
-            has_changes=bool(data.get("has_changes", False)),
-            plan=base64.b64decode(plan, validate=True) if isinstance(plan, str) else None,
-        )
+        execution = Execution.from_json(json.loads(body))
     except (ValueError, TypeError, AttributeError, binascii.Error):
         return _error(400, "the result must be JSON: output, terraform_seconds, failure, has_changes, plan (base64)")
-    bot.runner_pools.finish(lease, execution)
+    if not await asyncio.to_thread(bot.runner_pools.finish, lease, execution):
+        return _error(410, "no such lease: stop this job")
     return Response(status_code=204)
 
 

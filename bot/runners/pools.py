@@ -5,6 +5,10 @@ checkout the bot checked, offers it as a lease to the pool, and waits. A runner 
 pool claims the lease (long poll), runs it, streams its log and sends the result. A
 runner silent for `lease_seconds` has vanished: the executor raises `RunnerLost`, and
 the worker queues a plan again or reports an apply interrupted.
+
+Leases live in the store, so a runner may reach any replica of the bot behind a load
+balancer: the replica that offered a lease waits for its result, whichever replica the
+runner sent it to.
 """
 
 from __future__ import annotations
@@ -15,50 +19,38 @@ import os
 import secrets
 import tarfile
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from bot.config import ConfigError
 from bot.jobs.executor import Execution, JobSpec
 from bot.jobs.sandbox import JobFiles
+from bot.store import RunnerLease, Store
 from policies.policy import Policy
 
 # Never packed for a runner: git's files, and what an earlier init left in the bot's working dir.
 _NOT_SHIPPED = frozenset({".git", ".terraform"})
+
+# How often a replica looks for leases offered or finished by another (its own it hears of at once).
+POLL_SECONDS = 0.25
 
 
 class RunnerLost(RuntimeError):
     """The runner that held a lease went silent, or the lease was given up."""
 
 
-@dataclass
-class Lease:
-    """One phase of one job, offered to a pool and then held by one runner."""
-
-    pool: str
-    spec: JobSpec
-    checkout: bytes  # tar.gz of the checkout, without `.git`
-    log: BinaryIO
-    id: str = field(default_factory=lambda: secrets.token_urlsafe(24))
-    runner: str = ""
-    last_seen: float = 0.0  # monotonic; 0 until claimed
-    result: asyncio.Future[Execution] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-
-
 class RunnerPools:
-    """Leases waiting per pool, and those held by runners."""
+    """The pools this server knows, and the leases offered to them (in the store)."""
 
-    def __init__(self, pools: dict[str, str], lease_seconds: float, claim_wait_seconds: float,
+    def __init__(self, store: Store, pools: dict[str, str], lease_seconds: float, claim_wait_seconds: float,
                  queue_seconds: float = 3600) -> None:
+        self.store = store
         self.phases = dict(pools)  # pool -> the one phase its runners run
         self.lease_seconds = lease_seconds
         self.claim_wait_seconds = claim_wait_seconds
         self.queue_seconds = queue_seconds  # a job no runner took by then fails, and frees its project
-        self._waiting: dict[str, deque[Lease]] = {pool: deque() for pool in pools}
         self._offered: dict[str, asyncio.Event] = {pool: asyncio.Event() for pool in pools}
-        self._held: dict[str, Lease] = {}
+        self._finished: dict[str, asyncio.Event] = {}  # leases this replica waits on
 
     def executor(self, pool: str) -> "RunnerExecutor":
         """The executor that sends jobs to `pool`."""
@@ -68,64 +60,62 @@ class RunnerPools:
 
     def depth(self, pool: str) -> int:
         """Leases of a pool no runner has claimed yet."""
-        return len(self._waiting.get(pool, ()))
+        return self.store.waiting_runner_leases(pool)
 
-    async def claim(self, pool: str, runner: str) -> Lease | None:
+    async def claim(self, pool: str, runner: str) -> RunnerLease | None:
         """The oldest waiting lease of `pool`, now held by `runner`; None after the long poll."""
         deadline = time.monotonic() + self.claim_wait_seconds
         while True:
-            waiting = self._waiting[pool]
-            while waiting:
-                lease = waiting.popleft()
-                if lease.result.done():  # cancelled while it waited
-                    continue
-                lease.runner, lease.last_seen = runner, time.monotonic()
-                self._held[lease.id] = lease
-                return lease
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
             self._offered[pool].clear()
+            lease = await asyncio.to_thread(self.store.claim_runner_lease, pool, runner)
+            left = deadline - time.monotonic()
+            if lease is not None or left <= 0:
+                return lease
             try:
-                await asyncio.wait_for(self._offered[pool].wait(), left)
+                await asyncio.wait_for(self._offered[pool].wait(), min(left, POLL_SECONDS))
             except TimeoutError:
-                return None
+                pass
 
-    def held(self, lease_id: str, pool: str) -> Lease | None:
+    def held(self, lease_id: str, pool: str) -> RunnerLease | None:
         """A lease a runner of `pool` holds and may still report on; seeing it counts as a heartbeat."""
-        lease = self._held.get(lease_id)
-        if lease is None or lease.pool != pool or lease.result.done():
-            return None
-        lease.last_seen = time.monotonic()
-        return lease
+        return self.store.touch_runner_lease(lease_id, pool)
 
-    def finish(self, lease: Lease, execution: Execution) -> None:
-        """The runner's result: the executor waiting for it goes on."""
-        self._held.pop(lease.id, None)
-        if not lease.result.done():
-            lease.result.set_result(execution)
+    def finish(self, lease: RunnerLease, execution: Execution) -> bool:
+        """The runner's result: the executor waiting for it goes on. False if it was given up."""
+        if not self.store.finish_runner_lease(lease.id, execution.to_json()):
+            return False
+        if lease.id in self._finished:
+            self._finished[lease.id].set()
+        return True
 
-    async def run(self, lease: Lease) -> Execution:
+    async def run(self, spec: JobSpec, pool: str, checkout: bytes) -> Execution:
         """Offer a lease and wait for its result, watching the runner that holds it."""
-        self._waiting[lease.pool].append(lease)
-        self._offered[lease.pool].set()
-        offered = time.monotonic()
+        lease = RunnerLease(secrets.token_urlsafe(24), spec.job_id, pool, spec.to_json())
+        finished = self._finished[lease.id] = asyncio.Event()
+        await asyncio.to_thread(self.store.offer_runner_lease, lease, checkout)
+        self._offered[pool].set()
         try:
             while True:
                 try:
-                    return await asyncio.wait_for(asyncio.shield(lease.result), self.lease_seconds / 4)
+                    await asyncio.wait_for(finished.wait(), POLL_SECONDS)
                 except TimeoutError:
-                    if not lease.last_seen and time.monotonic() - offered > self.queue_seconds:
-                        return Execution("", failure=f"no runner of pool {lease.pool} took the job within "
-                                                     f"{self.queue_seconds:g}s")
-                    if lease.last_seen and time.monotonic() - lease.last_seen > self.lease_seconds:
-                        raise RunnerLost(f"runner {lease.runner or '?'} of pool {lease.pool} went silent "
-                                         f"for {self.lease_seconds:g}s") from None
+                    pass
+                found = await asyncio.to_thread(self.store.runner_lease, lease.id)
+                if found is None:
+                    raise RunnerLost(f"the lease of pool {pool} was given up")
+                now, (held, result) = time.time(), found
+                if result is not None:
+                    return Execution.from_json(result)
+                if held.state == "waiting" and now - held.offered_at > self.queue_seconds:
+                    return Execution("", failure=f"no runner of pool {pool} took the job within "
+                                                 f"{self.queue_seconds:g}s")
+                if held.last_seen is not None and now - held.last_seen > self.lease_seconds:
+                    raise RunnerLost(f"runner {held.runner or '?'} of pool {pool} went silent "
+                                     f"for {self.lease_seconds:g}s")
         finally:
             # Given up (lost, cancelled, done): a runner still at work hears 410 at its next report.
-            self._held.pop(lease.id, None)
-            if not lease.result.done():
-                lease.result.cancel()
+            self._finished.pop(lease.id, None)
+            await asyncio.shield(asyncio.to_thread(self.store.drop_runner_leases, lease.id))
 
 
 class RunnerExecutor:
@@ -142,7 +132,7 @@ class RunnerExecutor:
             return Execution("", failure=f"pool {self.pool} runs plans only")
         checkout = await asyncio.to_thread(pack_checkout, files.checkout)
         log.write(f"deploybot: waiting for a runner of pool {self.pool}\n".encode())
-        return await self.pools.run(Lease(self.pool, spec, checkout, log))
+        return await self.pools.run(spec, self.pool, checkout)
 
 
 def check_pools(policy: Policy, pools: dict[str, str]) -> None:

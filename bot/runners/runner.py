@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import dataclasses
 import io
 import ipaddress
@@ -158,10 +157,7 @@ async def _run_lease(http: httpx.AsyncClient, terraform: Terraform, options: Run
         rest = stream.take()
         if rest:
             await http.post(f"{base}/log", content=rest)
-        body = {"output": execution.output, "terraform_seconds": execution.terraform_seconds,
-                "failure": execution.failure, "has_changes": execution.has_changes,
-                "plan": base64.b64encode(execution.plan).decode() if execution.plan is not None else None}
-        sent = await http.put(f"{base}/result", json=body)
+        sent = await http.put(f"{base}/result", json=execution.to_json())
         log.info("job %s (%s) done in %.2fs: %s", spec.job_id, spec.phase, time.monotonic() - started,
                  sent.status_code)
     except httpx.HTTPError as exc:

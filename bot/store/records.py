@@ -98,3 +98,17 @@ class RunnerToken:
     pool: str
     created_at: float
     revoked_at: float | None
+
+
+@dataclass(frozen=True)
+class RunnerLease:
+    """One phase of one job offered to a runner pool, as the store keeps it (any replica serves it)."""
+
+    id: str  # secret: a runner proves it holds the lease by naming it
+    job_id: int
+    pool: str
+    spec: dict  # JobSpec as JSON
+    state: str = "waiting"  # waiting | held | done
+    runner: str = ""
+    offered_at: float = 0.0
+    last_seen: float | None = None  # the holder's last call (time.time())

@@ -32,6 +32,7 @@ from bot.store.records import (
     LockAttempt,
     PlanApproval,
     Run,
+    RunnerLease,
     RunnerToken,
     SavedPlan,
     project_key,
@@ -81,7 +82,6 @@ def new_replica_id() -> str:
     return f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
-# The replicas alive now: any other owner of a job, delivery or report is dead or gone.
 _ALIVE = "SELECT id FROM replicas WHERE heartbeat_at >= ?"
 _UNFINISHED = "('succeeded', 'failed', 'cancelled', 'interrupted')"
 
@@ -100,6 +100,11 @@ def _key_prefix(repo: Repo) -> tuple[int, str]:
     LIKE would read `_` and `%` in a repository's name as wildcards."""
     prefix = repo_key(repo) + ":"
     return len(prefix), prefix
+
+
+def _runner_lease(row: Any) -> RunnerLease:
+    return RunnerLease(row["id"], row["job_id"], row["pool"], json.loads(row["spec"]), row["state"], row["runner"],
+                       row["offered_at"], row["last_seen"])
 
 
 def _repo_from_json(text: str) -> Repo:
@@ -122,11 +127,20 @@ class Store:
         """
         self.replica = replica or new_replica_id()
         self.lease_seconds = lease_seconds
+        # Set by the serving process on SQLite (its serve lock): no other replica is alive.
+        self.sole_replica = False
         self._backend = open_backend(database)
         migrate(self._backend, str(database).partition("@")[2] or str(database))  # no password in errors
 
     def close(self) -> None:
         self._backend.close()
+
+    def _dead(self, column: str) -> tuple[str, tuple]:
+        """SQL (and its arguments) true when `column` names no replica alive now: any other owner
+        of a job, delivery or report is dead or gone."""
+        if self.sole_replica:
+            return f"({column} IS NULL OR {column} <> ?)", (self.replica,)
+        return f"({column} IS NULL OR {column} NOT IN ({_ALIVE}))", (time.time() - self.lease_seconds,)
 
     def _db(self) -> Any:
         """A connection for one or more statements, each its own transaction."""
@@ -311,7 +325,7 @@ class Store:
         assert status in FINISHED
         with self._db() as db:
             cursor = db.execute(
-                "UPDATE jobs SET status = ?, result = ?, finished_at = ?, owner = NULL WHERE id = ?"
+                "UPDATE jobs SET status = ?, result = ?, finished_at = ? WHERE id = ?"
                 + (" AND status = 'running' AND attempt = ?" if attempt is not None else ""),
                 (status, json.dumps(result), time.time(), job_id, *([attempt] if attempt is not None else [])),
             )
@@ -346,8 +360,8 @@ class Store:
         """
         now = time.time()
         with self._tx() as db:
-            db.execute(f"UPDATE runs SET reported = 0, report_owner = NULL WHERE reported = 1"
-                       f" AND (report_owner IS NULL OR report_owner NOT IN ({_ALIVE}))", (now - self.lease_seconds,))
+            dead, args = self._dead("report_owner")
+            db.execute(f"UPDATE runs SET reported = 0, report_owner = NULL WHERE reported = 1 AND {dead}", args)
             ids = [r[0] for r in db.execute(
                 "SELECT id FROM runs WHERE reported = 0 AND NOT EXISTS (SELECT 1 FROM jobs WHERE"
                 f" jobs.run_id = runs.id AND (jobs.status NOT IN {_UNFINISHED} OR jobs.finished_at > ?))",
@@ -374,11 +388,6 @@ class Store:
         with self._db() as db:
             db.execute("DELETE FROM replicas WHERE id = ?", (self.replica,))
 
-    def forget_other_replicas(self) -> None:
-        """Only this process serves the store (SQLite's serve lock): every other replica is gone."""
-        with self._db() as db:
-            db.execute("DELETE FROM replicas WHERE id <> ?", (self.replica,))
-
     def replicas(self) -> list[str]:
         """The replicas alive now."""
         with self._db() as db:
@@ -386,16 +395,16 @@ class Store:
 
     def orphaned_jobs(self) -> list[Job]:
         """Running jobs held by no replica alive: their replica died (or stopped without finishing them)."""
-        return self._jobs(f"jobs.status = 'running' AND (jobs.owner IS NULL OR jobs.owner NOT IN ({_ALIVE}))",
-                          (time.time() - self.lease_seconds,))
+        dead, args = self._dead("jobs.owner")
+        return self._jobs(f"jobs.status = 'running' AND {dead}", args)
 
     def release_orphaned_deliveries(self) -> int:
         """Deliveries a dead replica was handling go back to be handled again (their run keys
         keep a second handling from queueing anything twice); how many."""
         with self._db() as db:
+            dead, args = self._dead("owner")
             return db.execute(f"UPDATE deliveries SET status = 'received', owner = NULL WHERE status = 'handling'"
-                              f" AND (owner IS NULL OR owner NOT IN ({_ALIVE}))",
-                              (time.time() - self.lease_seconds,)).rowcount
+                              f" AND {dead}", args).rowcount
 
     def forget_dead_replicas(self) -> None:
         """Drop the records of replicas dead for ten leases (what they held was taken over long since)."""
@@ -449,6 +458,20 @@ class Store:
             return db.execute(
                 "SELECT COUNT(*) FROM jobs WHERE status = 'queued'"
             ).fetchone()[0]
+
+    # Job logs ---------------------------------------------------------------
+
+    def append_job_log(self, job_id: int, data: bytes) -> None:
+        """More of a job's raw output, as terraform wrote it (redacted only when shown)."""
+        with self._db() as db:
+            db.execute("INSERT INTO job_logs (job_id, data) VALUES (?, ?)", (job_id, data))
+
+    def job_log(self, job_id: int, after: int = 0) -> tuple[bytes, int]:
+        """A job's output after the cursor `after` (0: from the start), and the cursor to read on from."""
+        with self._db() as db:
+            rows = db.execute("SELECT id, data FROM job_logs WHERE job_id = ? AND id > ? ORDER BY id",
+                              (job_id, after)).fetchall()
+        return b"".join(bytes(r["data"]) for r in rows), (rows[-1]["id"] if rows else after)
 
     # Plans ------------------------------------------------------------------
 
@@ -709,6 +732,66 @@ class Store:
             db.execute("DELETE FROM repo_ids WHERE repo_key = ?", (key,))
         return row["repo_id"] if row else None
 
+
+    # Runner leases ------------------------------------------------------------------
+
+    def offer_runner_lease(self, lease: RunnerLease, checkout: bytes) -> None:
+        """Offer one phase of a job to a pool's runners."""
+        with self._db() as db:
+            db.execute("INSERT INTO runner_leases (id, job_id, pool, spec, checkout, state, offered_at)"
+                       " VALUES (?, ?, ?, ?, ?, 'waiting', ?)",
+                       (lease.id, lease.job_id, lease.pool, json.dumps(lease.spec), checkout, time.time()))
+
+    def claim_runner_lease(self, pool: str, runner: str) -> RunnerLease | None:
+        """The oldest waiting lease of a pool, now held by `runner`; None if none waits."""
+        with self._backend.claim() as db:
+            row = db.execute("SELECT id FROM runner_leases AS l WHERE pool = ? AND state = 'waiting'"
+                             " ORDER BY offered_at LIMIT 1" + self._backend.row_lock("l"), (pool,)).fetchone()
+            if row is None:
+                return None
+            claimed = db.execute(
+                "UPDATE runner_leases SET state = 'held', runner = ?, last_seen = ? WHERE id = ?"
+                " RETURNING id, job_id, pool, spec, state, runner, offered_at, last_seen",
+                (runner, time.time(), row["id"])).fetchone()
+        return _runner_lease(claimed)
+
+    def touch_runner_lease(self, lease_id: str, pool: str) -> RunnerLease | None:
+        """A lease a runner of `pool` holds and may still report on, its runner seen now; or None."""
+        with self._db() as db:
+            row = db.execute("UPDATE runner_leases SET last_seen = ? WHERE id = ? AND pool = ? AND state = 'held'"
+                             " RETURNING id, job_id, pool, spec, state, runner, offered_at, last_seen",
+                             (time.time(), lease_id, pool)).fetchone()
+        return _runner_lease(row) if row else None
+
+    def runner_lease_checkout(self, lease_id: str) -> bytes:
+        with self._db() as db:
+            row = db.execute("SELECT checkout FROM runner_leases WHERE id = ?", (lease_id,)).fetchone()
+        return bytes(row["checkout"]) if row else b""
+
+    def finish_runner_lease(self, lease_id: str, result: dict) -> bool:
+        """The runner's result; False if the lease was given up meanwhile."""
+        with self._db() as db:
+            return db.execute("UPDATE runner_leases SET state = 'done', result = ? WHERE id = ? AND state = 'held'",
+                              (json.dumps(result).encode(), lease_id)).rowcount == 1
+
+    def runner_lease(self, lease_id: str) -> tuple[RunnerLease, dict | None] | None:
+        """A lease as it stands, with the runner's result once done; None if it was given up."""
+        with self._db() as db:
+            row = db.execute("SELECT id, job_id, pool, spec, state, runner, offered_at, last_seen, result"
+                             " FROM runner_leases WHERE id = ?", (lease_id,)).fetchone()
+        if row is None:
+            return None
+        return _runner_lease(row), json.loads(bytes(row["result"])) if row["result"] is not None else None
+
+    def drop_runner_leases(self, lease_id: str | None = None, job_id: int | None = None) -> None:
+        """Give a lease up, or every lease of a job: a runner still at it hears 410 next time."""
+        with self._db() as db:
+            db.execute("DELETE FROM runner_leases WHERE id = ? OR job_id = ?", (lease_id, job_id))
+
+    def waiting_runner_leases(self, pool: str) -> int:
+        with self._db() as db:
+            return db.execute("SELECT COUNT(*) FROM runner_leases WHERE pool = ? AND state = 'waiting'",
+                              (pool,)).fetchone()[0]
 
     # Runner tokens ------------------------------------------------------------------
 
