@@ -133,6 +133,7 @@ extra_secrets            = { DEPLOYBOT_SLACK__BOT_TOKEN = "arn:aws:secretsmanage
     ('extra_environment={DEPLOYBOT_SLACK__WEBHOOK_URL="https://hooks.slack.com/x"}', "extra_environment"),
     ('apply_role_policy_arns=[]', "apply_role_policy_arns"),
     ("log_retention_days=0", "log_retention_days"),
+    ("replicas=0", "replicas"),
     ('load_balancer_subnet_ids=["subnet-c"]', "load_balancer_subnet_ids"),
 ])
 def test_variable_validations_with_real_terraform(tmp_path: Path, override: str | None, culprit: str | None) -> None:
@@ -233,13 +234,15 @@ def test_task_admits_only_its_load_balancer(module: Module) -> None:
     assert [r["referenced_security_group_id"] for r in egress] == [ref("aws_security_group.task.id")]
 
 
-def test_service_runs_one_private_task_without_exec(module: Module) -> None:
+def test_service_runs_private_replicas_without_exec_and_deploys_without_downtime(module: Module) -> None:
     service = module.resources[("aws_ecs_service", "this")]
     network = one(service["network_configuration"])
     assert network["assign_public_ip"] is False
     assert network["subnets"] == ref("var.private_subnet_ids")
     assert network["security_groups"] == [ref("aws_security_group.task.id")]
-    assert (service["desired_count"], service["deployment_maximum_percent"]) == (1, 100)
+    assert service["desired_count"] == ref("var.replicas")
+    # New tasks start before old ones stop: a deployment never leaves webhooks unanswered.
+    assert (service["deployment_minimum_healthy_percent"], service["deployment_maximum_percent"]) == (100, 200)
     assert service["enable_execute_command"] is False
 
 

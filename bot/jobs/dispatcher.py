@@ -116,8 +116,8 @@ class Dispatcher:
         self._task: asyncio.Task | None = None
         self._stored = StoreRetry("the dispatcher", lambda: self._stopping)
 
-    async def start(self, ready: asyncio.Task) -> None:
-        """Start handling deliveries once `ready` is done (this replica is on record)."""
+    async def start(self, ready: asyncio.Task | None = None) -> None:
+        """Start handling deliveries (once `ready` is done: this replica is on record)."""
         self._task = asyncio.create_task(self._loop(ready), name="dispatcher")
 
     async def stop(self) -> None:
@@ -130,9 +130,10 @@ class Dispatcher:
         """Tell the dispatcher a delivery was stored."""
         self._wake.set()
 
-    async def _loop(self, ready: asyncio.Task) -> None:
+    async def _loop(self, ready: asyncio.Task | None) -> None:
         try:
-            await ready
+            if ready is not None:
+                await ready
         except STORE_UNAVAILABLE:
             return  # stopped before the store could be written
         while not self._stopping:

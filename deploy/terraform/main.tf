@@ -389,18 +389,18 @@ resource "aws_ecs_task_definition" "this" {
   }
 }
 
-# Exactly one task: the SQLite store, the project locks and the job queue live in one
-# process. A deployment stops the old task (SIGTERM, running applies finish) before the new
-# one starts, so two never share the data.
+# Several tasks on one PostgreSQL store: any of them takes any webhook, claims jobs with
+# row locks and takes over what a dead one held after its lease. A deployment starts the new
+# tasks before it stops the old ones (100% stay healthy), so webhooks are never refused.
 resource "aws_ecs_service" "this" {
   name                               = var.name
   cluster                            = aws_ecs_cluster.this.id
   task_definition                    = aws_ecs_task_definition.this.arn
-  desired_count                      = 1
+  desired_count                      = var.replicas
   launch_type                        = "FARGATE"
   platform_version                   = "LATEST" # ephemeral storage above 20 GiB needs 1.4.0 or later
-  deployment_minimum_healthy_percent = 0
-  deployment_maximum_percent         = 100
+  deployment_minimum_healthy_percent = 100
+  deployment_maximum_percent         = 200
   health_check_grace_period_seconds  = 60
   enable_execute_command             = false
   propagate_tags                     = "SERVICE"

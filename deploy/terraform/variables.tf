@@ -306,6 +306,17 @@ variable "runner_memory" {
   default     = 2048
 }
 
+variable "replicas" {
+  description = "How many bot tasks serve at once (each takes any webhook; one dying loses nothing)."
+  type        = number
+  default     = 2
+
+  validation {
+    condition     = var.replicas >= 1
+    error_message = "At least one replica must serve."
+  }
+}
+
 # -- the database -------------------------------------------------------------------------
 
 variable "db_instance_class" {
