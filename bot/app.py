@@ -159,6 +159,7 @@ class Deploybot:
             cancel_run=lambda run_id: self._call_in_loop(self.worker.report_run, run_id),
         )
         self.dispatcher = Dispatcher(self.store, handlers.router, self.context_for, self.metrics, self.policy)
+        self.wakeups = self.store.wakeups(self._hear)
         self.replica = ReplicaKeeper(self.store, self.worker, self.dispatcher.wake, exclusive=self.serve_lock is not None)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._prefetches: set[asyncio.Task] = set()  # kept referenced until done
@@ -271,13 +272,26 @@ class Deploybot:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.wakeups is not None:
+            self.wakeups.start()
         await self.replica.start()  # and the worker
         await self.dispatcher.start(self.replica.registered)
+
+    def _hear(self, topic: str) -> None:
+        """A wake-up from another replica (called from the listener's thread)."""
+        if topic == "jobs":
+            self._call_in_loop(self.worker.wake)
+        elif topic == "deliveries":
+            self._call_in_loop(self.dispatcher.wake)
+        elif topic.startswith("lease"):
+            self._call_in_loop(self.runner_pools.hear, topic)
 
     async def stop(self) -> None:
         await self.dispatcher.stop()
         await self.worker.stop(self.config.server.shutdown_grace)
         await self.replica.stop()
+        if self.wakeups is not None:
+            self.wakeups.stop()
         self.store.close()
         self.release_serve_lock()
 

@@ -6,11 +6,12 @@ on SQLite only one process serves at a time (the serve lock).
 
 from __future__ import annotations
 
+import queue
 import time
 from pathlib import Path
 
 from bot.models import Project, Repo
-from bot.store import Delivery, Store
+from bot.store import Delivery, RunnerLease, Store
 
 REPO = Repo("github", "acme/infra", "file:///x", "main", 1)
 LEASE = 0.5
@@ -116,3 +117,24 @@ def test_a_run_whose_reporter_died_before_claiming_its_report_is_reported_after_
     assert second.unreported_runs(grace=LEASE) == []  # its own replica may still claim it
     time.sleep(LEASE * 1.2)
     assert [r.id for r in second.unreported_runs(grace=LEASE)] == [run.id]
+
+
+def test_replicas_on_postgresql_hear_the_work_others_commit(store_location):
+    """LISTEN/NOTIFY: a queued job, an offered runner lease; only after the commit. SQLite has no one to wake."""
+    first, second = _replicas(store_location)
+    heard: queue.Queue[str] = queue.Queue()
+    wakeups = second.wakeups(heard.put)
+    if not isinstance(store_location, str):
+        assert wakeups is None
+        return
+    wakeups.start()
+    try:
+        time.sleep(0.3)  # listening
+        first.add_run("d1:plan", REPO, 1, "a" * 40, "plan", "comment", "alice", [Project("staging")])
+        assert heard.get(timeout=5) == "jobs"
+        first.add_run("d2:apply", REPO, 1, "a" * 40, "apply", "api", "ci", [Project("staging")], job_status="waiting")
+        first.offer_runner_lease(RunnerLease("l1", 1, "plans", {}), b"")
+        assert heard.get(timeout=5) == "lease:plans"  # a waiting job wakes no one
+        assert heard.empty()
+    finally:
+        wakeups.stop()

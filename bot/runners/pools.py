@@ -31,8 +31,9 @@ from policies.policy import Policy
 # Never packed for a runner: git's files, and what an earlier init left in the bot's working dir.
 _NOT_SHIPPED = frozenset({".git", ".terraform"})
 
-# How often a replica looks for leases offered or finished by another (its own it hears of at once).
-POLL_SECONDS = 0.25
+# How often a replica looks for leases offered or finished elsewhere, should it not hear of
+# them (its own it hears of at once, others' through the store's wake-ups).
+POLL_SECONDS = 1.0
 
 
 class RunnerLost(RuntimeError):
@@ -76,6 +77,14 @@ class RunnerPools:
             except TimeoutError:
                 pass
 
+    def hear(self, topic: str) -> None:
+        """Another replica offered a lease (`lease:<pool>`) or took a runner's result (`lease-done`)."""
+        if topic == "lease-done":
+            for finished in self._finished.values():
+                finished.set()
+        elif (offered := self._offered.get(topic.removeprefix("lease:"))) is not None:
+            offered.set()
+
     def held(self, lease_id: str, pool: str) -> RunnerLease | None:
         """A lease a runner of `pool` holds and may still report on; seeing it counts as a heartbeat."""
         return self.store.touch_runner_lease(lease_id, pool)
@@ -100,6 +109,7 @@ class RunnerPools:
                     await asyncio.wait_for(finished.wait(), POLL_SECONDS)
                 except TimeoutError:
                     pass
+                finished.clear()
                 found = await asyncio.to_thread(self.store.runner_lease, lease.id)
                 if found is None:
                     raise RunnerLost(f"the lease of pool {pool} was given up")

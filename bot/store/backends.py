@@ -66,6 +66,8 @@ class Backend(Protocol):
 
     def row_lock(self, alias: str) -> str: ...  # the clause that locks the selected rows of `alias`
 
+    def notify(self, db: Connection, topic: str) -> None: ...  # wake other replicas when it commits
+
     def close(self) -> None: ...
 
 
@@ -111,6 +113,9 @@ class SQLiteBackend:
     def row_lock(self, alias: str) -> str:
         return ""
 
+    def notify(self, db: Connection, topic: str) -> None:
+        """One process serves a SQLite store: it wakes its own loops."""
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -152,9 +157,13 @@ class PostgresBackend:
         from psycopg_pool import ConnectionPool
 
         conninfo, options = postgres_conninfo(url)
+        self.url = url
         self._pool = ConnectionPool(conninfo, min_size=1, max_size=max_connections, open=False,
                                     kwargs={"autocommit": True, "row_factory": _pg_rows, **options})
         self._pool.open(wait=True, timeout=30)
+        with self.connection() as db:
+            # One channel per schema: stores in other schemas of the database are not woken.
+            self.channel = "deploybot_" + db.execute("SELECT current_schema()").fetchone()[0]
 
     @contextmanager
     def connection(self) -> Iterator[_PgConnection]:
@@ -176,6 +185,10 @@ class PostgresBackend:
 
     def row_lock(self, alias: str) -> str:
         return f" FOR UPDATE OF {alias} SKIP LOCKED"
+
+    def notify(self, db: Connection, topic: str) -> None:
+        """Every replica listening hears `topic` once the transaction commits (bot.store.wakeups)."""
+        db.execute("SELECT pg_notify(?, ?)", (self.channel, topic))
 
     def close(self) -> None:
         self._pool.close()

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from bot.models import Project, Repo
-from bot.store.backends import CONFLICT, UNAVAILABLE, open_backend
+from bot.store.backends import CONFLICT, UNAVAILABLE, PostgresBackend, open_backend
 from bot.store.migrations import migrate
 from bot.store.records import (
     FINISHED,
@@ -38,6 +38,7 @@ from bot.store.records import (
     project_key,
     repo_key,
 )
+from bot.store.wakeups import Wakeups
 
 log = logging.getLogger("deploybot.store")
 
@@ -134,6 +135,14 @@ class Store:
 
     def close(self) -> None:
         self._backend.close()
+
+    def wakeups(self, on_topic: Callable[[str], None]) -> Wakeups | None:
+        """A listener for the topics other replicas notify (bot.store.wakeups); None on SQLite,
+        where no other process works."""
+        backend = self._backend
+        if not isinstance(backend, PostgresBackend):
+            return None
+        return Wakeups(backend.url, backend.channel, on_topic)
 
     def _dead(self, column: str) -> tuple[str, tuple]:
         """SQL (and its arguments) true when `column` names no replica alive now: any other owner
@@ -266,6 +275,8 @@ class Store:
                     " VALUES (?, ?, ?, ?, ?)",
                     (run_id, json.dumps(asdict(project)), project_key(repo, project), job_status, now),
                 )
+            if job_status == "queued":
+                self._backend.notify(db, "jobs")
         return Run(run_id, repo, pull_number, head_sha, command, trigger, requested_by)
 
     def has_run(self, key: str) -> bool:
@@ -403,8 +414,11 @@ class Store:
         keep a second handling from queueing anything twice); how many."""
         with self._db() as db:
             dead, args = self._dead("owner")
-            return db.execute(f"UPDATE deliveries SET status = 'received', owner = NULL WHERE status = 'handling'"
-                              f" AND {dead}", args).rowcount
+            released = db.execute(f"UPDATE deliveries SET status = 'received', owner = NULL WHERE status = 'handling'"
+                                  f" AND {dead}", args).rowcount
+            if released:
+                self._backend.notify(db, "deliveries")
+            return released
 
     def forget_dead_replicas(self) -> None:
         """Drop the records of replicas dead for ten leases (what they held was taken over long since)."""
@@ -437,9 +451,11 @@ class Store:
     def requeue_job(self, job: Job) -> bool:
         """Queue a running job of this claim again (a plan the bot stopped); False if it was taken over."""
         with self._db() as db:
-            return db.execute(
-                "UPDATE jobs SET status = 'queued', started_at = NULL, owner = NULL WHERE id = ?"
-                " AND status = 'running' AND attempt = ?", (job.id, job.attempt)).rowcount == 1
+            if db.execute("UPDATE jobs SET status = 'queued', started_at = NULL, owner = NULL WHERE id = ?"
+                          " AND status = 'running' AND attempt = ?", (job.id, job.attempt)).rowcount == 0:
+                return False
+            self._backend.notify(db, "jobs")
+            return True
 
     def latest_plan_jobs(self, repo: Repo, pull_number: int, head_sha: str) -> list[Job]:
         """The newest finished plan job per project for this PR head."""
@@ -593,9 +609,10 @@ class Store:
 
     def release_job(self, job_id: int) -> bool:
         with self._db() as db:
-            cursor = db.execute(
-                "UPDATE jobs SET status = 'queued' WHERE id = ? AND status = 'waiting'", (job_id,))
-            return cursor.rowcount == 1
+            if db.execute("UPDATE jobs SET status = 'queued' WHERE id = ? AND status = 'waiting'", (job_id,)).rowcount:
+                self._backend.notify(db, "jobs")
+                return True
+            return False
 
     def waiting_jobs(self, key: str, sha: str) -> list[Job]:
         """Applies of a project at a SHA held until its plan is approved."""
@@ -741,6 +758,7 @@ class Store:
             db.execute("INSERT INTO runner_leases (id, job_id, pool, spec, checkout, state, offered_at)"
                        " VALUES (?, ?, ?, ?, ?, 'waiting', ?)",
                        (lease.id, lease.job_id, lease.pool, json.dumps(lease.spec), checkout, time.time()))
+            self._backend.notify(db, f"lease:{lease.pool}")
 
     def claim_runner_lease(self, pool: str, runner: str) -> RunnerLease | None:
         """The oldest waiting lease of a pool, now held by `runner`; None if none waits."""
@@ -771,8 +789,11 @@ class Store:
     def finish_runner_lease(self, lease_id: str, result: dict) -> bool:
         """The runner's result; False if the lease was given up meanwhile."""
         with self._db() as db:
-            return db.execute("UPDATE runner_leases SET state = 'done', result = ? WHERE id = ? AND state = 'held'",
-                              (json.dumps(result).encode(), lease_id)).rowcount == 1
+            if not db.execute("UPDATE runner_leases SET state = 'done', result = ? WHERE id = ? AND state = 'held'",
+                              (json.dumps(result).encode(), lease_id)).rowcount:
+                return False
+            self._backend.notify(db, "lease-done")
+            return True
 
     def runner_lease(self, lease_id: str) -> tuple[RunnerLease, dict | None] | None:
         """A lease as it stands, with the runner's result once done; None if it was given up."""
