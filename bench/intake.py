@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import yaml
 
-from bench.common import REPO_ROOT, Server, World, percentile, proc_memory_mb
+from bench.common import REPO_ROOT, Server, World, bot_server, percentile, proc_memory_mb
 from bot.sandbox.forges import INSTALLATION_ID, WEBHOOK_SECRET
 from bot.sandbox.trial import POLICY
 from bot.store import Store
@@ -256,6 +257,42 @@ class HttpxClient:
 CLIENTS = {"raw": RawHTTP, "httpx": HttpxClient}
 
 
+class Spread:
+    """Clients of several servers (replicas), posting to each in turn, as a load balancer would."""
+
+    def __init__(self, kind: str, urls: list[str], size: int) -> None:
+        self._clients = [CLIENTS[kind](url, max(1, size // len(urls))) for url in urls]
+        self._next = 0
+
+    async def __aenter__(self) -> "Spread":
+        for client in self._clients:
+            await client.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for client in self._clients:
+            await client.__aexit__(*exc)
+
+    async def post(self, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        client = self._clients[self._next]
+        self._next = (self._next + 1) % len(self._clients)
+        return await client.post(body, headers)
+
+
+class Replicas:
+    """Several bot processes seen as one server: their CPU summed, each at its own address."""
+
+    def __init__(self, servers: list[Server]) -> None:
+        self.servers = servers
+
+    @property
+    def urls(self) -> list[str]:
+        return [server.url for server in self.servers]
+
+    def cpu_seconds(self) -> float:
+        return sum(server.cpu_seconds() for server in self.servers)
+
+
 async def _post(client, deliveries: Deliveries, result: StepResult, due: float,
                 loop: asyncio.AbstractEventLoop) -> None:
     body, headers, delivery_id = deliveries.next()
@@ -278,11 +315,11 @@ async def _post(client, deliveries: Deliveries, result: StepResult, due: float,
             result.error_samples.append(detail)
 
 
-async def open_loop(client_kind: str, url: str, deliveries: Deliveries, result: StepResult, rate: float,
+async def open_loop(client_kind: str, urls: list[str], deliveries: Deliveries, result: StepResult, rate: float,
                     duration: float, concurrency: int) -> None:
     """`rate` requests a second for `duration` seconds on a fixed schedule, `concurrency` at most in flight."""
     loop = asyncio.get_running_loop()
-    async with CLIENTS[client_kind](url, concurrency) as client:
+    async with Spread(client_kind, urls, concurrency) as client:
         bound = asyncio.Semaphore(concurrency)
         count = int(rate * duration)
         start = loop.time() + 0.05
@@ -305,11 +342,11 @@ async def open_loop(client_kind: str, url: str, deliveries: Deliveries, result: 
         result.elapsed = last_done - start
 
 
-async def closed_loop(client_kind: str, url: str, deliveries: Deliveries, result: StepResult, duration: float,
+async def closed_loop(client_kind: str, urls: list[str], deliveries: Deliveries, result: StepResult, duration: float,
                       concurrency: int) -> None:
     """`concurrency` clients, each sending its next request as soon as the last is answered."""
     loop = asyncio.get_running_loop()
-    async with CLIENTS[client_kind](url, concurrency) as client:
+    async with Spread(client_kind, urls, concurrency) as client:
         start = loop.time()
         stop = start + duration
         last_done = start
@@ -388,29 +425,33 @@ class IntakeReport:
     log_level: str
     client: str
     stored_deliveries: int  # rows in the bot's deliveries table at the end
-    pending_scan_ms: float  # what one Store.pending_deliveries() (the dispatcher's poll) took then
+    pending_scan_ms: float  # what one Store.claim_delivery() (the dispatcher's poll) took then
     idle_cpu_start: float  # the bot's CPU (cores) while idle, fresh
     idle_cpu_end: float  # the same after the load, with every delivery stored
     backend: str = "SQLite"  # the bot's database
+    replicas: int = 1  # bot processes sharing it, the load spread over them
 
 
 def run(root: Path, rates: list[float], step_seconds: float, max_seconds: float, concurrency: int,
         log_level: str = "info", client: str = "raw", again_rate: float | None = None, say=print,
-        database_url: str = "") -> IntakeReport:
+        database_url: str = "", replicas: int = 1) -> IntakeReport:
     """Every step against both servers; `again_rate` repeats that rate at the end, when the bot's
-    store holds every delivery of the earlier steps. `database_url`: the bot on PostgreSQL."""
+    store holds every delivery of the earlier steps. `database_url`: the bot on PostgreSQL, in
+    `replicas` processes that the load is spread over (each with its own data dir)."""
     root.mkdir(parents=True, exist_ok=True)
     world = World(root / "world", {"README.md": "intake benchmark\n"}, POLICY, log_level=log_level,
                   extra={"server": {"database_url": database_url}} if database_url else None)
     world.forge.stop()  # the bot never calls it for an unlisted repository; keep this process quiet
     bot = world.start_bot()
+    bots = Replicas([bot] + [bot_server(replica_config(world.config_path, i), root / "world" / f"bot-{i}.log",
+                                        log_level).start() for i in range(2, replicas + 1)])
     baseline_port = _free_port()
     baseline = Server("baseline", [sys.executable, "-m", "bench.baseline_app", "--port", str(baseline_port)],
                       f"http://127.0.0.1:{baseline_port}", root / "baseline.log",
                       env={"BENCH_WEBHOOK_SECRET": WEBHOOK_SECRET}).start()
     template = delivery_template()
     deliveries = Deliveries(template, WEBHOOK_SECRET.encode())
-    servers = {"baseline": baseline, "deploybot": bot}
+    servers = {"baseline": Replicas([baseline]), "deploybot": bots}
     steps: list[StepResult] = []
     memory = {"idle_rss": 0.0, "load_rss": 0.0, "end_rss": 0.0, "hwm": 0.0}
     sampler = RssSampler(bot.pid)
@@ -429,11 +470,11 @@ def run(root: Path, rates: list[float], step_seconds: float, max_seconds: float,
                 cpu0 = server.cpu_seconds()
                 client0 = time.process_time()
                 sampler.take()
-                url = f"{server.url}/webhooks/github"
+                urls = [f"{url}/webhooks/github" for url in server.urls]
                 if rate is None:
-                    asyncio.run(closed_loop(client, url, deliveries, result, max_seconds, concurrency))
+                    asyncio.run(closed_loop(client, urls, deliveries, result, max_seconds, concurrency))
                 else:
-                    asyncio.run(open_loop(client, url, deliveries, result, rate, step_seconds, concurrency))
+                    asyncio.run(open_loop(client, urls, deliveries, result, rate, step_seconds, concurrency))
                 result.client_cpu_s = time.process_time() - client0
                 if name == "deploybot":
                     result.drain_s = _wait_dispatched(world.database, timeout=300)
@@ -455,10 +496,23 @@ def run(root: Path, rates: list[float], step_seconds: float, max_seconds: float,
     finally:
         sampler.stop()
         baseline.stop()
+        for replica in bots.servers[1:]:
+            replica.stop()
         world.close()
     return IntakeReport(steps, memory, persisted, dispatched_ok, len(accepted_ids), len(template),
                         concurrency, log_level, client, *scan, *idle_cpu,
-                        backend="PostgreSQL" if database_url else "SQLite")
+                        backend="PostgreSQL" if database_url else "SQLite", replicas=replicas)
+
+
+def replica_config(config_path: Path, number: int) -> Path:
+    """A copy of a bot's config for replica `number`: its own port and data dir, the same store."""
+    config = yaml.safe_load(config_path.read_text())
+    port = _free_port()
+    config["server"].update(port=port, public_url=f"http://127.0.0.1:{port}",
+                            data_dir=f"{config['server']['data_dir']}-{number}")
+    path = config_path.with_name(f"config-{number}.yaml")
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 def _count_persisted(db_path: Path | str, delivery_ids: list[str]) -> tuple[int, int]:
@@ -478,7 +532,7 @@ def _pending_scan(db_path: Path | str) -> tuple[int, float]:
         best = math.inf
         for _ in range(3):
             started = time.perf_counter()
-            store.pending_deliveries()
+            store.claim_delivery(time.time())
             best = min(best, time.perf_counter() - started)
     finally:
         store.close()

@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="skip repeating the judged rate at the end (against the bot's fuller store)")
     g = parser.add_argument_group("plans")
     g.add_argument("--plan-rounds", type=int, help="alternating bot/bare rounds (default 7; quick 1)")
+    g.add_argument("--claim-rounds", type=int, help="jobs claimed across replicas (default 40; quick 5)")
     g.add_argument("--no-trace", action="store_true", help="skip the traced round (git/terraform wrappers)")
     g.add_argument("--fanout-sizes", type=_ints, default=[1, 4, 16], help="projects per PR (default 1,4,16)")
     g.add_argument("--fanout-rounds", type=int, help="rounds over the sizes (default 3; quick 1)")
@@ -72,6 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.step_seconds = args.step_seconds or (1.5 if quick else 5.0)
     args.max_seconds = args.max_seconds or (1.5 if quick else 5.0)
     args.plan_rounds = args.plan_rounds or (1 if quick else 7)
+    args.claim_rounds = args.claim_rounds or (5 if quick else 40)
     args.fanout_rounds = args.fanout_rounds or (1 if quick else 3)
     args.parallelism = args.parallelism or sorted({os.cpu_count() or 1, 4})
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -121,7 +123,7 @@ def postgres_schema(url: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from bench import intake, isolation, plans, report
+    from bench import intake, isolation, plans, replicas, report
     from bench.common import CpuWatch
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="deploybot-bench-")).resolve()
@@ -150,20 +152,34 @@ def main(argv: list[str] | None = None) -> int:
             details.append(section("intake", "1 and 4. Webhook intake and memory") + "\n\n"
                            + report.intake_details(result))
         if "intake-postgres" in args.only:
-            _say("intake on PostgreSQL: baseline and deploybot, step by step")
-            watch = CpuWatch()
-            judged = args.judge_rate if args.judge_rate in args.rates else max(args.rates)
-            with postgres_schema(BENCH_DATABASE_URL) as url:
-                if url is None:
-                    _say(f"  skipped: PostgreSQL is not reachable at {BENCH_DATABASE_URL}")
-                else:
-                    result = intake.run(root / "intake-postgres", args.rates, args.step_seconds, args.max_seconds,
+            for count in (1, 2):
+                _say(f"intake on PostgreSQL, {count} replica(s): baseline and deploybot, step by step")
+                watch = CpuWatch()
+                judged = args.judge_rate if args.judge_rate in args.rates else max(args.rates)
+                name = "intake-postgres" if count == 1 else "intake-replicas"
+                with postgres_schema(BENCH_DATABASE_URL) as url:
+                    if url is None:
+                        _say(f"  skipped: PostgreSQL is not reachable at {BENCH_DATABASE_URL}")
+                        break
+                    result = intake.run(root / name, args.rates, args.step_seconds, args.max_seconds,
                                         args.concurrency, log_level=args.bot_log_level, client=args.client,
-                                        again_rate=None if args.no_again else judged, say=_say, database_url=url)
-                    loads["intake-postgres"] = watch.stop()
+                                        again_rate=None if args.no_again else judged, say=_say, database_url=url,
+                                        replicas=count)
+                    loads[name] = watch.stop()
                     rows += report.intake_rows(result, judged)
-                    details.append(section("intake-postgres", "1b. Webhook intake, the bot on PostgreSQL") + "\n\n"
-                                   + report.intake_details(result))
+                    title = ("1b. Webhook intake, the bot on PostgreSQL" if count == 1 else
+                             "1c. Webhook intake, two replicas of the bot on PostgreSQL (the load spread over both)")
+                    details.append(section(name, title) + "\n\n" + report.intake_details(result))
+            _say("job claims across replicas: queued by one, claimed by the other")
+            watch = CpuWatch()
+            with postgres_schema(BENCH_DATABASE_URL) as url:
+                if url is not None:
+                    result = replicas.run(root / "claims", url, args.claim_rounds, log_level=args.bot_log_level,
+                                          say=_say)
+                    loads["claims"] = watch.stop()
+                    rows += report.claim_rows(result)
+                    details.append(section("claims", "1d. Job claim latency across replicas") + "\n\n"
+                                   + report.claim_details(result))
         if "plan" in args.only:
             _say("plan overhead: bot vs bare terraform, alternating")
             watch = CpuWatch()

@@ -62,8 +62,6 @@ class Backend(Protocol):
 
     def transaction(self) -> Any: ...  # the same, inside one exclusive write transaction
 
-    def claim(self) -> Any: ...  # a transaction that claims rows with `row_lock`, beside other claims
-
     def row_lock(self, alias: str) -> str: ...  # the clause that locks the selected rows of `alias`
 
     def notify(self, db: Connection, topic: str) -> None: ...  # wake other replicas when it commits
@@ -107,11 +105,8 @@ class SQLiteBackend:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
 
-    # One writer at a time already: a claim is an ordinary write transaction.
-    claim = transaction
-
     def row_lock(self, alias: str) -> str:
-        return ""
+        return ""  # one writer at a time already
 
     def notify(self, db: Connection, topic: str) -> None:
         """One process serves a SQLite store: it wakes its own loops."""
@@ -176,14 +171,9 @@ class PostgresBackend:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
             yield _PgConnection(conn)
 
-    @contextmanager
-    def claim(self) -> Iterator[_PgConnection]:
-        """Not behind the write lock: claims of different rows go on side by side, each
-        skipping rows another claim holds; unique indexes settle the rest (CONFLICT)."""
-        with self._pool.connection() as conn, conn.transaction():
-            yield _PgConnection(conn)
-
     def row_lock(self, alias: str) -> str:
+        """Claims (one UPDATE each, not behind the write lock) go on side by side, each skipping
+        rows another claim holds; unique indexes settle the rest (CONFLICT)."""
         return f" FOR UPDATE OF {alias} SKIP LOCKED"
 
     def notify(self, db: Connection, topic: str) -> None:

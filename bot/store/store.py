@@ -191,19 +191,17 @@ class Store:
         waits while another of its pull request is handled or an older one is due. One put
         off after a forge error does not hold the others up.
         """
+        # One statement: the row is chosen, locked and marked at once.
         try:
-            with self._backend.claim() as db:
-                row = db.execute(
-                    "SELECT id FROM deliveries AS d WHERE status = 'received' AND next_attempt_at <= ?"
+            with self._db() as db:
+                claimed = db.execute(
+                    "UPDATE deliveries SET status = 'handling', owner = ? WHERE id = ("
+                    " SELECT id FROM deliveries AS d WHERE status = 'received' AND next_attempt_at <= ?"
                     " AND (subject IS NULL OR NOT EXISTS (SELECT 1 FROM deliveries AS o WHERE o.subject = d.subject"
                     " AND (o.status = 'handling' OR (o.status = 'received' AND o.next_attempt_at <= ?"
                     " AND o.received_at < d.received_at))))"
-                    " ORDER BY received_at LIMIT 1" + self._backend.row_lock("d"), (now, now)).fetchone()
-                if row is None:
-                    return None
-                claimed = db.execute(
-                    "UPDATE deliveries SET status = 'handling', owner = ? WHERE id = ? AND status = 'received'"
-                    " RETURNING id, forge, event, body, attempts, subject", (self.replica, row["id"])).fetchone()
+                    " ORDER BY received_at LIMIT 1" + self._backend.row_lock("d") + ") AND status = 'received'"
+                    " RETURNING id, forge, event, body, attempts, subject", (self.replica, now, now)).fetchone()
         except CONFLICT:
             return None  # another replica took one of its pull request just now: its turn first
         if claimed is None:
@@ -315,19 +313,17 @@ class Store:
         whichever replicas claim them.
         """
         try:
-            with self._backend.claim() as db:
+            with self._db() as db:
                 row = db.execute(
-                    "SELECT id FROM jobs AS j WHERE status = 'queued' AND NOT EXISTS ("
+                    "UPDATE jobs SET status = 'running', started_at = ?, owner = ?, attempt = attempt + 1"
+                    " WHERE id = (SELECT id FROM jobs AS j WHERE status = 'queued' AND NOT EXISTS ("
                     " SELECT 1 FROM jobs AS r WHERE r.project_key = j.project_key AND (r.status = 'running'"
                     " OR (r.status = 'queued' AND r.id < j.id))) ORDER BY id LIMIT 1" + self._backend.row_lock("j")
-                ).fetchone()
-                if row is None:
-                    return None
-                db.execute(
-                    "UPDATE jobs SET status = 'running', started_at = ?, owner = ?, attempt = attempt + 1"
-                    " WHERE id = ?", (time.time(), self.replica, row["id"]))
+                    + ") AND status = 'queued' RETURNING id", (time.time(), self.replica)).fetchone()
         except CONFLICT:
             return None  # another replica started a job of this project just now
+        if row is None:
+            return None
         return self._jobs("jobs.id = ?", (row["id"],))[0]
 
     def finish_job(self, job_id: int, status: str, result: dict, attempt: int | None = None) -> bool:
@@ -762,16 +758,14 @@ class Store:
 
     def claim_runner_lease(self, pool: str, runner: str) -> RunnerLease | None:
         """The oldest waiting lease of a pool, now held by `runner`; None if none waits."""
-        with self._backend.claim() as db:
-            row = db.execute("SELECT id FROM runner_leases AS l WHERE pool = ? AND state = 'waiting'"
-                             " ORDER BY offered_at LIMIT 1" + self._backend.row_lock("l"), (pool,)).fetchone()
-            if row is None:
-                return None
+        with self._db() as db:
             claimed = db.execute(
-                "UPDATE runner_leases SET state = 'held', runner = ?, last_seen = ? WHERE id = ?"
+                "UPDATE runner_leases SET state = 'held', runner = ?, last_seen = ? WHERE id = ("
+                " SELECT id FROM runner_leases AS l WHERE pool = ? AND state = 'waiting' ORDER BY offered_at LIMIT 1"
+                + self._backend.row_lock("l") + ") AND state = 'waiting'"
                 " RETURNING id, job_id, pool, spec, state, runner, offered_at, last_seen",
-                (runner, time.time(), row["id"])).fetchone()
-        return _runner_lease(claimed)
+                (runner, time.time(), pool)).fetchone()
+        return _runner_lease(claimed) if claimed else None
 
     def touch_runner_lease(self, lease_id: str, pool: str) -> RunnerLease | None:
         """A lease a runner of `pool` holds and may still report on, its runner seen now; or None."""
