@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import os
 import sqlite3
@@ -38,7 +39,7 @@ from bot.jobs.git import GitError, RepoCache
 from bot.jobs.replicas import ReplicaKeeper
 from bot.jobs.sandbox import Sandbox
 from bot.jobs.terraform import Terraform, TerraformSettings, find_terraform
-from bot.jobs.worker import Worker, disk_is_full
+from bot.jobs.worker import FORGET_PULL, Worker, disk_is_full
 from bot.metrics import Metrics
 from bot.models import CommentEvent, Event, PullRequestEvent, Repo
 from bot.runners import api as runner_api
@@ -285,6 +286,10 @@ class Deploybot:
             self._call_in_loop(self.dispatcher.wake)
         elif topic.startswith("lease"):
             self._call_in_loop(self.runner_pools.hear, topic)
+        elif topic.startswith(FORGET_PULL):
+            closed = json.loads(topic.removeprefix(FORGET_PULL))
+            if closed["by"] != self.store.replica:  # it hears its own announcements too
+                self._call_in_loop(self.worker.forget_pull_soon, Repo(**closed["repo"]), closed["pull"], False)
 
     async def stop(self) -> None:
         await self.dispatcher.stop()

@@ -177,6 +177,17 @@ def test_two_replicas_carry_a_story_through_a_sigkill_and_share_fifty_jobs(tmp_p
         webhooks_to = balancer.forwarded
         assert all(count > 0 for count in webhooks_to.values()), webhooks_to  # both took webhooks
 
+        # Closed: every replica drops its working dirs of the pull request (caches of its own).
+        def working_dirs() -> list[list[Path]]:
+            return [list((world.root / data).glob(f"work/*/pr-{number}")) for data in ("data", "data-2")]
+        [planned, *_] = [path for paths in working_dirs() for path in paths]
+        for data in ("data", "data-2"):  # whichever replicas ran its jobs: each holds a cache of it now
+            (world.root / data / planned.relative_to(planned.parents[2])).mkdir(parents=True, exist_ok=True)
+        assert all(working_dirs())
+        world.forge.merge(number)
+        wait_for(lambda: not any(working_dirs()), 60, "every replica to drop the pull request's working dirs")
+        world.wait_idle()
+
         # Fifty jobs at once: both replicas claim them, each runs exactly once.
         repo = applies[0].run.repo
         sha = world.repo.sha("main")

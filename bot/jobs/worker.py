@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import errno
 import hashlib
+import json
 import logging
 import os
 import posixpath
@@ -58,6 +59,8 @@ ClientFactory = Callable[[Repo], VCSClient]
 # What a job's summary starts with when it failed on a full data dir, and what counts as full.
 DISK_FULL = "deploybot's disk is full"
 LOW_DISK_BYTES = 1 << 20
+
+FORGET_PULL = "forget-pull:"  # the topic replicas hear a closed pull request's working dirs go by
 
 INTERRUPTED = (
     "the bot stopped while this apply was running, so it was not re-run; "
@@ -340,8 +343,12 @@ class Worker:
     def _workdir(self, job: Job) -> Path:
         return self._project_dir("work", job.project_key) / f"pr-{job.run.pull_number}"
 
-    def forget_pull_soon(self, repo: Repo, pull_number: int) -> None:
-        """`forget_pull` in a task of its own."""
+    def forget_pull_soon(self, repo: Repo, pull_number: int, tell_replicas: bool = True) -> None:
+        """`forget_pull` in a task of its own; and on every other replica, whose working dirs
+        of the pull request are caches of their own."""
+        if tell_replicas:
+            self.store.announce(FORGET_PULL + json.dumps({"repo": dataclasses.asdict(repo), "pull": pull_number,
+                                                          "by": self.store.replica}))
         task = asyncio.create_task(self.forget_pull(repo, pull_number))
         self._forgetting.add(task)
         task.add_done_callback(self._forgetting.discard)

@@ -144,6 +144,11 @@ class Store:
             return None
         return Wakeups(backend.url, backend.channel, on_topic)
 
+    def announce(self, topic: str) -> None:
+        """Tell every other replica `topic` (bot.store.wakeups); on SQLite there is no one else."""
+        with self._db() as db:
+            self._backend.notify(db, topic)
+
     def _dead(self, column: str) -> tuple[str, tuple]:
         """SQL (and its arguments) true when `column` names no replica alive now: any other owner
         of a job, delivery or report is dead or gone."""

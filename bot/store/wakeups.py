@@ -2,7 +2,8 @@
 
 The store notifies a topic when it commits work another replica may take: `jobs` (queued),
 `deliveries` (released by a dead replica), `lease:<pool>` (offered to a runner pool),
-`lease-done` (a runner's result). A thread of each replica listens on a connection of its
+`lease-done` (a runner's result), `forget-pull:<pull request>` (closed: every replica drops
+its working dirs of it). A thread of each replica listens on a connection of its
 own and hands each topic to the event loop. A wake-up only saves waiting: every loop also
 looks again every second or so, so one lost while the connection is down costs a second,
 not the work. A webhook wakes the dispatcher of the replica that stored it.
