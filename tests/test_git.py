@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import http.server
+import random
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -357,3 +358,38 @@ def test_escapes(tmp_path: Path) -> None:
     assert escapes(root, Path("dotdot"))
     assert escapes(root, Path("../elsewhere"))
     assert escapes(root, Path("/etc/passwd"))
+
+
+def test_module_dirs_of_three_thousand_projects_match_the_direct_reading(git_repo: GitRepo, cache: RepoCache) -> None:
+    """A monorepo (issue 15): every project's modules, through nested ones, as a direct reading of
+    every file finds them; the files are indexed by directory once, not read per project."""
+    rng = random.Random(15)
+    files = {"modules/common/main.tf": module("../leaf"), "modules/leaf/main.tf": ""}
+    for j in range(20):
+        files[f"modules/m{j}/main.tf"] = module("../common") if j % 2 else module(f"../m{(j + 1) % 20}")
+    projects = [f"live/p{i}" for i in range(3000)]
+    for project in projects:
+        called = rng.sample(range(20), rng.randint(0, 2))
+        files[f"{project}/main.tf"] = "".join(module(f"../../modules/m{j}").replace('"m"', f'"m{j}"') for j in called)
+        files[f"{project}/vars.tf"] = 'variable "x" {}\n'
+    sha = git_repo.commit(files, push="main")
+
+    def direct(project: str, depth: int) -> set[str]:
+        """Today's reading: for each directory, every file of the commit is looked at."""
+        found, frontier = set(), {project}
+        for _ in range(depth):
+            reached = set().union(*(local_module_dirs(d, files) for d in frontier)) - found - {project}
+            found |= reached
+            frontier = reached
+        return found
+
+    async def scenario() -> dict[str, set[str]]:
+        await cache.fetch(KEY, git_repo.url, sha, None)
+        return await cache.module_dirs(KEY, sha, projects, depth=4)
+
+    found = run(scenario())
+    assert set(found) == set(projects)
+    for project in rng.sample(projects, 60):
+        assert found[project] == direct(project, 4), project
+    assert any("modules/leaf" in dirs for dirs in found.values())  # reached through nested modules
+    assert any(not dirs for dirs in found.values())  # and some call none

@@ -174,6 +174,17 @@ def local_module_dirs(project_dir: str, files: Mapping[str, str]) -> set[str]:
     return found
 
 
+def local_calls(dirs: list[str], files: Mapping[str, str]) -> dict[str, set[str]]:
+    """The local modules each directory calls (`local_module_dirs`), the files indexed by their
+    directory first: linear in the files, where asking every directory of every file was not."""
+    by_dir: dict[str, dict[str, str]] = {d: {} for d in dirs}
+    for path, text in files.items():
+        directory = posixpath.normpath(posixpath.dirname(path) or ".")
+        if directory in by_dir:
+            by_dir[directory][path] = text
+    return {d: local_module_dirs(d, by_dir[d]) for d in dirs}
+
+
 async def _module_graph(reader: "_TreeReader", project_dirs: list[str], depth: int) -> dict[str, set[str]]:
     calls: dict[str, set[str]] = {}  # directory -> the local modules it calls
     found: dict[str, set[str]] = {d: set() for d in project_dirs}
@@ -182,7 +193,8 @@ async def _module_graph(reader: "_TreeReader", project_dirs: list[str], depth: i
         unread = sorted(set().union(*frontier.values()) - calls.keys())
         if unread:
             files = await reader.terraform_files(unread)
-            calls.update({d: local_module_dirs(d, files) for d in unread})
+            # Thousands of directories take a while to parse: not on the loop that answers webhooks.
+            calls.update(await asyncio.to_thread(local_calls, unread, files))
         for project_dir, dirs in frontier.items():
             reached = set().union(*(calls[d] for d in dirs)) - found[project_dir] - {project_dir}
             found[project_dir] |= reached
@@ -229,10 +241,19 @@ class _TreeReader:
         """(type, content) of each named object; None for one that is missing or too big."""
         if not names:
             return []
+        # Asked while the answers are read: thousands of names at once would fill both pipes,
+        # git waiting for us to read and we for git to take the rest.
         self._stdin.write(b"".join(n.encode("utf-8", "surrogateescape") + b"\n" for n in names))
-        await self._stdin.drain()
+        asking = asyncio.create_task(self._stdin.drain())
+        try:
+            return await self._answers(len(names))
+        finally:
+            asking.cancel()
+            await asyncio.gather(asking, return_exceptions=True)
+
+    async def _answers(self, count: int) -> list[tuple[bytes, bytes] | None]:
         found: list[tuple[bytes, bytes] | None] = []
-        for _ in names:
+        for _ in range(count):
             fields = (await self._stdout.readline()).split()
             # "<oid> <type> <size>" for an object; "<name> missing" (or "ambiguous") otherwise.
             if len(fields) != 3 or len(fields[0]) != 2 * self._oid_bytes or not fields[2].isdigit():

@@ -14,6 +14,8 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import psycopg
+
 from bot.store.backends import Backend, Connection
 
 
@@ -243,12 +245,23 @@ CREATE TABLE IF NOT EXISTS runner_tokens (
 LATEST = MIGRATIONS[-1].version
 
 
+def _version(backend: Backend) -> int | None:
+    """The database's schema version, or None before its first migration."""
+    with backend.connection() as db:
+        try:
+            return db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+        except (sqlite3.OperationalError, psycopg.errors.UndefinedTable):
+            return None
+
+
 def migrate(backend: Backend, where: str) -> int:
     """Bring the database up to LATEST in one exclusive write transaction; the version it was at.
 
     Replicas starting together wait for each other here: the first migrates, the rest find
     nothing left to do.
     """
+    if _version(backend) == LATEST:
+        return LATEST  # read, without waiting for the write lock a busy bot holds time and again
     with backend.transaction() as db:
         db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         found = db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
