@@ -24,7 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python bench/run.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SECTIONS = ("intake", "intake-postgres", "plan", "fanout", "isolation")
+SECTIONS = ("intake", "intake-postgres", "plan", "fanout", "isolation", "decision")
 # The PostgreSQL server the intake-postgres section uses, in a schema of its own (dropped after).
 BENCH_DATABASE_URL = os.environ.get("DEPLOYBOT_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g = parser.add_argument_group("plans")
     g.add_argument("--plan-rounds", type=int, help="alternating bot/bare rounds (default 7; quick 1)")
     g.add_argument("--claim-rounds", type=int, help="jobs claimed across replicas (default 40; quick 5)")
+    g.add_argument("--decision-sizes", help="projects in the monorepo decision (default 100,1000,3000; quick 100,1000)")
     g.add_argument("--no-trace", action="store_true", help="skip the traced round (git/terraform wrappers)")
     g.add_argument("--fanout-sizes", type=_ints, default=[1, 4, 16], help="projects per PR (default 1,4,16)")
     g.add_argument("--fanout-rounds", type=int, help="rounds over the sizes (default 3; quick 1)")
@@ -74,6 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.max_seconds = args.max_seconds or (1.5 if quick else 5.0)
     args.plan_rounds = args.plan_rounds or (1 if quick else 7)
     args.claim_rounds = args.claim_rounds or (5 if quick else 40)
+    args.decision_sizes = [int(n) for n in (args.decision_sizes or ("100,1000" if quick else "100,1000,3000")).split(",")]
     args.fanout_rounds = args.fanout_rounds or (1 if quick else 3)
     args.parallelism = args.parallelism or sorted({os.cpu_count() or 1, 4})
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -123,7 +125,7 @@ def postgres_schema(url: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from bench import intake, isolation, plans, replicas, report
+    from bench import decision, intake, isolation, plans, replicas, report
     from bench.common import CpuWatch
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="deploybot-bench-")).resolve()
@@ -209,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
             loads["isolation"] = watch.stop()
             rows += report.isolation_rows(result)
             details.append(section("isolation", "5. Sandbox and runners") + "\n\n" + report.isolation_details(result))
+        if "decision" in args.only:
+            _say("decision: a pull request changing the module every project of a monorepo uses")
+            watch = CpuWatch()
+            result = decision.run(root / "decision", args.decision_sizes, log_level=args.bot_log_level, say=_say)
+            loads["decision"] = watch.stop()
+            rows += report.decision_rows(result)
+            details.append(section("decision", "6. Monorepo decision") + "\n\n" + report.decision_details(result))
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(root, ignore_errors=True)

@@ -198,6 +198,10 @@ CREATE INDEX IF NOT EXISTS jobs_project ON jobs(project_key, status, id);
 -- Never two deliveries of one pull request handled at once (and so never out of order).
 CREATE UNIQUE INDEX IF NOT EXISTS deliveries_one_handling ON deliveries(subject) WHERE status = 'handling';
 CREATE INDEX IF NOT EXISTS deliveries_subject ON deliveries(subject, status);
+-- A claim walks the received deliveries oldest first and stops at the first it may take: by
+-- (status, next_attempt_at) it sorted every pending one first, for every claim.
+DROP INDEX IF EXISTS deliveries_pending;
+CREATE INDEX IF NOT EXISTS deliveries_queue ON deliveries(status, received_at);
 CREATE TABLE IF NOT EXISTS runner_leases (
     id TEXT PRIMARY KEY,          -- the lease's secret name, known to the runner that holds it
     job_id INTEGER NOT NULL,

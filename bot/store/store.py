@@ -203,8 +203,8 @@ class Store:
                     "UPDATE deliveries SET status = 'handling', owner = ? WHERE id = ("
                     " SELECT id FROM deliveries AS d WHERE status = 'received' AND next_attempt_at <= ?"
                     " AND (subject IS NULL OR NOT EXISTS (SELECT 1 FROM deliveries AS o WHERE o.subject = d.subject"
-                    " AND (o.status = 'handling' OR (o.status = 'received' AND o.next_attempt_at <= ?"
-                    " AND o.received_at < d.received_at))))"
+                    " AND o.status IN ('handling', 'received') AND (o.status = 'handling'"
+                    " OR (o.next_attempt_at <= ? AND o.received_at < d.received_at))))"
                     " ORDER BY received_at LIMIT 1" + self._backend.row_lock("d") + ") AND status = 'received'"
                     " RETURNING id, forge, event, body, attempts, subject", (self.replica, now, now)).fetchone()
         except CONFLICT:
