@@ -441,8 +441,9 @@ async def readyz(request: Request) -> Response:
     """Ready to work: the store answers, its disk has room, terraform is there, every forge takes our credentials."""
     bot: Deploybot = request.app.state.bot
     checks: dict[str, str] = {}
+    replicas: list[str] = []
     try:
-        bot.store.ping()
+        replicas = bot.store.replicas()  # also proves the store answers
         checks["store"] = "ok"
     except (sqlite3.Error, psycopg.Error) as exc:
         checks["store"] = f"failed: {type(exc).__name__}"
@@ -460,7 +461,9 @@ async def readyz(request: Request) -> Response:
         except ForgeError as exc:
             checks[name] = f"failed: {exc}"
     ready = all(value == "ok" for value in checks.values())
-    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks, **sandbox},
+    # The replicas alive on this store (PostgreSQL), this one included once it joined.
+    alive = {"replica": bot.store.replica, "replicas": replicas} if bot.serve_lock is None else {}
+    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks, **sandbox, **alive},
                         status_code=200 if ready else 503)
 
 

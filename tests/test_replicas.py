@@ -174,6 +174,8 @@ def test_two_replicas_carry_a_story_through_a_sigkill_and_share_fifty_jobs(tmp_p
         applies = [job for job in store.jobs_with_status("succeeded") if job.run.command == "apply"]
         assert len(applies) == 1 and world.state_resources("staging") == 2
         assert len([e for e in store.audit_entries(500) if e["action"] == "apply" and e["outcome"] == "succeeded"]) == 1
+        ready = [httpx.get(f"{replica.url}/readyz", timeout=10).json() for replica in replicas]
+        assert sorted(r["replica"] for r in ready) == sorted(ready[0]["replicas"])  # each sees both alive
         webhooks_to = balancer.forwarded
         assert all(count > 0 for count in webhooks_to.values()), webhooks_to  # both took webhooks
 

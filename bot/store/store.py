@@ -164,11 +164,6 @@ class Store:
         """One exclusive write transaction (see bot.store.backends)."""
         return self._backend.transaction()
 
-    def ping(self) -> None:
-        """Raise if the database cannot be read."""
-        with self._db() as db:
-            db.execute("SELECT 1").fetchone()
-
     # Deliveries -------------------------------------------------------------
 
     def add_delivery(self, delivery: Delivery) -> bool:
