@@ -112,8 +112,10 @@ def run_key(ctx: HandlerContext, command: str) -> str:
 
 def _lock(ctx: HandlerContext, pull: PullRequest, projects: list[Project], user: str) -> list[Project]:
     locked = []
-    for project in projects:
-        attempt = ctx.store.try_lock(project_key(pull.repo, project), pull.repo, pull.number, user)
+    # One transaction for all: a monorepo change can touch thousands of projects.
+    attempts = ctx.store.try_locks([project_key(pull.repo, project) for project in projects], pull.repo,
+                                   pull.number, user)
+    for project, attempt in zip(projects, attempts):
         if attempt.acquired:
             locked.append(project)
         elif attempt.holder is not None:

@@ -52,13 +52,13 @@ def test_run_key_is_unique_and_jobs_of_one_project_never_overlap(store_location:
 def test_locks_name_their_holder_and_plans_are_replaced(store_location: Path | str):
     store = Store(store_location)
     key = project_key(REPO, STAGING)
-    assert store.try_lock(key, REPO, 1, "alice").acquired
-    assert store.try_lock(key, REPO, 1, "alice").acquired  # the holder keeps it
-    other = store.try_lock(key, REPO, 2, "bob")
+    assert store.try_locks([key], REPO, 1, "alice")[0].acquired
+    assert store.try_locks([key], REPO, 1, "alice")[0].acquired  # the holder keeps it
+    other = store.try_locks([key], REPO, 2, "bob")[0]
     assert not other.acquired and other.holder.pull_number == 1 and other.holder.holder == "alice"
     assert not store.unlock(key, 2)
     assert store.unlock(key, 1)
-    assert store.try_lock(key, REPO, 2, "bob").acquired
+    assert store.try_locks([key], REPO, 2, "bob")[0].acquired
     first, second = b"first plan", b"second plan"
     store.save_plan(SavedPlan(key, 2, "a" * 40, "", hashlib.sha256(first).hexdigest(), True), first)
     store.save_plan(SavedPlan(key, 2, "b" * 40, "", hashlib.sha256(second).hexdigest(), False), second)
@@ -75,12 +75,12 @@ def test_a_transaction_that_cannot_begin_leaves_the_store_usable(tmp_path: Path)
     with store._db() as db:
         db.execute("PRAGMA query_only = ON")  # BEGIN IMMEDIATE now fails, as on a read-only disk
     with pytest.raises(sqlite3.OperationalError):
-        store.try_lock("k", REPO, 1, "alice")
+        store.try_locks(["k"], REPO, 1, "alice")
     with store._db() as db:
         db.execute("PRAGMA query_only = OFF")
     # From another thread too: the store's lock was not left taken by the failed BEGIN.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        attempt = pool.submit(store.try_lock, "k", REPO, 1, "alice").result(timeout=5)
+        attempt = pool.submit(store.try_locks, ["k"], REPO, 1, "alice").result(timeout=5)[0]
     assert attempt.acquired
 
 

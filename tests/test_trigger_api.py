@@ -233,7 +233,7 @@ def test_a_queued_ci_apply_steps_aside_for_a_lock_taken_after_it_was_queued(worl
         job = next(j for j in store.jobs_with_status("waiting") if j.run.id == waiting)
         # A pull request locks staging between the approval and the start of the job: the
         # store is written here directly, since the approval itself is refused under a lock.
-        assert store.try_lock(job.project_key, job.run.repo, 7, "alice").acquired
+        assert store.try_locks([job.project_key], job.run.repo, 7, "alice")[0].acquired
         assert store.decide(planned, True, "dave", "slack") and store.release_job(job.id)
     finally:
         store.close()

@@ -563,19 +563,23 @@ class Store:
         with self._db() as db:
             return db.execute("SELECT COUNT(*) FROM locks").fetchone()[0]
 
-    def try_lock(self, key: str, repo: Repo, pull_number: int, holder: str) -> LockAttempt:
-        """Lock a project for a PR; a PR that already holds it keeps it."""
+    def try_locks(self, keys: list[str], repo: Repo, pull_number: int, holder: str) -> list[LockAttempt]:
+        """Lock projects for a PR, in one transaction; a PR that already holds one keeps it."""
+        attempts = []
         with self._tx() as db:
-            row = db.execute("SELECT * FROM locks WHERE project_key = ?", (key,)).fetchone()
-            if row is None:
-                db.execute(
-                    "INSERT INTO locks (project_key, repo, pull_number, holder, created_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (key, repo_key(repo), pull_number, holder, time.time()),
-                )
-                return LockAttempt(True)
-            lock = Lock(row["project_key"], row["repo"], row["pull_number"], row["holder"])
-            return LockAttempt(lock.pull_number == pull_number, lock)
+            for key in keys:
+                row = db.execute("SELECT * FROM locks WHERE project_key = ?", (key,)).fetchone()
+                if row is None:
+                    db.execute(
+                        "INSERT INTO locks (project_key, repo, pull_number, holder, created_at)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (key, repo_key(repo), pull_number, holder, time.time()),
+                    )
+                    attempts.append(LockAttempt(True))
+                    continue
+                lock = Lock(row["project_key"], row["repo"], row["pull_number"], row["holder"])
+                attempts.append(LockAttempt(lock.pull_number == pull_number, lock))
+        return attempts
 
     def locks_for_pull(self, repo: Repo, pull_number: int) -> list[Lock]:
         with self._db() as db:
