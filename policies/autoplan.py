@@ -137,8 +137,13 @@ def _segment_regex(seg: str) -> str:
 
 
 @lru_cache(maxsize=4096)
+@lru_cache(maxsize=1 << 16)
 def glob_regex(pattern: str) -> re.Pattern[str]:
-    """The compiled regex for a repo-relative glob; use `.fullmatch(path)`."""
+    """The compiled regex for a repo-relative glob; use `.fullmatch(path)`.
+
+    Kept: a monorepo's thousands of projects share their module patterns, and `re`'s own
+    cache (512 entries) would compile them again for every project.
+    """
     segs: list[str] = []
     for seg in pattern.split("/"):
         if seg == "**" and segs and segs[-1] == "**":
