@@ -22,6 +22,10 @@ LOCKED_BY_OTHER = (
     "🔒 `{label}` is locked by #{pull} (planned by @{holder}). It is freed when that pull request "
     "is merged or closed, or when someone comments `deploybot unlock` there."
 )
+TOO_MANY_PROJECTS = (
+    "⛔ Not starting a {command} of {count} projects: this repository's policy allows at most {cap} per pull "
+    "request (`max_projects_per_pull`). Split the change, or name projects: `deploybot {command} -p <project>`."
+)
 MODULE_DEPTH = 5  # how many levels of local modules count towards autoplan
 
 
@@ -90,6 +94,13 @@ def start_apply(
 def _queue_run(ctx: HandlerContext, pull: PullRequest, projects: list[Project], command: str,
                trigger: str, requested_by: str, context: str, doing: str) -> None:
     """Lock what can be locked, set the run's pending status (`doing` N projects), then queue the run."""
+    policy = repo_policy(ctx, pull.repo)
+    cap = policy.max_projects_per_pull if policy is not None else 0
+    if cap and len(projects) > cap:
+        ctx.store.audit(requested_by, command, "refused", pull.repo.full_name, sha=pull.head_sha,
+                        detail=f"#{pull.number}: {len(projects)} projects, more than max_projects_per_pull {cap}")
+        reply(ctx, pull.number, TOO_MANY_PROJECTS.format(command=command, count=len(projects), cap=cap))
+        return
     locked = _lock(ctx, pull, projects, requested_by)
     key = run_key(ctx, command)
     if not locked or ctx.store.has_run(key):

@@ -21,6 +21,7 @@ Shape::
         apply_on_merge: false            # apply automatically when the PR is merged into ...
         apply_on_merge_branches: [main]  # ... one of these bases; default: the repo's default branch
         auto_apply_on_approval: false    # apply as soon as every requirement holds
+        max_projects_per_pull: 0         # a plan or apply of more projects is refused; 0: no cap
         projects:                        # at least one
           - name: staging                # optional; unique per repo
             dir: staging                 # repo-relative; "." for the root; no "..", not absolute
@@ -146,6 +147,7 @@ class RepoPolicy:
     apply_on_merge_branches: tuple[str, ...] = ()
     # The forge's repository (GitLab: project) id; None: the first id seen is recorded instead.
     id: int | None = None
+    max_projects_per_pull: int = 0  # 0: no cap
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,7 @@ _REPO_KEYS = (
     "apply_on_merge_branches",
     "approvers_exclude",
     "auto_apply_on_approval",
+    "max_projects_per_pull",
     "projects",
     "pools",
 )
@@ -303,6 +306,9 @@ def _repo(name: str, raw: Any, path: str) -> RepoPolicy:
     approvals = raw.get("approvals", 1)
     if type(approvals) is not int or approvals < 1:
         raise PolicyError(f"{path}.approvals: must be an integer >= 1")
+    cap = raw.get("max_projects_per_pull", 0)
+    if type(cap) is not int or cap < 0:
+        raise PolicyError(f"{path}.max_projects_per_pull: must be an integer >= 0 (0: no cap)")
 
     return RepoPolicy(
         name=name,
@@ -319,6 +325,7 @@ def _repo(name: str, raw: Any, path: str) -> RepoPolicy:
         projects=_projects(raw, path),
         approvers_exclude=_approvers_exclude(raw, path),
         apply_on_merge_branches=_branches(raw, "apply_on_merge_branches", path),
+        max_projects_per_pull=cap,
     )
 
 

@@ -14,7 +14,7 @@ import pytest
 from bot.forges.github.webhook import sign
 from bot.models import Repo
 from bot.sandbox.forges import FORGES, WEBHOOK_SECRET
-from bot.sandbox.trial import REPO, wait_for
+from bot.sandbox.trial import REPO, project_files, wait_for
 from tests.world import TEST_POLICY, MakeWorld, World, staging_change
 
 
@@ -509,3 +509,31 @@ def test_a_repository_name_outside_the_forges_grammar_is_a_400_and_never_stored(
                                      or answer.request.headers["X-Gitlab-Event-UUID"]) is None
     finally:
         store.close()
+
+
+def test_a_pull_request_touching_more_projects_than_the_cap_is_refused_and_named_projects_plan(
+        make_world: MakeWorld):
+    """`max_projects_per_pull` (issue 15): refused with the reason; the honest path of naming a
+    project still plans it, and a repository without a cap plans both."""
+    def both(world: World) -> dict[str, str]:
+        return project_files(world.state_dir, {"staging": "large", "production": "large"})
+
+    world = make_world({"max_projects_per_pull": 1})
+    number = world.open_pr("both", both(world))
+    refused = world.wait_comment(number, "Not starting a plan of 2 projects")
+    assert "at most 1 per pull request (`max_projects_per_pull`)" in refused
+    world.wait_idle()
+    assert not world.bot_comments(number)[1:]  # nothing was planned
+    world.comment(number, "alice", "deploybot plan -p staging")
+    plan = world.wait_comment(number, "**deploybot plan**")
+    assert "`staging`" in plan and "`production`" not in plan
+    store = world.store()
+    try:
+        assert [e for e in store.audit_entries() if e["outcome"] == "refused" and "max_projects_per_pull" in e["detail"]]
+    finally:
+        store.close()
+
+    uncapped = make_world()
+    number = uncapped.open_pr("both", both(uncapped))
+    plan = uncapped.wait_comment(number, "**deploybot plan**")
+    assert "✅ `staging`" in plan and "✅ `production`" in plan
