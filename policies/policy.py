@@ -22,6 +22,7 @@ Shape::
         apply_on_merge_branches: [main]  # ... one of these bases; default: the repo's default branch
         auto_apply_on_approval: false    # apply as soon as every requirement holds
         max_projects_per_pull: 0         # a plan or apply of more projects is refused; 0: no cap
+        project_statuses_max: 20         # a run of more projects sets only the aggregate statuses
         projects:                        # at least one
           - name: staging                # optional; unique per repo
             dir: staging                 # repo-relative; "." for the root; no "..", not absolute
@@ -148,6 +149,9 @@ class RepoPolicy:
     # The forge's repository (GitLab: project) id; None: the first id seen is recorded instead.
     id: int | None = None
     max_projects_per_pull: int = 0  # 0: no cap
+    # Runs of more projects set only the aggregate statuses: two writes per project would run
+    # into the forge's secondary rate limits (GitHub: about 80 a minute).
+    project_statuses_max: int = 20
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,7 @@ _REPO_KEYS = (
     "approvers_exclude",
     "auto_apply_on_approval",
     "max_projects_per_pull",
+    "project_statuses_max",
     "projects",
     "pools",
 )
@@ -309,6 +314,9 @@ def _repo(name: str, raw: Any, path: str) -> RepoPolicy:
     cap = raw.get("max_projects_per_pull", 0)
     if type(cap) is not int or cap < 0:
         raise PolicyError(f"{path}.max_projects_per_pull: must be an integer >= 0 (0: no cap)")
+    statuses_max = raw.get("project_statuses_max", 20)
+    if type(statuses_max) is not int or statuses_max < 0:
+        raise PolicyError(f"{path}.project_statuses_max: must be an integer >= 0")
 
     return RepoPolicy(
         name=name,
@@ -326,6 +334,7 @@ def _repo(name: str, raw: Any, path: str) -> RepoPolicy:
         approvers_exclude=_approvers_exclude(raw, path),
         apply_on_merge_branches=_branches(raw, "apply_on_merge_branches", path),
         max_projects_per_pull=cap,
+        project_statuses_max=statuses_max,
     )
 
 

@@ -537,3 +537,19 @@ def test_a_pull_request_touching_more_projects_than_the_cap_is_refused_and_named
     number = uncapped.open_pr("both", both(uncapped))
     plan = uncapped.wait_comment(number, "**deploybot plan**")
     assert "✅ `staging`" in plan and "✅ `production`" in plan
+
+
+def test_a_run_of_more_projects_than_project_statuses_max_sets_only_the_aggregate_statuses(
+        make_world: MakeWorld):
+    """Issue 15: fewer forge writes for a change to many projects; the run is reported in full."""
+    world = make_world({"project_statuses_max": 1})
+    number = world.open_pr("both", project_files(world.state_dir, {"staging": "large", "production": "large"}))
+    plan = world.wait_comment(number, "**deploybot plan**")
+    assert "✅ `staging`" in plan and "✅ `production`" in plan
+    world.wait_status(number, "deploybot/plan", "success")  # the aggregate, after every job's end
+    world.wait_idle()
+    statuses = world.statuses(number)
+    assert not [context for context in statuses if context.startswith("deploybot/plan: ")], statuses
+    # A run of one project, under the limit: its own status as before.
+    world.comment(number, "alice", "deploybot plan -p staging")
+    world.wait_status(number, "deploybot/plan: staging", "success")

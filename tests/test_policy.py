@@ -200,6 +200,7 @@ def test_users_are_lower_cased_and_teams_deduplicated():
         ("approvals: true\n" + MINIMAL, r"approvals: must be an integer"),
         ("approvals: '2'\n" + MINIMAL, r"approvals: must be an integer"),
         ("max_projects_per_pull: -1\n" + MINIMAL, r"max_projects_per_pull: must be an integer >= 0"),
+        ("project_statuses_max: x\n" + MINIMAL, r"project_statuses_max: must be an integer >= 0"),
         ("apply_requirements: [approved, reviewed]\n" + MINIMAL, r"apply_requirements\[1\]: unknown requirement 'reviewed'"),
         ("apply_requirements: [approved, approved]\n" + MINIMAL, r"apply_requirements\[1\]: 'approved' listed twice"),
         ("apply_requirements: approved\n" + MINIMAL, r"apply_requirements: must be a list"),

@@ -310,7 +310,7 @@ class Worker:
             f"{run.trigger} run {run.id}" + (f" on #{run.pull_number}" if run.pull_number else "")
             + f": {result['summary']}"))
         project_status = []
-        if job.run.command == "plan":
+        if job.run.command == "plan" and self._project_statuses(job.run):
             project_status.append(self._set_status(job.run.repo, job.run.head_sha, plan_context(job.project.label),
                                                     "success" if status == "succeeded" else "failure",
                                                     result["summary"]))
@@ -324,7 +324,8 @@ class Worker:
         if job.run.command == "plan":
             # Said while the checkout and terraform run: the forge call need not hold them up.
             announced = asyncio.create_task(self._set_status(
-                job.run.repo, job.run.head_sha, plan_context(job.project.label), "pending", "planning…"))
+                job.run.repo, job.run.head_sha, plan_context(job.project.label), "pending", "planning…")
+                if self._project_statuses(job.run) else asyncio.sleep(0))
             try:
                 return await self._plan(job, output_log)
             finally:
@@ -335,6 +336,13 @@ class Worker:
             if planned.status != "succeeded" or not planned.has_changes:
                 return planned
         return await self._apply(job, output_log)
+
+    def _project_statuses(self, run: Run) -> bool:
+        """Whether the run sets a status per project: not above the policy's project_statuses_max,
+        where the aggregate statuses say it all in a few writes."""
+        policy = self.policy.repo(run.repo.full_name)
+        limit = policy.project_statuses_max if policy is not None else 0
+        return self.store.run_size(run.id) <= limit
 
     def _project_dir(self, kind: str, project_key: str) -> Path:
         """Where a project's working dirs ("work") or saved plans ("plans") are kept."""

@@ -195,6 +195,7 @@ CREATE TABLE IF NOT EXISTS replicas (
 -- Never two running jobs of one project, whichever replicas claim them at once.
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_running ON jobs(project_key) WHERE status = 'running';
 CREATE INDEX IF NOT EXISTS jobs_project ON jobs(project_key, status, id);
+CREATE INDEX IF NOT EXISTS jobs_run ON jobs(run_id);  -- a run's jobs, without reading every job
 -- Never two deliveries of one pull request handled at once (and so never out of order).
 CREATE UNIQUE INDEX IF NOT EXISTS deliveries_one_handling ON deliveries(subject) WHERE status = 'handling';
 CREATE INDEX IF NOT EXISTS deliveries_subject ON deliveries(subject, status);

@@ -341,6 +341,11 @@ class Store:
     def run_jobs(self, run_id: int) -> list[Job]:
         return self._jobs("jobs.run_id = ?", (run_id,))
 
+    def run_size(self, run_id: int) -> int:
+        """How many projects (jobs) a run has."""
+        with self._db() as db:
+            return db.execute("SELECT COUNT(*) FROM jobs WHERE run_id = ?", (run_id,)).fetchone()[0]
+
     def claim_run_report(self, run_id: int) -> bool:
         """True once, for the caller that should post the run's comment."""
         with self._tx() as db:
